@@ -1,0 +1,254 @@
+"""Routing-dependency graph: per-layer loads, layer-to-layer transitions and within-layer co-activation.
+
+Counts follow ../shared/METRICS.md: a negative id is skipped and a repeated id counts once, so for token t
+the chosen set S_l(t) adds 1 to ``load_LE[l, e]`` for each e in S_l(t), 1 to ``trans_LEE[l, i, j]`` for each
+i in S_l(t), j in S_{l+1}(t), and 1 to ``coact_LEE[l, i, j]`` for each ordered pair i != j in S_l(t).
+Without -1 and repeated ids, per-layer load sums are T*K and transition sums T*K^2.
+
+Dimension key: T tokens, L MoE layers, K top-k, E experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numba
+import numpy as np
+
+from placement.trace import RouteArrays, TraceMeta
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+    from placement.dataset import Trace
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _accumulate(
+    ids_TLK: np.ndarray, load_LE: np.ndarray, trans_LEE: np.ndarray, coact_LEE: np.ndarray, with_coact: bool
+) -> None:  # pragma: no cover - compiled
+    T, L, K = ids_TLK.shape
+    for l in numba.prange(L):
+        a = np.empty(K, dtype=np.int64)
+        b = np.empty(K, dtype=np.int64)
+        for t in range(T):
+            n = 0
+            for k in range(K):
+                e = ids_TLK[t, l, k]
+                if e < 0:
+                    continue
+                seen = False
+                for q in range(n):
+                    if a[q] == e:
+                        seen = True
+                        break
+                if not seen:
+                    a[n] = e
+                    n += 1
+            for q in range(n):
+                load_LE[l, a[q]] += 1
+            if with_coact:
+                for q in range(n):
+                    for r in range(n):
+                        if q != r:
+                            coact_LEE[l, a[q], a[r]] += 1
+            if l + 1 < L:
+                m = 0
+                for k in range(K):
+                    e = ids_TLK[t, l + 1, k]
+                    if e < 0:
+                        continue
+                    seen = False
+                    for q in range(m):
+                        if b[q] == e:
+                            seen = True
+                            break
+                    if not seen:
+                        b[m] = e
+                        m += 1
+                for q in range(n):
+                    for r in range(m):
+                        trans_LEE[l, a[q], b[r]] += 1
+
+
+@dataclass(frozen=True)
+class RoutingGraph:
+    """Counts of a trace. load_LE int64 [L, E]; trans_LEE int64 [L-1, E, E]; coact_LEE int64 [L, E, E] or None."""
+
+    meta: TraceMeta
+    num_tokens: int
+    load_LE: np.ndarray
+    trans_LEE: np.ndarray
+    coact_LEE: np.ndarray | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.load_LE.shape[0])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.load_LE.shape[1])
+
+    def keep_top_pairs(self, m: int) -> RoutingGraph:
+        """Keep only each expert's ``m`` heaviest next-layer (and co-activated) partners; the rest become 0."""
+        return replace(
+            self,
+            trans_LEE=_keep_top(self.trans_LEE, m),
+            coact_LEE=None if self.coact_LEE is None else _keep_top(self.coact_LEE, m),
+        )
+
+    def to_networkx(self, min_weight: int = 1) -> nx.DiGraph:
+        """Directed graph: nodes ``(layer_index, expert)`` with ``load`` and ``layer_id``; edges l -> l+1 with
+        ``weight`` = transition count (only edges with weight >= ``min_weight``)."""
+        import networkx as nx
+
+        g = nx.DiGraph(model=self.meta.model_name, num_tokens=self.num_tokens)
+        L, E = self.load_LE.shape
+        for l in range(L):
+            for e in range(E):
+                g.add_node((l, e), layer_id=int(self.meta.layers[l]), expert=e, load=int(self.load_LE[l, e]))
+        l_X, i_X, j_X = np.nonzero(self.trans_LEE >= max(1, min_weight))
+        w_X = self.trans_LEE[l_X, i_X, j_X]
+        g.add_weighted_edges_from(
+            ((int(l), int(i)), (int(l) + 1, int(j)), int(w)) for l, i, j, w in zip(l_X, i_X, j_X, w_X, strict=True)
+        )
+        return g
+
+    def write_graphml(self, path: str | Path, min_weight: int = 1) -> None:
+        """GraphML export (node ids ``"L{layer}E{expert}"``), written atomically."""
+        import networkx as nx
+
+        from placement.dataset import atomic_write_bytes
+
+        g = self.to_networkx(min_weight)
+        g = nx.relabel_nodes(g, {n: f"L{n[0]}E{n[1]}" for n in g.nodes})
+        atomic_write_bytes(Path(path), "\n".join(nx.generate_graphml(g)).encode())
+
+
+def _keep_top(w_XEE: np.ndarray, m: int) -> np.ndarray:
+    E = w_XEE.shape[-1]
+    if m >= E:
+        return w_XEE.copy()
+    idx = np.argpartition(w_XEE, E - m, axis=-1)[..., E - m :]
+    out = np.zeros_like(w_XEE)
+    np.put_along_axis(out, idx, np.take_along_axis(w_XEE, idx, axis=-1), axis=-1)
+    return out
+
+
+class GraphAccumulator:
+    """Streaming builder: ``add`` batches of token-major routes, then ``result()``."""
+
+    def __init__(self, meta: TraceMeta, with_coact: bool = True) -> None:
+        L, E = meta.num_layers, meta.num_experts
+        self.meta = meta
+        self.with_coact = with_coact
+        self.num_tokens = 0
+        self.load_LE = np.zeros((L, E), dtype=np.int64)
+        self.trans_LEE = np.zeros((max(L - 1, 0), E, E), dtype=np.int64)
+        self.coact_LEE = np.zeros((L, E, E) if with_coact else (1, 1, 1), dtype=np.int64)
+
+    def add(self, ids_TLK: np.ndarray) -> None:
+        ids = np.ascontiguousarray(ids_TLK)
+        if ids.dtype not in (np.int16, np.int32, np.int64):
+            ids = ids.astype(np.int32)
+        if ids.shape[0]:
+            trans = self.trans_LEE if self.trans_LEE.shape[0] else np.zeros((1, 1, 1), np.int64)
+            _accumulate(ids, self.load_LE, trans, self.coact_LEE, self.with_coact)
+        self.num_tokens += int(ids.shape[0])
+
+    def result(self) -> RoutingGraph:
+        return RoutingGraph(
+            self.meta, self.num_tokens, self.load_LE, self.trans_LEE, self.coact_LEE if self.with_coact else None
+        )
+
+
+def graph_from_routes(ids_TLK: np.ndarray, meta: TraceMeta, with_coact: bool = True) -> RoutingGraph:
+    """Graph of an in-memory trace (int [T, L, K] expert ids)."""
+    acc = GraphAccumulator(meta, with_coact)
+    acc.add(ids_TLK)
+    return acc.result()
+
+
+def build_graph(
+    trace: Trace,
+    *,
+    with_coact: bool = True,
+    batch_tokens: int = 65536,
+    keep_top: int | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> RoutingGraph:
+    """Stream a trace (Parquet dataset or in-memory) record batch by record batch into its graph."""
+    acc = GraphAccumulator(trace.meta, with_coact)
+    batches: Iterable[RouteArrays] = trace.iter_batches(batch_tokens, with_ids=False)
+    for batch in batches:
+        acc.add(batch.expert_ids_TLK)
+        if on_progress is not None:
+            on_progress(batch.num_tokens)
+    g = acc.result()
+    return g.keep_top_pairs(keep_top) if keep_top else g
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def _entropy_bits(p_XE: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p_XE > 0, -p_XE * np.log2(p_XE), 0.0)
+    return np.asarray(terms.sum(axis=-1))
+
+
+def graph_stats(g: RoutingGraph, top_m: int | None = None) -> dict[str, Any]:
+    """Per-layer load skew, transition concentration vs. the independence baseline, and routing entropy.
+
+    - ``load_skew[l]`` = max_e load / mean_e load.
+    - ``concentration[l]`` (l -> l+1): sum over i of (traffic of i to its ``top_m`` heaviest next experts)
+      divided by all traffic of layer pair l; ``independent[l]``: the same if layer l+1 were chosen
+      independently of layer l (each row distributed like the column marginal: the top_m share of the marginal).
+    - ``entropy_bits[l]``: entropy of the load distribution; ``cond_entropy_bits[l]``: H(layer l+1 | layer l)
+      of the transition distribution (lower than entropy_bits[l+1] when routing is dependent).
+    """
+    L, E = g.load_LE.shape
+    m = top_m if top_m is not None else max(1, E // 8)
+    load = g.load_LE.astype(np.float64)
+    mean_L = load.mean(axis=1)
+    skew_L = np.divide(load.max(axis=1), mean_L, out=np.zeros(L), where=mean_L > 0)
+    p_LE = load / np.maximum(load.sum(axis=1, keepdims=True), 1)
+    ent_L = _entropy_bits(p_LE)
+    trans = g.trans_LEE.astype(np.float64)
+    tot_X = trans.sum(axis=(1, 2))
+    top_XE = -np.sort(-trans, axis=2)[:, :, :m].sum(axis=2)
+    conc_X = np.divide(top_XE.sum(axis=1), tot_X, out=np.zeros_like(tot_X), where=tot_X > 0)
+    col_XE = trans.sum(axis=1)
+    colp_XE = col_XE / np.maximum(col_XE.sum(axis=1, keepdims=True), 1)
+    indep_X = -np.sort(-colp_XE, axis=1)[:, :m].sum(axis=1)
+    row_XE = trans.sum(axis=2)
+    rowp_XE = row_XE / np.maximum(row_XE.sum(axis=1, keepdims=True), 1)
+    cond_XEE = trans / np.maximum(row_XE[:, :, None], 1)
+    cond_ent_X = (rowp_XE * _entropy_bits(cond_XEE)).sum(axis=1)
+    return {
+        "model": g.meta.model_name,
+        "num_tokens": g.num_tokens,
+        "num_layers": L,
+        "num_experts": E,
+        "top_k": g.meta.top_k,
+        "layers": list(g.meta.layers),
+        "top_m": m,
+        "load_sum": g.load_LE.sum(axis=1).tolist(),
+        "trans_sum": g.trans_LEE.sum(axis=(1, 2)).tolist(),
+        "load_skew": skew_L.tolist(),
+        "concentration": conc_X.tolist(),
+        "independent": indep_X.tolist(),
+        "entropy_bits": ent_L.tolist(),
+        "cond_entropy_bits": cond_ent_X.tolist(),
+        "summary": {
+            "load_skew_max": float(skew_L.max()) if L else 0.0,
+            "load_skew_mean": float(skew_L.mean()) if L else 0.0,
+            "concentration_mean": float(conc_X.mean()) if conc_X.size else 0.0,
+            "independent_mean": float(indep_X.mean()) if indep_X.size else 0.0,
+            "entropy_bits_mean": float(ent_L.mean()) if L else 0.0,
+            "max_entropy_bits": float(np.log2(E)),
+        },
+    }

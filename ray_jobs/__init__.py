@@ -1,0 +1,1 @@
+"""moeplace: ray_jobs."""
