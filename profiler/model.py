@@ -222,7 +222,9 @@ class Block(nn.Module):
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(self.attn_norm(x_BSD)).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)
         # Causal attention only: sequences are right-padded, so real positions never see padding.
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        a = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
         x_BSD = x_BSD + self.attn_out(a.transpose(1, 2).reshape(B, S, D))
         y_TD, aux = self.ffn(self.ffn_norm(x_BSD).reshape(B * S, D))
         return x_BSD + y_TD.view(B, S, D), aux
@@ -286,6 +288,6 @@ def load_demo_model(weights_path: Path, config_path: Path) -> DemoMoE:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelConfigError(
-            f"{weights_path}: weights do not match config (missing={missing[:3]}, unexpected={unexpected[:3]})"
+            f"{weights_path}: weights do not fit config (missing={missing[:3]}, unexpected={unexpected[:3]})"
         )
     return model.eval()

@@ -113,13 +113,15 @@ def transition_concentration(expert_ids_TLK: np.ndarray, n_experts: int, top_m: 
     ids = np.asarray(expert_ids_TLK, dtype=np.int64)
     if ids.ndim != 3 or ids.shape[1] < 2:
         raise ValueError(f"expert_ids_TLK must be [T, L>=2, K], got shape {ids.shape}")
-    T, L, K = ids.shape
+    _, L, K = ids.shape
     pairs = []
     tot_learned = tot_indep = tot_w = 0.0
     for l in range(L - 1):
         src = np.repeat(ids[:, l, :], K, axis=1).reshape(-1)
         dst = np.tile(ids[:, l + 1, :], (1, K)).reshape(-1)
-        C_EE = np.bincount(src * n_experts + dst, minlength=n_experts * n_experts).reshape(n_experts, n_experts)
+        C_EE = np.bincount(src * n_experts + dst, minlength=n_experts * n_experts).reshape(
+            n_experts, n_experts
+        )
         rows_E = C_EE.sum(axis=1).astype(np.float64)
         top_E = np.sort(C_EE, axis=1)[:, -top_m:].sum(axis=1)
         marg_E = C_EE.sum(axis=0) / C_EE.sum()
@@ -173,7 +175,9 @@ def train(
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         out = model(window_BS[:, :-1])
-        ce = torch.nn.functional.cross_entropy(out.logits_BSV.reshape(-1, cfg.vocab_size), window_BS[:, 1:].reshape(-1))
+        ce = torch.nn.functional.cross_entropy(
+            out.logits_BSV.reshape(-1, cfg.vocab_size), window_BS[:, 1:].reshape(-1)
+        )
         loss = ce + aux_coef * out.aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

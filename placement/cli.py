@@ -1,0 +1,41 @@
+"""``moeplace`` command line: builds the app from each stage's ``register(app)``; commands only parse and call
+the library."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+# Each module defines ``register(app)`` adding its commands.
+COMMAND_MODULES = (
+    "placement.cli_trace",  # import, stats, graph
+    "placement.cli_plan",  # plan, eval
+    "profiler.cli",  # profile
+    "placement.cli_runtime",  # ep-bench
+    "placement.cli_export",  # export, report
+    "placement.cli_demo",  # demo
+)
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        name="moeplace",
+        help="Expert-placement optimiser and routing profiler for Mixture-of-Experts models.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a stage still being built
+            if exc.name != name:
+                raise
+            continue
+        module.register(app)
+    return app
+
+
+def main() -> None:
+    build_app()()

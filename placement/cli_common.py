@@ -1,0 +1,72 @@
+"""Shared CLI plumbing: one-line errors with exit code 1, progress bars, JSON output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from placement.plan import PlanError
+from placement.trace import TraceError
+
+
+class UserError(ValueError):
+    """A CLI usage problem that is not a trace or plan error (bad option, existing output, ...)."""
+
+
+def fail(message: str) -> typer.Exit:
+    """Print one ``error:`` line to stderr and return the Exit to raise (exit code 1)."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the library's validation errors (ValueError subclasses with one-line messages) into CLI errors."""
+    try:
+        yield
+    except (TraceError, PlanError, UserError) as exc:
+        raise fail(str(exc)) from None
+    except ValueError as exc:
+        if type(exc).__name__.endswith("Error") and type(exc) is not ValueError:
+            raise fail(str(exc)) from None
+        raise
+
+
+def progress(transient: bool = True) -> Progress:
+    """A rich progress bar on stderr (hidden when stderr is not a terminal)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=transient,
+        disable=not console.is_terminal,
+    )
+
+
+def echo_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, default=_default)
+    sys.stdout.write("\n")
+
+
+def _default(o: object) -> object:
+    import numpy as np
+
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

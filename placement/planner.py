@@ -1,0 +1,101 @@
+"""Planner: the public entry point that runs a named solver on a routing graph and returns a ``Plan``.
+
+Dimension key: L MoE layers, E experts, P physical slots, G GPUs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from placement.graph import RoutingGraph
+from placement.plan import Plan, PlanError
+from placement.solvers.base import PlanSpec, SolveResult
+
+SolverFn = Callable[[RoutingGraph, PlanSpec], SolveResult]
+
+# name -> "module:function"; imported lazily so that e.g. OR-Tools loads only when the ILP is asked for.
+SOLVERS: dict[str, str] = {
+    "contiguous": "placement.solvers.baselines:solve_contiguous",
+    "round_robin": "placement.solvers.baselines:solve_round_robin",
+    "eplb": "placement.solvers.baselines:solve_eplb",
+    "ilp": "placement.solvers.ilp:solve_ilp",
+    "affinity": "placement.solvers.affinity:solve_affinity",
+}
+SOLVER_NAMES = ("auto", *SOLVERS)
+
+
+def get_solver(name: str) -> SolverFn:
+    if name not in SOLVERS:
+        raise PlanError(f"unknown solver {name!r}; choose one of {', '.join(SOLVER_NAMES)}")
+    module, fn = SOLVERS[name].split(":")
+    return getattr(importlib.import_module(module), fn)  # type: ignore[no-any-return]
+
+
+def pick_solver(graph: RoutingGraph, spec: PlanSpec) -> str:
+    """``auto``: the exact ILP where it is known to prove optimality quickly (Mixtral size), else affinity."""
+    small = graph.num_experts <= 16 and spec.num_redundant == 0 and spec.num_nodes == 1
+    return "ilp" if small else "affinity"
+
+
+def topology_cost(phy2log_LP: np.ndarray, graph: RoutingGraph, spec: PlanSpec) -> float:
+    """Cross-GPU transition traffic weighted by topology: for each layer pair and expert pair (i, j) the count
+    trans[l, i, j] times 0 if some GPU holds both, else 1 if some node holds both, else ``inter_node_cost``."""
+    P = phy2log_LP.shape[1]
+    G, N, E = spec.num_gpus, spec.num_nodes, graph.num_experts
+    L = phy2log_LP.shape[0]
+    gpu_P = np.arange(P) // (P // G)
+    H_LEG = np.zeros((L, E, G), dtype=np.float32)
+    np.add.at(H_LEG, (np.repeat(np.arange(L), P), phy2log_LP.reshape(-1), np.tile(gpu_P, L)), 1.0)
+    H_LEG = np.minimum(H_LEG, 1.0)
+    H_LEN = H_LEG.reshape(L, E, N, G // N).max(axis=3)
+    if L < 2:
+        return 0.0
+    same_gpu = np.einsum("xig,xjg->xij", H_LEG[:-1], H_LEG[1:]) > 0
+    same_node = np.einsum("xin,xjn->xij", H_LEN[:-1], H_LEN[1:]) > 0
+    cost = np.where(same_gpu, 0.0, np.where(same_node, 1.0, spec.inter_node_cost))
+    return float((graph.trans_LEE * cost).sum())
+
+
+def make_plan(graph: RoutingGraph, spec: PlanSpec, solver: str = "auto") -> Plan:
+    """Solve placement for ``graph`` with ``solver`` and wrap the result as a validated ``Plan``."""
+    spec.validate(graph.num_experts)
+    name = pick_solver(graph, spec) if solver == "auto" else solver
+    fn = get_solver(name)
+    t0 = time.perf_counter()
+    res = fn(graph, spec)
+    wall = time.perf_counter() - t0
+    meta = graph.meta
+    provenance = {
+        "solver": res.solver,
+        "requested_solver": solver,
+        "status": res.status,
+        "objective": res.objective,
+        "bound": res.bound,
+        "gap": res.gap,
+        "solve_seconds": round(wall, 4),
+        "topology_cost": topology_cost(res.phy2log_LP, graph, spec),
+        "trace_fingerprint": meta.fingerprint(),
+        "trace_tokens": graph.num_tokens,
+        "options": {
+            "num_redundant": spec.num_redundant,
+            "balance_eps": spec.balance_eps,
+            "time_limit": spec.time_limit,
+            "seed": spec.seed,
+            "inter_node_cost": spec.inter_node_cost,
+            **spec.options,
+        },
+        "info": res.info,
+    }
+    return Plan(
+        num_gpus=spec.num_gpus,
+        num_nodes=spec.num_nodes,
+        num_experts=graph.num_experts,
+        layers=meta.layers,
+        phy2log=res.phy2log_LP,
+        model_name=meta.model_name,
+        provenance=provenance,
+    )

@@ -1,0 +1,1 @@
+"""Placement solvers: baselines, exact ILP, scalable affinity optimiser; one interface (``placement.planner``)."""

@@ -1,0 +1,75 @@
+"""What every solver takes and returns.
+
+A solver is a pure function ``solve(graph, spec) -> SolveResult`` over the routing graph of the training trace.
+
+Dimension key: L MoE layers, E experts, P physical slots, G GPUs, N nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from placement.plan import PlanError
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """What to place onto: G GPUs on N nodes, ``num_redundant`` extra slots per layer, balance tolerance.
+
+    ``balance_eps``: each GPU's load per layer must stay <= (1 + eps) * mean (solvers that can enforce it).
+    ``inter_node_cost``: cost of a token pair split across nodes relative to one split across GPUs of a node.
+    """
+
+    num_gpus: int
+    num_nodes: int = 1
+    num_redundant: int = 0
+    balance_eps: float = 0.1
+    time_limit: float = 60.0
+    seed: int = 0
+    inter_node_cost: float = 4.0
+    options: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def validate(self, num_experts: int) -> None:
+        G, N, E, R = self.num_gpus, self.num_nodes, num_experts, self.num_redundant
+        if G < 1 or N < 1:
+            raise PlanError(f"--gpus {G} / --nodes {N}: both must be >= 1")
+        if G % N:
+            raise PlanError(f"--gpus {G} is not divisible by --nodes {N}; use a node count that divides it")
+        if R < 0:
+            raise PlanError(f"--redundant {R}: must be >= 0")
+        if R == 0 and E % G:
+            raise PlanError(f"{E} experts cannot be split evenly over --gpus {G}; pick G dividing E or add --redundant")
+        if (E + R) % G:
+            raise PlanError(f"E + redundant = {E + R} slots is not divisible by --gpus {G}; adjust --redundant")
+        if R and (E + R) % N:
+            raise PlanError(f"{E + R} slots are not divisible by --nodes {N}")
+        if self.time_limit <= 0:
+            raise PlanError(f"--time-limit {self.time_limit}: must be > 0 seconds")
+        if not 0 <= self.balance_eps < 100:
+            raise PlanError(f"--balance {self.balance_eps}: must be >= 0 (e.g. 0.05 for 5% over the mean)")
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """phy2log_LP int64 [L, P]; objective/bound in the solver's own objective units (lower is better);
+    gap = (objective - bound) / objective (0 when proven optimal, None when no bound is known)."""
+
+    phy2log_LP: np.ndarray
+    solver: str
+    status: str
+    objective: float | None = None
+    bound: float | None = None
+    gap: float | None = None
+    solve_seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def relative_gap(objective: float | None, bound: float | None) -> float | None:
+    if objective is None or bound is None:
+        return None
+    if objective <= 1e-12:
+        return 0.0
+    return max(0.0, (objective - bound) / abs(objective))
