@@ -74,15 +74,41 @@ def _accumulate(
                         trans_LEE[l, a[q], b[r]] += 1
 
 
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _accumulate_folds(ids_TLK: np.ndarray, fold_T: np.ndarray, fold_load_SLE: np.ndarray) -> None:  # pragma: no cover
+    T, L, K = ids_TLK.shape
+    for l in numba.prange(L):
+        for t in range(T):
+            for k in range(K):
+                e = ids_TLK[t, l, k]
+                if e < 0:
+                    continue
+                first = True
+                for q in range(k):
+                    if ids_TLK[t, l, q] == e:
+                        first = False
+                        break
+                if first:
+                    fold_load_SLE[fold_T[t], l, e] += 1
+
+
+def fold_of_seq(seq_ids_T: np.ndarray, num_folds: int) -> np.ndarray:
+    """Deterministic fold of each token's prompt (multiplicative hash of the seq id), int64 [T]."""
+    h = (seq_ids_T.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(1 << 32)
+    return (h % np.uint64(num_folds)).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class RoutingGraph:
-    """Counts of a trace. load_LE int64 [L, E]; trans_LEE int64 [L-1, E, E]; coact_LEE int64 [L, E, E] or None."""
+    """Counts of a trace. load_LE int64 [L, E]; trans_LEE int64 [L-1, E, E]; coact_LEE int64 [L, E, E] or None;
+    fold_load_SLE int64 [S, L, E]: loads of S disjoint prompt folds (sum = load_LE), or None without seq ids."""
 
     meta: TraceMeta
     num_tokens: int
     load_LE: np.ndarray
     trans_LEE: np.ndarray
     coact_LEE: np.ndarray | None = None
+    fold_load_SLE: np.ndarray | None = None
 
     @property
     def num_layers(self) -> int:
@@ -141,34 +167,52 @@ def _keep_top(w_XEE: np.ndarray, m: int) -> np.ndarray:
 class GraphAccumulator:
     """Streaming builder: ``add`` batches of token-major routes, then ``result()``."""
 
-    def __init__(self, meta: TraceMeta, with_coact: bool = True) -> None:
+    def __init__(self, meta: TraceMeta, with_coact: bool = True, num_folds: int = 4) -> None:
         L, E = meta.num_layers, meta.num_experts
         self.meta = meta
+        self.num_folds = num_folds
+        self.fold_load_SLE: np.ndarray | None = np.zeros((num_folds, L, E), np.int64) if num_folds > 1 else None
         self.with_coact = with_coact
         self.num_tokens = 0
         self.load_LE = np.zeros((L, E), dtype=np.int64)
         self.trans_LEE = np.zeros((max(L - 1, 0), E, E), dtype=np.int64)
         self.coact_LEE = np.zeros((L, E, E) if with_coact else (1, 1, 1), dtype=np.int64)
 
-    def add(self, ids_TLK: np.ndarray) -> None:
+    def add(self, ids_TLK: np.ndarray, seq_ids_T: np.ndarray | None = None) -> None:
+        """Count T tokens; ``seq_ids_T`` (their prompts) feeds the fold loads (dropped if ever missing)."""
         ids = np.ascontiguousarray(ids_TLK)
         if ids.dtype not in (np.int16, np.int32, np.int64):
             ids = ids.astype(np.int32)
         if ids.shape[0]:
             trans = self.trans_LEE if self.trans_LEE.shape[0] else np.zeros((1, 1, 1), np.int64)
             _accumulate(ids, self.load_LE, trans, self.coact_LEE, self.with_coact)
+            if self.fold_load_SLE is not None and seq_ids_T is not None:
+                _accumulate_folds(ids, fold_of_seq(seq_ids_T, self.num_folds), self.fold_load_SLE)
+            elif seq_ids_T is None:
+                self.fold_load_SLE = None
         self.num_tokens += int(ids.shape[0])
 
     def result(self) -> RoutingGraph:
         return RoutingGraph(
-            self.meta, self.num_tokens, self.load_LE, self.trans_LEE, self.coact_LEE if self.with_coact else None
+            self.meta,
+            self.num_tokens,
+            self.load_LE,
+            self.trans_LEE,
+            self.coact_LEE if self.with_coact else None,
+            self.fold_load_SLE,
         )
 
 
-def graph_from_routes(ids_TLK: np.ndarray, meta: TraceMeta, with_coact: bool = True) -> RoutingGraph:
-    """Graph of an in-memory trace (int [T, L, K] expert ids)."""
-    acc = GraphAccumulator(meta, with_coact)
-    acc.add(ids_TLK)
+def graph_from_routes(
+    ids_TLK: np.ndarray,
+    meta: TraceMeta,
+    with_coact: bool = True,
+    seq_ids_T: np.ndarray | None = None,
+    num_folds: int = 4,
+) -> RoutingGraph:
+    """Graph of an in-memory trace (int [T, L, K] expert ids; seq ids [T] for the fold loads)."""
+    acc = GraphAccumulator(meta, with_coact, num_folds if seq_ids_T is not None else 0)
+    acc.add(ids_TLK, seq_ids_T)
     return acc.result()
 
 
@@ -178,13 +222,16 @@ def build_graph(
     with_coact: bool = True,
     batch_tokens: int = 65536,
     keep_top: int | None = None,
+    num_folds: int = 4,
     on_progress: Callable[[int], None] | None = None,
 ) -> RoutingGraph:
-    """Stream a trace (Parquet dataset or in-memory) record batch by record batch into its graph."""
-    acc = GraphAccumulator(trace.meta, with_coact)
-    batches: Iterable[RouteArrays] = trace.iter_batches(batch_tokens, with_ids=False)
+    """Stream a trace (Parquet dataset or in-memory) record batch by record batch into its graph.
+
+    ``num_folds`` > 1 also counts loads per prompt fold (reads the seq_id column) for robust balancing."""
+    acc = GraphAccumulator(trace.meta, with_coact, num_folds)
+    batches: Iterable[RouteArrays] = trace.iter_batches(batch_tokens, with_ids=num_folds > 1)
     for batch in batches:
-        acc.add(batch.expert_ids_TLK)
+        acc.add(batch.expert_ids_TLK, batch.seq_ids_T if num_folds > 1 else None)
         if on_progress is not None:
             on_progress(batch.num_tokens)
     g = acc.result()

@@ -13,7 +13,7 @@ import numpy as np
 
 from placement.graph import RoutingGraph
 from placement.plan import Plan, PlanError
-from placement.solvers.base import PlanSpec, SolveResult
+from placement.solvers.base import PlanSpec, SolveResult, topology_cost
 
 SolverFn = Callable[[RoutingGraph, PlanSpec], SolveResult]
 
@@ -26,6 +26,7 @@ SOLVERS: dict[str, str] = {
     "affinity": "placement.solvers.affinity:solve_affinity",
 }
 SOLVER_NAMES = ("auto", *SOLVERS)
+__all__ = ["SOLVERS", "SOLVER_NAMES", "get_solver", "make_plan", "pick_solver", "topology_cost"]
 
 
 def get_solver(name: str) -> SolverFn:
@@ -39,25 +40,6 @@ def pick_solver(graph: RoutingGraph, spec: PlanSpec) -> str:
     """``auto``: the exact ILP where it is known to prove optimality quickly (Mixtral size), else affinity."""
     small = graph.num_experts <= 16 and spec.num_redundant == 0 and spec.num_nodes == 1
     return "ilp" if small else "affinity"
-
-
-def topology_cost(phy2log_LP: np.ndarray, graph: RoutingGraph, spec: PlanSpec) -> float:
-    """Cross-GPU transition traffic weighted by topology: for each layer pair and expert pair (i, j) the count
-    trans[l, i, j] times 0 if some GPU holds both, else 1 if some node holds both, else ``inter_node_cost``."""
-    P = phy2log_LP.shape[1]
-    G, N, E = spec.num_gpus, spec.num_nodes, graph.num_experts
-    L = phy2log_LP.shape[0]
-    gpu_P = np.arange(P) // (P // G)
-    H_LEG = np.zeros((L, E, G), dtype=np.float32)
-    np.add.at(H_LEG, (np.repeat(np.arange(L), P), phy2log_LP.reshape(-1), np.tile(gpu_P, L)), 1.0)
-    H_LEG = np.minimum(H_LEG, 1.0)
-    H_LEN = H_LEG.reshape(L, E, N, G // N).max(axis=3)
-    if L < 2:
-        return 0.0
-    same_gpu = np.einsum("xig,xjg->xij", H_LEG[:-1], H_LEG[1:]) > 0
-    same_node = np.einsum("xin,xjn->xij", H_LEN[:-1], H_LEN[1:]) > 0
-    cost = np.where(same_gpu, 0.0, np.where(same_node, 1.0, spec.inter_node_cost))
-    return float((graph.trans_LEE * cost).sum())
 
 
 def make_plan(graph: RoutingGraph, spec: PlanSpec, solver: str = "auto") -> Plan:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from placement.graph import RoutingGraph
 from placement.plan import PlanError
 
 
@@ -73,3 +74,22 @@ def relative_gap(objective: float | None, bound: float | None) -> float | None:
     if objective <= 1e-12:
         return 0.0
     return max(0.0, (objective - bound) / abs(objective))
+
+
+def topology_cost(phy2log_LP: np.ndarray, graph: RoutingGraph, spec: PlanSpec) -> float:
+    """Cross-GPU transition traffic weighted by topology: for each layer pair and expert pair (i, j) the count
+    trans[l, i, j] times 0 if some GPU holds both, else 1 if some node holds both, else ``inter_node_cost``."""
+    P = phy2log_LP.shape[1]
+    G, N, E = spec.num_gpus, spec.num_nodes, graph.num_experts
+    L = phy2log_LP.shape[0]
+    gpu_P = np.arange(P) // (P // G)
+    H_LEG = np.zeros((L, E, G), dtype=np.float32)
+    np.add.at(H_LEG, (np.repeat(np.arange(L), P), phy2log_LP.reshape(-1), np.tile(gpu_P, L)), 1.0)
+    H_LEG = np.minimum(H_LEG, 1.0)
+    H_LEN = H_LEG.reshape(L, E, N, G // N).max(axis=3)
+    if L < 2:
+        return 0.0
+    same_gpu = np.einsum("xig,xjg->xij", H_LEG[:-1], H_LEG[1:]) > 0
+    same_node = np.einsum("xin,xjn->xij", H_LEN[:-1], H_LEN[1:]) > 0
+    cost = np.where(same_gpu, 0.0, np.where(same_node, 1.0, spec.inter_node_cost))
+    return float((graph.trans_LEE * cost).sum())

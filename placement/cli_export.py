@@ -1,0 +1,85 @@
+"""``moeplace export`` and ``moeplace report``: thin shells over placement.export and placement.report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from placement.cli_common import UserError, user_errors
+
+__all__ = ["register"]
+
+
+def export_cmd(
+    plan: Annotated[Path, typer.Option(help="Plan JSON written by `moeplace plan`.")],
+    format: Annotated[str, typer.Option("--format", help="sglang, vllm, deepseek or permute-checkpoint.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Output: .json/.pt file (sglang), directory (vllm, permute-checkpoint), .pt (deepseek)."
+        ),
+    ],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    num_model_layers: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="sglang: the model's layer count incl. dense layers (default: last MoE layer + 1)."
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="permute-checkpoint: Hugging Face safetensors model directory to rewrite."),
+    ] = None,
+) -> None:
+    """Export PLAN for a serving system (SGLang, vLLM, DeepSeek EPLB) or as a permuted checkpoint."""
+    from placement.export import ExportError, export
+    from placement.plan import Plan
+
+    with user_errors():
+        try:
+            p = Plan.load(plan)
+            res = export(
+                p, format, out, force=force, num_model_layers=num_model_layers, checkpoint=checkpoint
+            )
+        except ExportError as exc:
+            raise UserError(str(exc)) from None
+    for w in res.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    for path in res.paths:
+        typer.echo(f"wrote {path}", err=True)
+    if res.flags:
+        typer.echo("launch flags:", err=True)
+        for f in res.flags:
+            typer.echo(f)
+
+
+def report_cmd(
+    trace: Annotated[str, typer.Option(help="Trace dataset directory, shard, or .npz.")],
+    out: Annotated[Path, typer.Option(help="HTML file to write; PNGs are written next to it.")] = Path(
+        "report.html"
+    ),
+    plan: Annotated[
+        list[Path] | None, typer.Option(help="Plan JSON to compare (repeat for several).")
+    ] = None,
+    title: Annotated[str | None, typer.Option(help="Page title.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing report.")] = False,
+) -> None:
+    """Render a self-contained HTML report of TRACE (loads, transitions) and of each PLAN on it."""
+    from placement.report import build_report
+
+    with user_errors():
+        if out.suffix.lower() not in (".html", ".htm"):
+            raise UserError(f"--out {out}: name the report *.html")
+        if out.exists() and not force:
+            raise UserError(f"{out}: already exists; pass --force to replace it or choose another --out")
+        report = build_report(trace, [str(p) for p in plan or []], title)
+        paths = report.write(out)
+    typer.echo(f"wrote {paths[-1]} and {len(paths) - 1} PNGs next to it", err=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``export`` and ``report`` commands to ``app``."""
+    app.command("export")(export_cmd)
+    app.command("report")(report_cmd)

@@ -1,0 +1,278 @@
+"""Local launcher of the EP runtime and the ``ep_bench`` driver.
+
+``launch`` starts R processes with torch.multiprocessing (spawn), one process group over a free local port
+(gloo on CPU; nccl when every rank can have its own CUDA device), runs ``ep_runtime.run_rank`` in each and
+returns the ranks' results through a queue. ``ep_bench`` validates the request before any process starts,
+launches, and compares the ranks' results with the single-process dense reference (max relative error per
+token) and with ``metrics.traffic`` (tokens per layer, phase and rank pair; bytes = tokens x hidden x 4).
+
+Dimension key: L MoE layers, G ranks, T tokens, D hidden.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queue_mod
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+
+from placement.ep_dispatch import DistExchanger, EPError
+from placement.ep_runtime import PHASES, EPJob, EPTask, ModelSpec, RankResult, dense_reference, run_rank
+from placement.metrics import MODES, traffic
+from placement.trace import RouteArrays
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pick_backend(requested: str, world: int) -> str:
+    """``auto``: nccl when there are at least ``world`` CUDA devices, else gloo."""
+    if requested not in BACKENDS:
+        raise EPError(f"backend {requested!r}: use one of {', '.join(BACKENDS)}")
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested == "auto":
+        return "nccl" if n_cuda >= world else "gloo"
+    if requested == "nccl" and n_cuda < world:
+        raise EPError(f"backend nccl needs {world} CUDA devices (one per rank), found {n_cuda}; use gloo")
+    return requested
+
+
+def _worker(rank: int, world: int, port: int, backend: str, task: EPTask, out: Any, threads: int) -> None:
+    """Body of one spawned rank: join the group, run, put (rank, results) on ``out``."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=300),
+    )
+    try:
+        out.put((rank, run_rank(DistExchanger(device), task)))
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(task: EPTask, world: int, backend: str = "auto") -> list[list[RankResult]]:
+    """Run ``task`` on ``world`` local ranks; returns results[rank][job]."""
+    import torch.multiprocessing as mp
+
+    backend = pick_backend(backend, world)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    threads = max(1, (os.cpu_count() or 1) // world)
+    procs = mp.start_processes(
+        _worker,
+        args=(world, free_port(), backend, task, out, threads),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    results: dict[int, list[RankResult]] = {}
+    try:
+        while len(results) < world:
+            try:
+                rank, res = out.get(timeout=0.2)
+                results[rank] = res
+            except queue_mod.Empty:
+                if procs.join(timeout=0) and out.empty():
+                    break
+        procs.join()
+    except mp.ProcessRaisedException as exc:
+        last = str(exc).strip().splitlines()[-1]
+        raise EPError(f"rank {exc.error_index} failed: {last}") from exc
+    except mp.ProcessExitedException as exc:
+        raise EPError(f"rank {exc.error_index} exited with code {exc.exit_code} (killed?)") from exc
+    if len(results) < world:
+        raise EPError(f"only ranks {sorted(results)} of {world} returned results")
+    return [results[r] for r in range(world)]
+
+
+# ------------------------------------------------------------------------------------------------ ep_bench
+
+
+def validate_job(job: EPJob, world: int) -> None:
+    """Raise EPError (one line) unless ``job`` can run on ``world`` ranks; called before any process starts."""
+    plan, ids = job.plan, job.ids_TLK
+    if job.mode not in MODES:
+        raise EPError(f"mode {job.mode!r}: use one of {', '.join(MODES)}")
+    if world < 1 or world != plan.num_gpus:
+        raise EPError(
+            f"--ranks {world} does not match the plan's {plan.num_gpus} GPUs; "
+            f"run with --ranks {plan.num_gpus} or make a plan for {world} GPUs"
+        )
+    if plan.num_slots % world:
+        raise EPError(f"--ranks {world} does not divide the plan's {plan.num_slots} slots per layer")
+    if ids.ndim != 3 or ids.shape[0] < 1:
+        raise EPError(f"{job.name}: routes must have shape [T >= 1, L, K], got {list(ids.shape)}")
+    if ids.shape[1] != plan.num_layers:
+        raise EPError(
+            f"{job.name}: the plan has {plan.num_layers} MoE layers, the routes {ids.shape[1]}; "
+            "use a plan made for this model"
+        )
+    if int(ids.max()) >= plan.num_experts or int(ids.min()) < -1:
+        raise EPError(
+            f"{job.name}: routes hold expert ids {int(ids.min())}..{int(ids.max())}, the plan has "
+            f"{plan.num_experts} experts; use a plan made for this model"
+        )
+    if job.gates_TLK is not None and job.gates_TLK.shape != ids.shape:
+        raise EPError(f"{job.name}: gate weights shape {list(job.gates_TLK.shape)} != routes {list(ids.shape)}")
+
+
+@dataclass(frozen=True)
+class JobReport:
+    """Measured vs predicted traffic and output error of one job.
+
+    measured_L2GG int64 [L, 2, G, G]: payload rows (tokens) sent src -> dst per layer and phase, from the
+    senders' counters; received_L2GG: the same from the receivers' counters; measured_bytes_L2GG: bytes of
+    those rows as sent; predicted_L2GG: ``metrics.traffic`` for the same plan, routes and mode.
+    max_rel_error: max over tokens of |x_ep - x_ref|_2 / |x_ref|_2 after the last layer.
+    layer_seconds_L: per layer, the slowest rank's wall time (median over repeats); phase_seconds_3: the
+    same per phase (dispatch, compute, combine), summed over layers.
+    """
+
+    name: str
+    mode: str
+    num_ranks: int
+    num_tokens: int
+    token_bytes: int
+    measured_L2GG: np.ndarray
+    received_L2GG: np.ndarray
+    measured_bytes_L2GG: np.ndarray
+    predicted_L2GG: np.ndarray
+    max_rel_error: float
+    layer_seconds_L: np.ndarray
+    phase_seconds_3: np.ndarray
+    meta_bytes: int
+
+    @property
+    def bytes_equal(self) -> bool:
+        return bool(
+            np.array_equal(self.measured_L2GG, self.predicted_L2GG)
+            and np.array_equal(self.received_L2GG, self.measured_L2GG)
+            and np.array_equal(self.measured_bytes_L2GG, self.predicted_L2GG * self.token_bytes)
+        )
+
+    @property
+    def cross_rank_bytes(self) -> int:
+        return int(self.measured_bytes_L2GG.sum())
+
+    @property
+    def predicted_bytes(self) -> int:
+        return int(self.predicted_L2GG.sum()) * self.token_bytes
+
+    def pair_bytes(self, measured: bool = True) -> np.ndarray:
+        """int64 [G, G]: bytes src -> dst summed over layers and phases."""
+        if measured:
+            return np.asarray(self.measured_bytes_L2GG.sum(axis=(0, 1)))
+        return np.asarray(self.predicted_L2GG.sum(axis=(0, 1)) * self.token_bytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "mode": self.mode,
+            "num_ranks": self.num_ranks,
+            "num_tokens": self.num_tokens,
+            "token_bytes": self.token_bytes,
+            "bytes_equal": self.bytes_equal,
+            "measured_bytes_total": self.cross_rank_bytes,
+            "predicted_bytes_total": self.predicted_bytes,
+            "measured_bytes_pair": self.pair_bytes(True).tolist(),
+            "predicted_bytes_pair": self.pair_bytes(False).tolist(),
+            "measured_tokens_per_layer": self.measured_L2GG.sum(axis=(1, 2, 3)).tolist(),
+            "predicted_tokens_per_layer": self.predicted_L2GG.sum(axis=(1, 2, 3)).tolist(),
+            "meta_bytes_total": self.meta_bytes,
+            "max_rel_error": self.max_rel_error,
+            "layer_seconds": self.layer_seconds_L.tolist(),
+            "layer_seconds_mean": float(self.layer_seconds_L.mean()),
+            "phase_seconds": dict(zip(PHASES, self.phase_seconds_3.tolist(), strict=True)),
+        }
+
+
+def max_rel_error(x_TD: np.ndarray, ref_TD: np.ndarray) -> float:
+    """max over tokens of |x - ref|_2 / |ref|_2."""
+    num_T = np.linalg.norm(x_TD.astype(np.float64) - ref_TD, axis=1)
+    den_T = np.maximum(np.linalg.norm(ref_TD.astype(np.float64), axis=1), 1e-30)
+    return float((num_T / den_T).max()) if num_T.size else 0.0
+
+
+def assemble(job: EPJob, per_rank: Sequence[RankResult], ref_TD: np.ndarray, hidden: int) -> JobReport:
+    """One job's report from every rank's result (rank order)."""
+    G = len(per_rank)
+    T = job.ids_TLK.shape[0]
+    tok = np.concatenate([r.tok_T for r in per_rank])
+    if not np.array_equal(np.sort(tok), np.arange(T)):
+        raise EPError(f"{job.name}: the ranks ended holding {tok.size} tokens, not each of the {T} once")
+    x_TD = np.empty((T, hidden), dtype=np.float32)
+    x_TD[tok] = np.concatenate([r.x_TD for r in per_rank])
+    sent = np.stack([r.sent_rows_L2G for r in per_rank], axis=2)  # [L, 2, src, dst]
+    recv = np.stack([r.recv_rows_L2G for r in per_rank], axis=3)  # [L, 2, src, dst]
+    sent_bytes = np.stack([r.sent_bytes_L2G for r in per_rank], axis=2)
+    routes = RouteArrays(job.ids_TLK, np.zeros(T, np.int64), np.zeros(T, np.int32))
+    sec_GRL3 = np.stack([r.seconds_RL3 for r in per_rank])
+    sec_L3 = np.median(sec_GRL3.max(axis=0), axis=0)
+    layer_sec_L = np.median(sec_GRL3.sum(axis=3).max(axis=0), axis=0)
+    return JobReport(
+        name=job.name,
+        mode=job.mode,
+        num_ranks=G,
+        num_tokens=T,
+        token_bytes=hidden * 4,
+        measured_L2GG=sent,
+        received_L2GG=recv,
+        measured_bytes_L2GG=sent_bytes,
+        predicted_L2GG=traffic(job.plan, routes, job.mode),
+        max_rel_error=max_rel_error(x_TD, ref_TD),
+        layer_seconds_L=layer_sec_L,
+        phase_seconds_3=sec_L3.sum(axis=0),
+        meta_bytes=sum(r.meta_bytes for r in per_rank),
+    )
+
+
+def ep_bench(
+    jobs: Sequence[EPJob],
+    world: int,
+    model: ModelSpec | None = None,
+    backend: str = "auto",
+    repeats: int = 1,
+) -> list[JobReport]:
+    """Validate, run every job on one ``world``-rank group, compare with the reference and the evaluator."""
+    model = model or ModelSpec()
+    model.validate()
+    if repeats < 1:
+        raise EPError(f"repeats={repeats}: must be >= 1")
+    if not jobs:
+        raise EPError("no jobs to run")
+    for job in jobs:
+        validate_job(job, world)
+    pick_backend(backend, world)
+    results = launch(EPTask(model, tuple(jobs), repeats), world, backend)
+    refs: dict[int, np.ndarray] = {}
+    reports = []
+    for j, job in enumerate(jobs):
+        key = id(job.ids_TLK)
+        if key not in refs:
+            refs[key] = dense_reference(model, job.ids_TLK, job.gates_TLK).numpy()
+        reports.append(assemble(job, [results[r][j] for r in range(world)], refs[key], model.hidden))
+    return reports

@@ -1,0 +1,343 @@
+"""Exporters: a ``Plan`` in the formats serving systems read, written atomically (nothing half-written).
+
+Slot p of a layer lives on GPU p // (P / G) in every format below, which is also how SGLang, vLLM and
+deepseek-ai/EPLB lay physical experts out over EP ranks.
+
+- ``sglang``: ``{"physical_to_logical_map": [L_all, P]}`` for ``--init-expert-location FILE.json`` (or the
+  same key in a ``.pt`` file), one row per model layer; dense layers (and layers not in the plan) get the
+  trivial row ``arange(P) % E`` that SGLang itself uses.
+- ``vllm``: a directory with ``initial_expert_map.json`` ([L, P] physical-to-logical per MoE layer, the format
+  of vLLM's proposed ``eplb_config.initial_expert_map_path``), ``expert_map.json`` (vllm-ascend's
+  ``expert_map_path``: ``moe_layer_count``, ``layer_list[l].device_list[g].device_expert``) and
+  ``export.json`` (model layer ids, nodes, launch flags), enough to rebuild the plan (``plan_from_vllm``).
+- ``deepseek``: a torch file with ``phy2log`` int64 [L, P], ``log2phy`` int64 [L, E, R] (slots of each expert,
+  padded -1) and ``logcnt`` int64 [L, E], the triple deepseek-ai/EPLB's ``rebalance_experts`` returns.
+- ``permute-checkpoint``: placement/permute_checkpoint.py.
+
+Dimension key: L MoE layers, L_all model layers, E logical experts, P physical slots, G GPUs, R max replicas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from placement.plan import Plan, PlanError
+
+FORMATS = ("sglang", "vllm", "deepseek", "permute-checkpoint")
+VLLM_INITIAL_MAP = "initial_expert_map.json"
+VLLM_ASCEND_MAP = "expert_map.json"
+VLLM_INFO = "export.json"
+
+
+class ExportError(ValueError):
+    """An export that cannot be done; the message is one line naming the input and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote, the launch flags that use it, and warnings for the user."""
+
+    paths: tuple[Path, ...]
+    flags: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------- atomic outputs
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an existing output unless ``force``."""
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise ExportError(f"{out}: already exists; pass --force to replace it or choose another --out")
+
+
+@contextmanager
+def atomic_output(out: Path, force: bool, is_dir: bool) -> Iterator[Path]:
+    """Yield a temp file or directory next to ``out``; it replaces ``out`` on success, is removed on error."""
+    check_out(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod((0o777 if is_dir else 0o666) & ~umask)  # mkstemp/mkdtemp make them private
+    try:
+        yield tmp
+        _replace(tmp, out)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` (``--force``) is moved aside first, then deleted."""
+    if not (out.exists() or out.is_symlink()):
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, old / "previous")
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old / "previous", out)
+        raise
+    finally:
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------- SGLang
+
+
+def sglang_map(plan: Plan, num_model_layers: int | None = None) -> np.ndarray:
+    """int64 [L_all, P]: ``physical_to_logical_map`` for SGLang, MoE rows from the plan, others trivial."""
+    L_all = max(plan.layers) + 1 if num_model_layers is None else num_model_layers
+    if L_all <= max(plan.layers):
+        raise ExportError(
+            f"--num-model-layers {L_all}: the plan has MoE layer {max(plan.layers)}; "
+            f"pass the model's num_hidden_layers (at least {max(plan.layers) + 1})"
+        )
+    P, E = plan.num_slots, plan.num_experts
+    out_LP = np.tile(np.arange(P, dtype=np.int64) % E, (L_all, 1))
+    out_LP[list(plan.layers)] = plan.phy2log
+    return out_LP
+
+
+def sglang_flags(plan: Plan, path: Path) -> tuple[str, ...]:
+    return (
+        f"--init-expert-location {path}",
+        f"--ep-num-redundant-experts {plan.num_slots - plan.num_experts}",
+        f"--ep-size {plan.num_gpus}",
+    )
+
+
+def write_sglang(plan: Plan, out: Path, force: bool, num_model_layers: int | None = None) -> ExportResult:
+    if out.suffix not in (".json", ".pt"):
+        raise ExportError(f"--out {out}: SGLang reads .json or .pt files; name the output *.json or *.pt")
+    map_LP = sglang_map(plan, num_model_layers)
+    with atomic_output(out, force, is_dir=False) as tmp:
+        if out.suffix == ".json":
+            _write_json(tmp, {"physical_to_logical_map": map_LP.tolist()})
+        else:
+            import torch
+
+            torch.save({"physical_to_logical_map": torch.from_numpy(map_LP)}, tmp)
+    warnings = [
+        "do not pass --enable-eplb: SGLang's online rebalancer would replace this placement",
+    ]
+    if num_model_layers is None:
+        warnings.append(
+            f"assumed the model has {map_LP.shape[0]} layers (last MoE layer + 1); "
+            "pass --num-model-layers N if it has more (e.g. num_hidden_layers)"
+        )
+    return ExportResult((out,), sglang_flags(plan, out), tuple(warnings), {"shape": list(map_LP.shape)})
+
+
+# --------------------------------------------------------------------------------------------------- vLLM
+
+
+def vllm_initial_map(plan: Plan) -> list[list[int]]:
+    """[L][P] physical-to-logical per MoE layer (vLLM ``initial_expert_map_path`` proposal)."""
+    return [[int(e) for e in row] for row in plan.phy2log]
+
+
+def vllm_ascend_map(plan: Plan) -> dict[str, Any]:
+    """vllm-ascend ``expert_map_path`` JSON: per MoE layer, per device, its experts in slot order."""
+    S = plan.slots_per_gpu
+    phy2log_LGS = plan.phy2log.reshape(plan.num_layers, plan.num_gpus, S)
+    return {
+        "moe_layer_count": plan.num_layers,
+        "layer_list": [
+            {
+                "layer_id": l,
+                "device_count": plan.num_gpus,
+                "device_list": [
+                    {"device_id": g, "device_expert": [int(e) for e in phy2log_LGS[l, g]]}
+                    for g in range(plan.num_gpus)
+                ],
+            }
+            for l in range(plan.num_layers)
+        ],
+    }
+
+
+def vllm_flags(plan: Plan, out_dir: Path) -> tuple[str, ...]:
+    R = plan.num_slots - plan.num_experts
+    static = 10**12  # EPLB steps between rebalances: never, so the plan stays
+    initial = json.dumps(
+        {
+            "initial_expert_map_path": str(out_dir / VLLM_INITIAL_MAP),
+            "num_redundant_experts": R,
+            "step_interval": static,
+        }
+    )
+    ascend = json.dumps(
+        {"eplb_config": {"expert_map_path": str(out_dir / VLLM_ASCEND_MAP), "num_redundant_experts": R}}
+    )
+    return (
+        "vllm (initial expert map proposal): --enable-expert-parallel --enable-eplb "
+        f"--eplb-config '{initial}'",
+        f"vllm-ascend: --enable-expert-parallel --additional-config '{ascend}'",
+    )
+
+
+def write_vllm(plan: Plan, out: Path, force: bool) -> ExportResult:
+    flags = vllm_flags(plan, out)
+    info = {
+        "model_name": plan.model_name,
+        "layers": list(plan.layers),
+        "num_gpus": plan.num_gpus,
+        "num_nodes": plan.num_nodes,
+        "num_experts": plan.num_experts,
+        "num_slots": plan.num_slots,
+        "flags": list(flags),
+    }
+    with atomic_output(out, force, is_dir=True) as tmp:
+        _write_json(tmp / VLLM_INITIAL_MAP, vllm_initial_map(plan))
+        _write_json(tmp / VLLM_ASCEND_MAP, vllm_ascend_map(plan))
+        _write_json(tmp / VLLM_INFO, info)
+    paths = (out / VLLM_INITIAL_MAP, out / VLLM_ASCEND_MAP, out / VLLM_INFO)
+    warnings = (
+        "vLLM's initial_expert_map_path is an upstream proposal (vllm-project/vllm#49572): check your vLLM",
+        "keep EPLB's step_interval huge, or vLLM's online rebalancer replaces this placement",
+    )
+    return ExportResult(paths, flags, warnings)
+
+
+def plan_from_vllm(out_dir: str | os.PathLike[str]) -> Plan:
+    """Rebuild the plan from a ``vllm`` export, checking that its two maps agree."""
+    d = Path(out_dir)
+    try:
+        initial = json.loads((d / VLLM_INITIAL_MAP).read_text())
+        ascend = json.loads((d / VLLM_ASCEND_MAP).read_text())
+        info = json.loads((d / VLLM_INFO).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(
+            f"{d}: not a readable vllm export ({exc}); export again with --format vllm"
+        ) from exc
+    phy2log_LP = np.asarray(initial, dtype=np.int64)
+    if phy2log_LP.ndim == 1:  # one map shared by all MoE layers
+        phy2log_LP = np.tile(phy2log_LP, (len(info["layers"]), 1))
+    G = int(ascend["layer_list"][0]["device_count"])
+    ascend_LGS = np.asarray(
+        [[dev["device_expert"] for dev in layer["device_list"]] for layer in ascend["layer_list"]],
+        dtype=np.int64,
+    )
+    if int(ascend["moe_layer_count"]) != phy2log_LP.shape[0] or not np.array_equal(
+        ascend_LGS.reshape(phy2log_LP.shape[0], -1), phy2log_LP
+    ):
+        raise ExportError(f"{d}: {VLLM_ASCEND_MAP} and {VLLM_INITIAL_MAP} disagree; export again")
+    return Plan(
+        num_gpus=G,
+        num_nodes=int(info.get("num_nodes", 1)),
+        num_experts=int(info.get("num_experts", int(phy2log_LP.max()) + 1)),
+        layers=tuple(info["layers"]),
+        phy2log=phy2log_LP,
+        model_name=str(info.get("model_name", "")),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ DeepSeek
+
+
+def deepseek_triple(plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(phy2log [L, P], log2phy [L, E, R] padded -1, logcnt [L, E]), int64, as deepseek-ai/EPLB returns."""
+    return plan.phy2log.copy(), plan.log2phy.copy(), plan.logcnt.copy()
+
+
+def write_deepseek(plan: Plan, out: Path, force: bool) -> ExportResult:
+    import torch
+
+    phy2log, log2phy, logcnt = deepseek_triple(plan)
+    payload = {
+        "phy2log": torch.from_numpy(phy2log),
+        "log2phy": torch.from_numpy(log2phy),
+        "logcnt": torch.from_numpy(logcnt),
+        "layers": torch.tensor(plan.layers, dtype=torch.int64),
+        "num_gpus": plan.num_gpus,
+        "num_nodes": plan.num_nodes,
+    }
+    with atomic_output(out, force, is_dir=False) as tmp:
+        torch.save(payload, tmp)
+    shapes = {k: list(v.shape) for k, v in (("phy2log", phy2log), ("log2phy", log2phy), ("logcnt", logcnt))}
+    return ExportResult((out,), (), (), {"shapes": shapes})
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def export(
+    plan: Plan,
+    fmt: str,
+    out: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    num_model_layers: int | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+) -> ExportResult:
+    """Write ``plan`` as ``fmt`` (one of FORMATS) to ``out``; raises ExportError / PlanError on bad input."""
+    out_path = Path(out)
+    writers: dict[str, Callable[[], ExportResult]] = {
+        "sglang": lambda: write_sglang(plan, out_path, force, num_model_layers),
+        "vllm": lambda: write_vllm(plan, out_path, force),
+        "deepseek": lambda: write_deepseek(plan, out_path, force),
+        "permute-checkpoint": lambda: _permute(plan, checkpoint, out_path, force),
+    }
+    if fmt not in writers:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if num_model_layers is not None and fmt != "sglang":
+        raise ExportError("--num-model-layers only applies to --format sglang")
+    if checkpoint is not None and fmt != "permute-checkpoint":
+        raise ExportError("--checkpoint only applies to --format permute-checkpoint")
+    check_out(out_path, force)
+    return writers[fmt]()
+
+
+def _permute(plan: Plan, checkpoint: str | os.PathLike[str] | None, out: Path, force: bool) -> ExportResult:
+    from placement.permute_checkpoint import permute_checkpoint
+
+    if checkpoint is None:
+        raise ExportError(
+            "--format permute-checkpoint needs --checkpoint DIR (a Hugging Face safetensors model)"
+        )
+    return permute_checkpoint(plan, Path(checkpoint), out, force=force)
+
+
+__all__ = [
+    "FORMATS",
+    "ExportError",
+    "ExportResult",
+    "PlanError",
+    "deepseek_triple",
+    "export",
+    "plan_from_vllm",
+    "sglang_map",
+    "vllm_ascend_map",
+    "vllm_initial_map",
+]
