@@ -2,8 +2,8 @@
 
 Writes a synthetic dataset of ``--rows`` token-layer rows (58 MoE layers x 256 experts, top-8, skewed expert
 popularity, and cross-layer dependency: each next-layer choice follows a fixed per-layer map of the current
-choice with probability 0.6) to a temp dir, then times ``build_graph`` over the first quarter and over all of it,
-each in a fresh subprocess so that peak RSS (ru_maxrss) is the build's own. Prints one table.
+choice with probability 0.6) to a temp dir, then times ``build_graph`` over the first quarter and over all
+of it, each in a fresh subprocess so that peak RSS (ru_maxrss) is the build's own. Prints one table.
 
     python benchmarks/bench_graph.py [--rows 20000000] [--keep DIR]
 
@@ -53,7 +53,9 @@ def write_dataset(out: Path, rows: int, seed: int = 0) -> float:
     with TraceWriter(out, meta, "bench") as w:
         for a in range(0, T_total, T_batch):
             T = min(T_batch, T_total - a)
-            w.write(synth_batch(rng, T, pop_E, next_LE), np.arange(a, a + T) // 512, np.arange(a, a + T) % 512)
+            w.write(
+                synth_batch(rng, T, pop_E, next_LE), np.arange(a, a + T) // 512, np.arange(a, a + T) % 512
+            )
     return time.perf_counter() - t0
 
 
@@ -120,7 +122,10 @@ def main() -> None:
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 results.append((coact, r))
-        print(f"{'coact':>6} {'rows':>12} {'seconds':>8} {'M rows/s':>9} {'base MB':>8} {'peak MB':>8} {'growth MB':>9}")
+        print(
+            f"{'coact':>6} {'rows':>12} {'seconds':>8} {'M rows/s':>9} "
+            f"{'base MB':>8} {'peak MB':>8} {'growth MB':>9}"
+        )
         for coact, r in results:
             print(
                 f"{'yes' if coact else 'no':>6} {r['rows']:>12,} {r['seconds']:>8.2f} "
@@ -128,7 +133,10 @@ def main() -> None:
                 f"{r['rss_peak_mb'] - r['rss_base_mb']:>9.0f}"
             )
         p = profile(str(ds))
-        print(f"profile (all rows, no coact): Parquet read+convert {p['read_s']:.2f} s, kernel {p['kernel_s']:.2f} s")
+        print(
+            f"profile (all rows, no coact): Parquet read+convert {p['read_s']:.2f} s, "
+            f"kernel {p['kernel_s']:.2f} s"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

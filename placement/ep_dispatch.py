@@ -51,7 +51,9 @@ class ReplicaTable:
         return cls(cand_LEGC, ncand_LEG)
 
 
-def choose_ranks(table: ReplicaTable, layer: int, tok_T: np.ndarray, at_T: np.ndarray, ids_TK: np.ndarray) -> np.ndarray:
+def choose_ranks(
+    table: ReplicaTable, layer: int, tok_T: np.ndarray, at_T: np.ndarray, ids_TK: np.ndarray
+) -> np.ndarray:
     """int64 [T, K]: the rank that computes each (token, expert) at ``layer``; -1 where the id is not recorded.
 
     ``tok_T`` are global token ids (the index of the token in the replayed trace), ``at_T`` the tokens' ranks.
@@ -115,7 +117,9 @@ def build_dispatch(
     meta_NM[:, 1] = combine_T[t_N]
     meta_NM[:, META_FIXED:] = np.where(mine_NK, ids_TK[t_N], -1)
     gate_NK = np.where(mine_NK, gates_TK[t_N], 0.0).astype(np.float32)
-    return DispatchMeta(t_N.astype(np.int64), np.bincount(g_N, minlength=G).astype(np.int64), meta_NM, gate_NK)
+    return DispatchMeta(
+        t_N.astype(np.int64), np.bincount(g_N, minlength=G).astype(np.int64), meta_NM, gate_NK
+    )
 
 
 def sent_off_rank(send_counts_G: np.ndarray, rank: int) -> np.ndarray:

@@ -330,7 +330,9 @@ def run_rank(ex: Exchanger, task: EPTask) -> list[RankResult]:
             stats = []
             ex.barrier()
             for layer in range(L):
-                tok_T, x_TD, st = ep_layer(ex, local, table, layer, job.mode, tok_T, x_TD, job.ids_TLK, gates_TLK)
+                tok_T, x_TD, st = ep_layer(
+                    ex, local, table, layer, job.mode, tok_T, x_TD, job.ids_TLK, gates_TLK
+                )
                 stats.append(st)
                 seconds_RL3[rep, layer] = st.seconds_3
         out.append(

@@ -167,7 +167,7 @@ def _keep_top(w_XEE: np.ndarray, m: int) -> np.ndarray:
 class GraphAccumulator:
     """Streaming builder: ``add`` batches of token-major routes, then ``result()``."""
 
-    def __init__(self, meta: TraceMeta, with_coact: bool = True, num_folds: int = 4) -> None:
+    def __init__(self, meta: TraceMeta, with_coact: bool = True, num_folds: int = 8) -> None:
         L, E = meta.num_layers, meta.num_experts
         self.meta = meta
         self.num_folds = num_folds
@@ -208,7 +208,7 @@ def graph_from_routes(
     meta: TraceMeta,
     with_coact: bool = True,
     seq_ids_T: np.ndarray | None = None,
-    num_folds: int = 4,
+    num_folds: int = 8,
 ) -> RoutingGraph:
     """Graph of an in-memory trace (int [T, L, K] expert ids; seq ids [T] for the fold loads)."""
     acc = GraphAccumulator(meta, with_coact, num_folds if seq_ids_T is not None else 0)
@@ -222,7 +222,7 @@ def build_graph(
     with_coact: bool = True,
     batch_tokens: int = 65536,
     keep_top: int | None = None,
-    num_folds: int = 4,
+    num_folds: int = 8,
     on_progress: Callable[[int], None] | None = None,
 ) -> RoutingGraph:
     """Stream a trace (Parquet dataset or in-memory) record batch by record batch into its graph.

@@ -45,12 +45,16 @@ class Report:
     def write(self, out: str | os.PathLike[str]) -> list[Path]:
         """Write ``{stem}_{name}.png`` next to ``out``, then ``out`` itself; each file atomically."""
         out_path = Path(out)
+        umask = os.umask(0)
+        os.umask(umask)
         written = []
         for name, png in self.pngs.items():
             p = out_path.with_name(f"{out_path.stem}_{name}.png")
             atomic_write_bytes(p, png)
             written.append(p)
         atomic_write_bytes(out_path, self.html.encode())
+        for p in [*written, out_path]:
+            p.chmod(0o666 & ~umask)  # the temp files were private; a report is for sharing
         return [*written, out_path]
 
 
@@ -97,13 +101,20 @@ def heatmap_png(
     ylabel: str,
     yticks: list[str] | None = None,
     cmap: str = "viridis",
+    center: float | None = None,
 ) -> bytes:
+    """One heatmap; ``center`` puts that value at the middle of a diverging colormap."""
+    from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
 
     h, w = m_YX.shape
     fig = Figure(figsize=(min(12, 3 + 0.12 * w), min(10, 2 + 0.12 * h)))
     ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(m_YX, aspect="auto", cmap=cmap, interpolation="nearest")
+    norm = None
+    if center is not None:
+        span = max(float(np.abs(m_YX - center).max()), 1e-6)
+        norm = TwoSlopeNorm(vcenter=center, vmin=center - span, vmax=center + span)
+    im = ax.imshow(m_YX, aspect="auto", cmap=cmap, interpolation="nearest", norm=norm)
     fig.colorbar(im, ax=ax, fraction=0.04)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
@@ -152,7 +163,7 @@ def figures(g: RoutingGraph, plans: dict[str, Plan], evals: dict[str, dict[str, 
         load_LG = gpu_load(plan, g)
         rel_LG = load_LG / np.maximum(load_LG.mean(axis=1, keepdims=True), 1e-12)
         out[f"gpu_load_{name}"] = heatmap_png(
-            rel_LG, f"{name}: GPU load / mean per layer", "GPU", "layer", ylabels, cmap="coolwarm"
+            rel_LG, f"{name}: GPU load / mean per layer", "GPU", "layer", ylabels, cmap="coolwarm", center=1.0
         )
         pair = evals[name].get("home", {}).get("bytes_pair")
         if pair is not None:

@@ -39,6 +39,9 @@ def profile(
         int, typer.Option(min=1, help="Tokens per prompt kept (longer prompts are cut).")
     ] = 256,
     limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N prompts.")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="torch CPU threads (default: torch's choice).")
+    ] = None,
 ) -> None:
     """Trace the expert routing of MODEL over PROMPTS into the dataset OUT; resumes where it stopped."""
     from placement.dataset import TraceWriter
@@ -46,6 +49,10 @@ def profile(
     from profiler.api import ProfileError, completed_prompt_ids, load_model, load_prompts, profile_prompts
     from profiler.capture import CaptureError
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         texts = load_prompts(prompts)
         if limit is not None:

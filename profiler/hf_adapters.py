@@ -126,7 +126,7 @@ def load_hf(spec: str) -> LoadedModel:
     if spec.startswith("hf-config:"):
         return _load_preset(spec, spec.removeprefix("hf-config:"))
     if spec.startswith("hf:"):
-        return _load_checkpoint(spec, Path(spec.removeprefix("hf:")))
+        return _load_checkpoint(spec, Path(spec.removeprefix("hf:")).expanduser())
     raise ProfileError(f"model {spec!r}: Hugging Face specs are 'hf:<dir>' or 'hf-config:<name>'")
 
 
@@ -138,7 +138,8 @@ def _load_preset(spec: str, name: str) -> LoadedModel:
         model = build_tiny_model(name)
     except PresetError as exc:
         raise ProfileError(f"model {spec!r}: {exc}") from exc
-    return _loaded(spec, model, name, ByteTokenizer(), pad_id=int(model.config.pad_token_id or 0))
+    config: Any = model.config
+    return _loaded(spec, model, name, ByteTokenizer(), pad_id=int(config.pad_token_id or 0))
 
 
 def _load_checkpoint(spec: str, path: Path) -> LoadedModel:
@@ -161,8 +162,7 @@ def _load_checkpoint(spec: str, path: Path) -> LoadedModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ProfileError(f"model {spec!r}: cannot load checkpoint ({first_line})") from exc
+        raise ProfileError(f"model {spec!r}: cannot load checkpoint ({_first_line(exc)})") from exc
     tokenizer, pad_id = _checkpoint_tokenizer(spec, path, model.config)
     return _loaded(f"hf:{path.resolve()}", model, path.resolve().name, tokenizer, pad_id)
 
@@ -177,7 +177,9 @@ def _checkpoint_tokenizer(spec: str, path: Path, config: Any) -> tuple[Any, int]
         try:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError, KeyError) as exc:
-            raise ProfileError(f"model {spec!r}: cannot load the checkpoint's tokenizer ({exc})") from exc
+            raise ProfileError(
+                f"model {spec!r}: cannot load the checkpoint's tokenizer ({_first_line(exc)})"
+            ) from exc
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return HFTokenizer(tok), int(pad or 0)
     if config.vocab_size < VOCAB_SIZE:
@@ -188,18 +190,28 @@ def _checkpoint_tokenizer(spec: str, path: Path, config: Any) -> tuple[Any, int]
     return ByteTokenizer(), int(getattr(config, "pad_token_id", None) or 0)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _loaded(source: str, model: nn.Module, name: str, tokenizer: Any, pad_id: int) -> LoadedModel:
-    config = model.config
+    config: Any = model.config
     family = FAMILIES.get(config.model_type)
     if family is None:
-        raise ProfileError(f"model {source!r}: model_type {config.model_type!r} is not a supported MoE family")
+        raise ProfileError(
+            f"model {source!r}: model_type {config.model_type!r} is not a supported MoE family"
+        )
     adapter = HFRouterAdapter(family)
     routers = adapter.find_routers(model)
     if not routers:
         raise ProfileError(f"model {source!r}: no {family.router_class} modules; every layer is dense")
     num_experts, top_k = family.num_experts(config), family.top_k(config)
     for layer_id, router in routers:
-        if (getattr(router, "num_experts", num_experts), getattr(router, "top_k", top_k)) != (num_experts, top_k):
+        if (getattr(router, "num_experts", num_experts), getattr(router, "top_k", top_k)) != (
+            num_experts,
+            top_k,
+        ):
             raise ProfileError(
                 f"model {source!r}: router of layer {layer_id} has {router.num_experts} experts / top-"
                 f"{router.top_k}, config says {num_experts} / top-{top_k}"

@@ -54,7 +54,7 @@ def reference_graph(ids_TLK: np.ndarray, E: int, chunk: int = 4096) -> tuple[np.
     Sets per token and layer: ids sorted, negatives and repeats masked out; pairs counted with bincount over
     flattened (layer, i, j) indices, chunk by chunk.
     """
-    T, L, K = ids_TLK.shape
+    T, L, _ = ids_TLK.shape
     load = np.zeros(L * E, np.int64)
     trans = np.zeros(max(L - 1, 0) * E * E, np.int64)
     for a in range(0, T, chunk):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,7 +33,9 @@ def _plan(layers: tuple[int, ...], G: int = 4, redundant: int = 0, seed: int = 0
         row = list(rng.permutation(E))
         row += list(rng.choice(E, redundant, replace=False))
         rows.append(rng.permutation(row) if redundant else row)
-    return Plan(num_gpus=G, num_nodes=1, num_experts=E, layers=layers, phy2log=np.asarray(rows), model_name="t")
+    return Plan(
+        num_gpus=G, num_nodes=1, num_experts=E, layers=layers, phy2log=np.asarray(rows), model_name="t"
+    )
 
 
 @pytest.fixture()
@@ -42,7 +45,7 @@ def app() -> typer.Typer:
     return a
 
 
-def _run(app: typer.Typer, *args: str) -> tuple[int, str, str]:
+def _run(app: typer.Typer, *args: object) -> tuple[int, str, str]:
     res = CliRunner().invoke(app, [str(a) for a in args])
     return res.exit_code, res.stdout, res.stderr
 
@@ -85,7 +88,7 @@ def test_vllm_files_round_trip_into_the_same_plan(tmp_path: Path) -> None:
 def test_deepseek_triple_matches_eplb_conventions(tmp_path: Path) -> None:
     plan = _plan((0, 1), G=4, redundant=4, seed=1)
     phy2log, log2phy, logcnt = deepseek_triple(plan)
-    L, P = phy2log.shape
+    L, _ = phy2log.shape
     assert log2phy.shape == (L, E, int(logcnt.max())) and logcnt.shape == (L, E)
     for l in range(L):
         for e in range(E):
@@ -99,11 +102,11 @@ def test_deepseek_triple_matches_eplb_conventions(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------- checkpoint rewrite
 
 
-def _save(model: torch.nn.Module, path: Path, **kw: object) -> Path:
+def _save(model: Any, path: Path, **kw: object) -> Path:
     """Save after widening the MoE weights: at the default init (std 0.02) every routing is a near tie and the
     experts' outputs are tiny, so a wrong permutation would hide below the logits tolerance."""
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in [*model.named_parameters(), *model.named_buffers()]:
             if ".experts." in name or ".gate." in name:
                 param.normal_(0.0, 1.0 if ".gate." in name else 0.3)
             if name.endswith("e_score_correction_bias"):
@@ -141,14 +144,15 @@ def qwen3_fused(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(1)
     cfg = Qwen3MoeConfig(
         vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, num_experts=E, num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=[0],
+        num_key_value_heads=2, num_experts=E, num_experts_per_tok=2, moe_intermediate_size=16,
+        mlp_only_layers=[0],
     )  # fmt: skip
     return _save(Qwen3MoeForCausalLM(cfg), tmp_path_factory.mktemp("qwen3"), save_original_format=False)
 
 
 @pytest.fixture(scope="module")
 def deepseek(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny DeepSeek-V3: group-limited router (4 groups of 2, top-2 groups), correction bias, 1 dense layer."""
+    """Tiny DeepSeek-V3: group-limited router (4 groups of 2, top-2 kept), correction bias, dense layer 0."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     torch.manual_seed(2)
@@ -175,7 +179,9 @@ def _check_same_function(src: Path, dst: Path) -> None:
     torch.testing.assert_close(_logits(dst, ids), _logits(src, ids), rtol=1e-5, atol=1e-5)
 
 
-def test_permuted_mixtral_same_logits_and_contiguous_placement_is_the_plan(mixtral: Path, tmp_path: Path) -> None:
+def test_permuted_mixtral_same_logits_and_contiguous_placement_is_the_plan(
+    mixtral: Path, tmp_path: Path
+) -> None:
     plan = _plan((0, 1, 2), G=4, seed=5)
     out = tmp_path / "perm"
     res = export(plan, "permute-checkpoint", out, checkpoint=mixtral)
@@ -259,7 +265,9 @@ def test_cli_refuses_plan_for_another_model(
     assert not (tmp_path / "perm").exists() and not _leftovers(tmp_path)
 
 
-def test_cli_refuses_existing_output_unless_force_and_unknown_format(app: typer.Typer, tmp_path: Path) -> None:
+def test_cli_refuses_existing_output_unless_force_and_unknown_format(
+    app: typer.Typer, tmp_path: Path
+) -> None:
     plan = _plan((0, 1), G=2, redundant=2)
     plan.save(tmp_path / "plan.json")
     (tmp_path / "v").mkdir()
@@ -272,14 +280,20 @@ def test_cli_refuses_existing_output_unless_force_and_unknown_format(app: typer.
     assert code == 0, err
     assert "--additional-config" in out and not (tmp_path / "v" / "keep").exists()
     assert plan_from_vllm(tmp_path / "v") == plan
-    code, _, err = _run(app, "export", "--plan", tmp_path / "plan.json", "--out", tmp_path / "x", "--format", "onnx")
+    code, _, err = _run(
+        app, "export", "--plan", tmp_path / "plan.json", "--out", tmp_path / "x", "--format", "onnx"
+    )
     assert code == 1 and "unknown format 'onnx'" in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists() and not _leftovers(tmp_path)
-    code, _, err = _run(app, "export", "--plan", tmp_path / "nope.json", "--out", tmp_path / "y", "--format", "sglang")
+    code, _, err = _run(
+        app, "export", "--plan", tmp_path / "nope.json", "--out", tmp_path / "y", "--format", "sglang"
+    )
     assert code == 1 and err.startswith("error: ") and "no such plan file" in err
 
 
-def test_failed_permutation_leaves_nothing(mixtral: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_permutation_leaves_nothing(
+    mixtral: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import safetensors.torch
 
     calls = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,15 @@ from profiler.capture import CaptureError, DemoMoEAdapter, RoutingRecorder
 from profiler.cli import register
 from profiler.model import DemoMoE, ModelConfigError, MoEConfig, MoEFeedForward
 from profiler.train_demo import transition_concentration
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: small CPU forwards are fastest and steadiest that way on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +216,7 @@ def test_builtin_prompts_shape(prompts: list[str]) -> None:
 
 def test_learned_routing_beats_independence(builtin: LoadedModel, prompts: list[str], tmp_path: Path) -> None:
     with TraceWriter(tmp_path, builtin.trace_meta()) as w:
-        profile_prompts(builtin, prompts[:160], list(range(160)), w, batch_size=16)
+        profile_prompts(builtin, prompts[:96], list(range(96)), w, batch_size=16)
     routes = open_trace(tmp_path).read_all()
     top_m = 2 if builtin.num_experts >= 16 else 1
     conc = transition_concentration(routes.expert_ids_TLK, builtin.num_experts, top_m)
@@ -222,8 +232,8 @@ def test_transition_concentration_independent_is_baseline() -> None:
     ids = np.stack([np.argsort(rng.random((20000, 3, 8)), axis=-1)[..., :2]], axis=0)[0]
     conc = transition_concentration(ids, 8, 1)
     assert abs(conc.learned - conc.independent) < 0.02
-    same = np.repeat(ids[:, :1], 3, axis=1)  # next layer copies this one: fully concentrated
-    assert transition_concentration(same, 8, 2).learned == pytest.approx(1.0)
+    same = np.repeat(ids[:, :1, :1], 3, axis=1)  # top-1, next layer copies this one: fully concentrated
+    assert transition_concentration(same, 8, 1).learned == pytest.approx(1.0)
 
 
 def test_cli_profile_resumes_and_reports_errors(tmp_path: Path) -> None:

@@ -24,11 +24,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from placement.dataset import TraceWriter, open_trace  # noqa: E402
-from profiler.api import LoadedModel, ProfileError, load_model, profile_prompts  # noqa: E402
-from profiler.capture import CaptureError, RoutingRecorder  # noqa: E402
-from profiler.hf_adapters import FAMILIES, HFRouterAdapter, load_hf  # noqa: E402
-from profiler.hf_configs import PRESETS, build_tiny_model  # noqa: E402
+from placement.dataset import TraceWriter, open_trace
+from profiler.api import LoadedModel, ProfileError, load_model, profile_prompts
+from profiler.capture import CaptureError, RoutingRecorder
+from profiler.hf_adapters import FAMILIES, HFRouterAdapter, load_hf
+from profiler.hf_configs import PRESETS, build_tiny_model
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n",
@@ -56,7 +56,7 @@ def _padded_batch(loaded: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, 
 
 
 def _experts_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    layers = model.model.layers
+    layers: Any = getattr(model, "model").layers  # noqa: B009  (HF models type .model loosely)
     return {i: layer.mlp.experts for i, layer in enumerate(layers) if hasattr(layer.mlp, "experts")}
 
 
@@ -116,7 +116,7 @@ def _sorted_by_id(ids_XK: np.ndarray, w_XK: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def test_captured_routing_equals_model_decisions(preset: tuple[str, LoadedModel]) -> None:
-    name, loaded = preset
+    _, loaded = preset
     ids_BS, mask_BS = _padded_batch(loaded, TEXTS)
     valid_T = mask_BS.bool().reshape(-1).numpy()
     got_ids_TLK, got_w_TLK, used, router_logits = _run_with_references(loaded, ids_BS, mask_BS)
@@ -131,7 +131,7 @@ def test_captured_routing_equals_model_decisions(preset: tuple[str, LoadedModel]
         np.testing.assert_allclose(got_w_TLK[:, l_idx], used_w_TK, rtol=1e-6, atol=1e-7)
 
     # 2. Independently recomputed from the router logits the model returns.
-    config = loaded.module.config
+    config: Any = loaded.module.config
     routers = dict(loaded.adapter.find_routers(loaded.module))
     naive_differs = 0
     for l_idx, layer in enumerate(loaded.layers):
@@ -154,7 +154,7 @@ def test_captured_routing_equals_model_decisions(preset: tuple[str, LoadedModel]
 
 def test_meta_layers_exclude_dense_layers(preset: tuple[str, LoadedModel]) -> None:
     name, loaded = preset
-    config = loaded.module.config
+    config: Any = loaded.module.config
     if name == "qwen3-moe-tiny":
         dense = set(config.mlp_only_layers)
     elif name == "deepseek-v3-tiny":
@@ -193,11 +193,17 @@ def _routing(loaded: LoadedModel, texts: list[str]) -> np.ndarray:
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
     """A saved DeepSeek-V3 (correction bias included) reloads via 'hf:<dir>' and routes identically."""
     ckpt = tmp_path / "tiny-dsv3"
-    build_tiny_model("deepseek-v3-tiny").save_pretrained(ckpt)
+    model: Any = build_tiny_model("deepseek-v3-tiny")
+    model.save_pretrained(ckpt)
     assert any(ckpt.glob("*.safetensors"))
     reloaded = load_model(f"hf:{ckpt}")
     preset = load_model("hf-config:deepseek-v3-tiny")
-    assert (reloaded.name, reloaded.layers, reloaded.num_experts, reloaded.top_k) == ("tiny-dsv3", (1, 2, 3), 8, 2)
+    assert (reloaded.name, reloaded.layers, reloaded.num_experts, reloaded.top_k) == (
+        "tiny-dsv3",
+        (1, 2, 3),
+        8,
+        2,
+    )
     assert reloaded.source == f"hf:{ckpt.resolve()}"
     np.testing.assert_array_equal(_routing(reloaded, TEXTS), _routing(preset, TEXTS))
 
@@ -211,7 +217,8 @@ def test_checkpoint_with_own_tokenizer(tmp_path: Path) -> None:
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]")
     ckpt = tmp_path / "olmoe-with-tok"
-    build_tiny_model("olmoe-tiny").save_pretrained(ckpt)
+    model: Any = build_tiny_model("olmoe-tiny")
+    model.save_pretrained(ckpt)
     tok.save_pretrained(ckpt)
     loaded = load_model(f"hf:{ckpt}")
     assert loaded.tokenizer("mixture of experts zzz") == [5, 6, 7, 1]
@@ -222,7 +229,12 @@ def _save_dense(kind: str, path: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields: dict[str, Any] = {
-        "llama": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
+        "llama": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
         "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64},
     }[kind]
     config = AutoConfig.for_model(kind, vocab_size=256, **fields)

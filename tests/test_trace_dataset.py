@@ -45,8 +45,8 @@ def test_readable_by_pandas_duckdb_polars(tmp_path):
     df = pd.read_parquet(tmp_path / "ds" / "part-w0-000000.parquet")
     assert len(df) == 150 and list(df["layer"][:3]) == [1, 2, 5]
     assert len(df["expert_ids"][0]) == 3
-    n = duckdb.sql(f"select count(*), max(len(expert_ids)) from read_parquet('{glob}')").fetchone()
-    assert n == (150, 3)
+    rows = duckdb.sql(f"select count(*), max(len(expert_ids)) from read_parquet('{glob}')").fetchall()
+    assert rows == [(150, 3)]
     pf = pl.read_parquet(glob)
     assert pf.height == 150 and pf.schema["expert_ids"] == pl.List(pl.Int16)
 
@@ -92,7 +92,9 @@ def test_truncated_shard(tmp_path):
 def test_wrong_schema(tmp_path):
     d = tmp_path / "ds"
     d.mkdir()
-    pq.write_table(pa.table({"layer": pa.array([1], pa.int16()), "experts": [[1, 2, 3]]}), d / "part-x-000000.parquet")
+    pq.write_table(
+        pa.table({"layer": pa.array([1], pa.int16()), "experts": [[1, 2, 3]]}), d / "part-x-000000.parquet"
+    )
     with pytest.raises(TraceError, match="column 'run_id' is missing"):
         open_trace(d)
 

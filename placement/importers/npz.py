@@ -47,7 +47,7 @@ def routes_from_arrays(
     scores: np.ndarray | None = None,
     source: str = "npz",
 ) -> tuple[TraceMeta, RouteArrays]:
-    """Build (meta, routes) from plain arrays, validating every field (shared by the .npz and .npy readers)."""
+    """Build (meta, routes) from plain arrays, validating every field (used by the .npz and .npy readers)."""
     ids_TLK = _as_routes_TLK(np.asarray(routes), where)
     T, L, K = ids_TLK.shape
     if num_experts is None:

@@ -1,13 +1,17 @@
 """Scalable affinity optimiser: co-locate experts that tokens visit in consecutive layers, under load balance.
 
-Objective (maximised): colocated transition traffic, sum over l, i, j of trans[l, i, j] * [i and j share a bin],
-with bins = nodes first, then GPUs within each node. Method: layer-chain block-coordinate descent. With every
-other layer fixed, placing layer l is a capacitated assignment: expert e earns w[e, b] = traffic between e and
-the experts already in bin b at layers l-1 and l+1. Each step solves it exactly as a linear assignment
-(each bin repeated E/B times; scipy's Jonker-Volgenant), then repairs the per-bin load limit
-(1 + eps) * mean with the cheapest load-reducing swaps. Sweeps alternate direction until no gain or the time
-limit; random restarts keep the best. Redundant slots then take replicas chosen for both balance and affinity:
-each replica goes where it adds the most colocated traffic while relieving the hottest GPU.
+Objective (maximised): co-located transition traffic, sum over l, i, j of trans[l, i, j] * [i, j share a bin],
+topology-weighted when there are several nodes. Balance: every bin's robust load ratio (placement/solvers/
+robust.py: training share plus kappa standard deviations of the share on unseen prompts) stays <= 1 + eps.
+
+Method:
+1. Layer-chain block-coordinate descent. With every other layer fixed, placing layer l is a capacitated
+   assignment: expert e earns w[e, b] = traffic between e and the experts in bin b at layers l-1 and l+1. Each
+   step solves it exactly as a linear assignment (bins repeated E/B times; scipy's Jonker-Volgenant), then
+   repairs balance with the cheapest ratio-reducing swaps. Random restarts keep the best.
+   With N > 1 nodes this runs on nodes first, then on GPUs restricted to each expert's node.
+2. Swap annealing over all GPUs (placement/solvers/anneal.py), O(1) per move, under the same balance rule.
+3. Redundant slots take affinity-aware replicas (placement/solvers/replicate.py).
 
 Dimension key: L layers, X layer pairs (L-1), E experts, B bins (GPUs or nodes), G GPUs, N nodes, P slots.
 """
@@ -22,87 +26,113 @@ from scipy.optimize import linear_sum_assignment
 
 from placement.graph import RoutingGraph
 from placement.plan import PlanError
-from placement.solvers.base import PlanSpec, SolveResult, topology_cost
 from placement.solvers.anneal import anneal, neighbour_weights
-from placement.solvers.replicate import add_replicas
+from placement.solvers.base import PlanSpec, SolveResult, topology_cost
+from placement.solvers.replicate import add_replicas, replica_counts
+from placement.solvers.robust import LoadModel
 
 _BIG = 1e18
+LAGRANGE_ROUNDS = 1
 
 
 def assign_layer(
-    w_EB: np.ndarray, load_SE: np.ndarray, limit_S: np.ndarray, allowed_EB: np.ndarray | None = None
+    w_EB: np.ndarray,
+    lm: LoadModel,
+    l: int,
+    limit: float,
+    allowed_EB: np.ndarray | None = None,
+    base_B: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Best bin of each expert: maximise sum w[e, bin(e)] with E/B experts per bin and bin load <= ``limit``.
-
-    Exact linear assignment without the load limit, then cheapest swaps until every bin is within it in every load fold (or no swap helps). ``allowed_EB`` restricts experts to some bins (e.g. the GPUs of their node). Returns int64 [E].
-    """
+    """Best bin of each expert at layer l: maximise sum w[e, bin(e)] with E/B experts per bin, then repair
+    balance (``repair_balance``). ``allowed_EB`` restricts experts to some bins; ``base_B`` is load share
+    already on each bin. Returns int64 [E]."""
     E, B = w_EB.shape
     cap = E // B
-    cost_ES = -np.repeat(w_EB, cap, axis=1)
-    if allowed_EB is not None:
-        cost_ES = np.where(np.repeat(allowed_EB, cap, axis=1), cost_ES, _BIG)
-    _, slot_E = linear_sum_assignment(cost_ES)
-    col_E = np.empty(E, dtype=np.int64)
-    col_E[np.arange(E)] = slot_E // cap
-    return repair_balance(col_E, w_EB, load_SE, limit_S, allowed_EB)
+    p_E = lm.share_LE[l]
+    lam_B = np.zeros(B)
+    step = float(w_EB.sum()) / max(E, 1) * E * 0.5
+    best_E, best = None, -np.inf
+    for _ in range(LAGRANGE_ROUNDS):
+        # Lagrangian price on each bin's load share (subgradient steps), then exact assignment.
+        cost_ES = -np.repeat(w_EB - p_E[:, None] * lam_B[None, :], cap, axis=1)
+        if allowed_EB is not None:
+            cost_ES = np.where(np.repeat(allowed_EB, cap, axis=1), cost_ES, _BIG)
+        _, slot_E = linear_sum_assignment(cost_ES)
+        raw_E = slot_E // cap
+        X_EB = np.zeros((E, B))
+        X_EB[np.arange(E), raw_E] = 1.0
+        ratio_B = lm.bin_ratio(l, X_EB) + (0.0 if base_B is None else B * base_B)
+        bin_E = repair_balance(raw_E, w_EB, lm, l, limit, allowed_EB, base_B)
+        score = float(w_EB[np.arange(E), bin_E].sum())
+        if score > best:
+            best_E, best = bin_E, score
+        if ratio_B.max() <= limit + 1e-12:
+            break
+        lam_B = np.maximum(0.0, lam_B + step * (ratio_B - limit))
+    if best_E is None:  # pragma: no cover - the loop runs at least once
+        raise RuntimeError("assign_layer: no round ran")
+    return best_E
 
 
 def repair_balance(
     bin_E: np.ndarray,
     w_EB: np.ndarray,
-    load_SE: np.ndarray,
-    limit_S: np.ndarray,
+    lm: LoadModel,
+    l: int,
+    limit: float,
     allowed_EB: np.ndarray | None = None,
-    max_swaps: int | None = None,
+    base_B: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Swap experts off the worst bin until every bin is within its limit in every load fold.
+    """Swap experts off the worst bin until every bin's robust ratio is <= ``limit`` (or no swap helps).
 
-    Loads are S folds (e.g. disjoint prompt subsets) ``load_SE`` with limits ``limit_S``; a bin's ratio is its
-    worst load/limit over folds. Each step takes, among swaps (a on the worst bin, b elsewhere) that leave both
-    bins below the worst bin's current ratio, the one losing the least score per unit of ratio reduced.
-    Vectorised over all candidate pairs.
+    Each step takes, among swaps (a on the worst bin, b on another bin h) that leave both bins below the worst
+    ratio, the one losing the least score per unit of ratio reduced. Vectorised over all candidate pairs.
     """
     E, B = w_EB.shape
-    bin_E = bin_E.copy()
-    inv_S = 1.0 / np.maximum(limit_S, 1e-12)
-    onehot_EB = np.zeros((E, B))
-    onehot_EB[np.arange(E), bin_E] = 1.0
-    binload_SB = load_SE @ onehot_EB
-    for _ in range(max_swaps if max_swaps is not None else 4 * E):
-        ratio_B = (binload_SB * inv_S[:, None]).max(axis=0)
+    bin_E = np.asarray(bin_E, dtype=np.int64).copy()
+    p_E, M_EE, kap = lm.share_LE[l], lm.cov_LEE[l], lm.kappa
+    X_EB = np.zeros((E, B))
+    X_EB[np.arange(E), bin_E] = 1.0
+    mean_B = p_E @ X_EB + (0.0 if base_B is None else base_B)
+    U_BE = (M_EE @ X_EB).T  # U[b, e] = (M x_b)[e]
+    var_B = (U_BE * X_EB.T).sum(axis=1)
+    diag_E = np.diag(M_EE)
+    for _ in range(4 * E):
+        ratio_B = B * (mean_B + kap * np.sqrt(np.maximum(var_B, 0.0)))
         hot = int(np.argmax(ratio_B))
         worst = float(ratio_B[hot])
-        if worst <= 1.0 + 1e-9:
+        if worst <= limit + 1e-12:
             break
         a_A = np.flatnonzero(bin_E == hot)
         b_C = np.flatnonzero(bin_E != hot)
         h_C = bin_E[b_C]
-        moved_SAC = load_SE[:, a_A][:, :, None] - load_SE[:, b_C][:, None, :]
-        new_hot_AC = ((binload_SB[:, hot][:, None, None] - moved_SAC) * inv_S[:, None, None]).max(axis=0)
-        new_other_AC = ((binload_SB[:, h_C][:, None, :] + moved_SAC) * inv_S[:, None, None]).max(axis=0)
-        new_AC = np.maximum(new_hot_AC, new_other_AC)
+        dmean_AC = p_E[b_C][None, :] - p_E[a_A][:, None]
+        pair_AC = diag_E[a_A][:, None] + diag_E[b_C][None, :] - 2.0 * M_EE[np.ix_(a_A, b_C)]
+        var_hot_AC = var_B[hot] - 2.0 * U_BE[hot, a_A][:, None] + 2.0 * U_BE[hot, b_C][None, :] + pair_AC
+        var_h_AC = var_B[h_C][None, :] + 2.0 * U_BE[h_C][:, a_A].T - 2.0 * U_BE[h_C, b_C][None, :] + pair_AC
+        r_hot_AC = B * (mean_B[hot] + dmean_AC + kap * np.sqrt(np.maximum(var_hot_AC, 0.0)))
+        r_h_AC = B * (mean_B[h_C][None, :] - dmean_AC + kap * np.sqrt(np.maximum(var_h_AC, 0.0)))
+        new_AC = np.maximum(r_hot_AC, r_h_AC)
         ok_AC = new_AC < worst - 1e-12
         if allowed_EB is not None:
             ok_AC &= allowed_EB[a_A][:, h_C] & allowed_EB[b_C, hot][None, :]
         if not ok_AC.any():
             break
-        loss_AC = (w_EB[a_A, hot][:, None] + w_EB[b_C, h_C][None, :]) - (
-            w_EB[a_A][:, h_C] + w_EB[b_C, hot][None, :]
-        )
-        gain_AC = worst - np.maximum(new_AC, 1.0)
-        score_AC = np.where(ok_AC, loss_AC / np.maximum(gain_AC, 1e-12), np.inf)
+        loss_AC = (w_EB[a_A, hot][:, None] + w_EB[b_C, h_C][None, :]) - (w_EB[a_A][:, h_C] + w_EB[b_C, hot][None, :])
+        score_AC = np.where(ok_AC, loss_AC / np.maximum(worst - np.maximum(new_AC, limit), 1e-12), np.inf)
         ai, ci = np.unravel_index(int(np.argmin(score_AC)), score_AC.shape)
-        a, b = int(a_A[ai]), int(b_C[ci])
-        h = int(bin_E[b])
+        a, b, h = int(a_A[ai]), int(b_C[ci]), int(h_C[ci])
         bin_E[a], bin_E[b] = h, hot
-        binload_SB[:, hot] -= moved_SAC[:, ai, ci]
-        binload_SB[:, h] += moved_SAC[:, ai, ci]
+        X_EB[a, hot], X_EB[a, h], X_EB[b, h], X_EB[b, hot] = 0.0, 1.0, 0.0, 1.0
+        mean_B[hot] += dmean_AC[ai, ci]
+        mean_B[h] -= dmean_AC[ai, ci]
+        var_B[hot], var_B[h] = var_hot_AC[ai, ci], var_h_AC[ai, ci]
+        U_BE[hot] += M_EE[b] - M_EE[a]
+        U_BE[h] += M_EE[a] - M_EE[b]
     return bin_E
 
 
-def neighbour_score(
-    l: int, bin_LE: np.ndarray, trans_XEE: np.ndarray, num_bins: int, only: str = "both"
-) -> np.ndarray:
+def neighbour_score(l: int, bin_LE: np.ndarray, trans_XEE: np.ndarray, num_bins: int, only: str = "both") -> np.ndarray:
     """w_EB for layer l: traffic from bin b's experts at l-1 into e, plus from e to bin b's experts at l+1."""
     L, E = bin_LE.shape
     w = np.zeros((E, num_bins))
@@ -117,6 +147,19 @@ def neighbour_score(
     return w
 
 
+def smoothed_transitions(trans_XEE: np.ndarray, alpha: float) -> np.ndarray:
+    """(1 - alpha) * trans + alpha * (what layer independence predicts from the row and column totals):
+    shrinks noisy pair counts so that the placement generalises to unseen prompts."""
+    t = trans_XEE.astype(np.float64)
+    if alpha <= 0 or t.shape[0] == 0:
+        return t
+    row_XE = t.sum(axis=2)
+    col_XE = t.sum(axis=1)
+    tot_X = np.maximum(t.sum(axis=(1, 2)), 1e-12)
+    indep_XEE = row_XE[:, :, None] * col_XE[:, None, :] / tot_X[:, None, None]
+    return np.asarray((1.0 - alpha) * t + alpha * indep_XEE)
+
+
 def colocated(bin_LE: np.ndarray, trans_XEE: np.ndarray) -> float:
     """sum over l, i, j of trans[l, i, j] * [bin(l, i) == bin(l+1, j)]."""
     same_XEE = bin_LE[:-1, :, None] == bin_LE[1:, None, :]
@@ -125,21 +168,19 @@ def colocated(bin_LE: np.ndarray, trans_XEE: np.ndarray) -> float:
 
 def chain_descent(
     trans_XEE: np.ndarray,
-    load_SLE: np.ndarray,
+    lm: LoadModel,
     num_bins: int,
-    eps: float,
+    limit: float,
     deadline: float,
     rng: np.random.Generator,
     allowed_LEB: np.ndarray | None = None,
     max_sweeps: int = 30,
 ) -> tuple[np.ndarray, float]:
-    """Block-coordinate descent over layers from a greedy chain start. Returns (bin_LE, colocated traffic)."""
-    S, L, E = load_SLE.shape
-    limit_SL = (1.0 + eps) * load_SLE.sum(axis=2) / num_bins
+    """Block-coordinate descent over layers from a greedy chain start. Returns (bin_LE, co-located traffic)."""
+    L, E = lm.share_LE.shape
 
     def place(l: int, w_EB: np.ndarray) -> np.ndarray:
-        allowed = None if allowed_LEB is None else allowed_LEB[l]
-        return assign_layer(w_EB, load_SLE[:, l], limit_SL[:, l], allowed)
+        return assign_layer(w_EB, lm, l, limit, None if allowed_LEB is None else allowed_LEB[l])
 
     bin_LE = np.zeros((L, E), dtype=np.int64)
     start = int(rng.integers(L))
@@ -162,18 +203,11 @@ def chain_descent(
     return bin_LE, best
 
 
-def _fold_loads(graph: RoutingGraph) -> np.ndarray:
-    """float64 [S, L, E]: loads of the graph's prompt folds (robust balance), or the total load as S = 1."""
-    if graph.fold_load_SLE is not None and graph.fold_load_SLE.shape[0] > 1:
-        return graph.fold_load_SLE.astype(np.float64)
-    return graph.load_LE.astype(np.float64)[None]
-
-
 def _best_of_restarts(
     trans: np.ndarray,
-    load_SLE: np.ndarray,
+    lm: LoadModel,
     B: int,
-    eps: float,
+    limit: float,
     deadline: float,
     rng: np.random.Generator,
     allowed: np.ndarray | None,
@@ -184,7 +218,7 @@ def _best_of_restarts(
     durations: list[float] = []
     while True:
         t0 = time.perf_counter()
-        bin_LE, score = chain_descent(trans, load_SLE, B, eps, deadline, rng, allowed)
+        bin_LE, score = chain_descent(trans, lm, B, limit, deadline, rng, allowed)
         durations.append(time.perf_counter() - t0)
         if score > best:
             best_LE, best = bin_LE, score
@@ -196,35 +230,33 @@ def _best_of_restarts(
     return best_LE
 
 
-def place_gpus(graph: RoutingGraph, spec: PlanSpec, eps: float, deadline: float) -> tuple[np.ndarray, dict[str, Any]]:
+def place_gpus(graph: RoutingGraph, spec: PlanSpec, lm: LoadModel, deadline: float) -> tuple[np.ndarray, dict[str, Any]]:
     """GPU of every expert, int64 [L, E] (E/G per GPU): nodes first (if N > 1), then GPUs within nodes, then
     swap annealing over all GPUs with the topology-weighted objective."""
     t0 = time.perf_counter()
     G, N = spec.num_gpus, spec.num_nodes
-    trans = graph.trans_LEE.astype(np.float64)
-    load_SLE = _fold_loads(graph)
+    L, E = graph.load_LE.shape
+    # With replicas still to come, leave them room: primaries fit a tighter limit.
+    limit = 1.0 + spec.balance_eps * (float(spec.options.get("primary_margin", 0.7)) if spec.num_redundant else 1.0)
+    trans = smoothed_transitions(graph.trans_LEE, float(spec.options.get("smooth", 0.0)))
     rng = np.random.default_rng(spec.seed)
-    info: dict[str, Any] = {"load_folds": int(load_SLE.shape[0])}
-    bcd_deadline = t0 + (deadline - t0) * 0.6
+    info: dict[str, Any] = {"kappa": lm.kappa}
     allowed = None
     if N > 1:
-        node_deadline = t0 + (deadline - t0) * 0.25
-        node_LE = _best_of_restarts(trans, load_SLE, N, eps, node_deadline, rng, None, info, "node")
+        node_LE = _best_of_restarts(trans, lm, N, limit, t0 + (deadline - t0) * 0.25, rng, None, info, "node")
         allowed = (np.arange(G)[None, None, :] // (G // N)) == node_LE[:, :, None]
-    gpu_LE = _best_of_restarts(trans, load_SLE, G, eps, bcd_deadline, rng, allowed, info, "gpu")
-    info["bcd_colocated"] = colocated(gpu_LE, trans)
-    # Swap annealing over all GPUs (crossing nodes), topology-weighted: a pair on one GPU is worth
+    gpu_LE = _best_of_restarts(trans, lm, G, limit, t0 + (deadline - t0) * 0.6, rng, allowed, info, "gpu")
+    info["bcd_colocated"] = colocated(gpu_LE, trans) / max(float(trans.sum()), 1.0)
+    # Annealing over all GPUs (crossing nodes), topology-weighted: a pair on one GPU is worth
     # inter_node_cost, on one node inter_node_cost - 1 (the cost saved against a cross-node pair).
-    limit_SL = (1.0 + eps) * load_SLE.sum(axis=2) / G
     node_G = np.arange(G) // (G // N)
-    gpu_w, node_w = (1.0, spec.inter_node_cost - 1.0) if N > 1 else (1.0, 0.0)
-    W = neighbour_weights(gpu_LE, trans, G)
-    iters_per_s = 4e6
-    iters = int(max(0.0, deadline - time.perf_counter()) * iters_per_s)
-    temp0 = float(spec.options.get("anneal_temp", 0.02)) * float(W.sum(axis=2).mean())
-    anneal(gpu_LE, W, trans, load_SLE, limit_SL, node_G, gpu_w, node_w, iters, max(temp0, 1e-9), 1e-3 * max(temp0, 1e-9), spec.seed)
+    node_w = spec.inter_node_cost - 1.0 if N > 1 else 0.0
+    W_LEG = neighbour_weights(gpu_LE, trans, G)
+    iters = int(max(0.0, deadline - time.perf_counter()) * float(spec.options.get("anneal_rate", 2e6)))
+    temp0 = max(float(spec.options.get("anneal_temp", 0.02)) * float(W_LEG.sum(axis=2).mean()), 1e-9)
+    anneal(gpu_LE, W_LEG, trans, lm.share_LE, lm.cov_LEE, lm.kappa, limit, node_G, 1.0, node_w, iters, temp0, 1e-3 * temp0, spec.seed)
     info["anneal_iters"] = iters
-    info["colocated"] = colocated(gpu_LE, trans)
+    info["colocated_fit"] = colocated(gpu_LE, trans) / max(float(trans.sum()), 1.0)
     return gpu_LE, info
 
 
@@ -235,10 +267,11 @@ def solve_affinity(graph: RoutingGraph, spec: PlanSpec) -> SolveResult:
     if E % G:
         raise PlanError(f"affinity needs E={E} divisible by --gpus {G} (replicas go on top of E/G per GPU)")
     budget = float(spec.options.get("affinity_budget", min(spec.time_limit, 10.0)))
-    deadline = t0 + 0.85 * budget
-    eps = spec.balance_eps * float(spec.options.get("fit_margin", 0.6))
-    gpu_LE, info = place_gpus(graph, spec, eps, deadline)
-    phy2log_LP = add_replicas(gpu_LE, graph, spec)
-    info["fit_eps"] = eps
+    kappa = float(spec.options.get("kappa", 0.0))
+    copies_LE = replica_counts(graph, spec)
+    holdout = float(spec.options.get("holdout_ratio", 1.0))
+    lm = LoadModel.from_graph(graph, kappa=kappa, holdout_ratio=holdout, copies_LE=copies_LE)
+    gpu_LE, info = place_gpus(graph, spec, lm, t0 + 0.85 * budget)
+    phy2log_LP = add_replicas(gpu_LE, graph, spec, copies_LE, lm)
     obj = topology_cost(phy2log_LP, graph, spec)
     return SolveResult(phy2log_LP, "affinity", "heuristic", objective=obj, solve_seconds=time.perf_counter() - t0, info=info)

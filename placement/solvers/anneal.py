@@ -7,10 +7,11 @@ so a move's gain is read off W in O(G/N) and W is updated in O(E) after an accep
 Value of a pair (i at l, j at l+1): ``gpu_w`` if they share a GPU plus ``node_w`` if they share a node
 (with N = 1 every GPU is on one node and only ``gpu_w`` matters).
 
-Balance: loads of S prompt folds ``load_SLE`` with limits ``limit_SL`` (robust to which prompts come). A move
-is allowed when neither GPU goes over its limit in any fold, or when it lowers the worse of the two GPUs.
+Balance: the robust ratio of placement/solvers/robust.py, G * (share + kappa * sqrt(x' M x)), kept per (layer,
+GPU) with the vectors U = M x so that a swap's new ratios cost O(1). A move is allowed when both GPUs stay
+within ``limit``, or when it lowers the worse of the two.
 
-Dimension key: L layers, E experts, G GPUs, S load folds.
+Dimension key: L layers, E experts, G GPUs.
 """
 
 from __future__ import annotations
@@ -32,22 +33,14 @@ def neighbour_weights(bin_LE: np.ndarray, trans_XEE: np.ndarray, num_gpus: int) 
 
 
 @numba.njit(cache=True, nogil=True)
-def _worst_ratio(binload_SLG: np.ndarray, limit_SL: np.ndarray, l: int, g: int) -> float:  # pragma: no cover
-    r = 0.0
-    for s in range(binload_SLG.shape[0]):
-        v = binload_SLG[s, l, g] / limit_SL[s, l]
-        if v > r:
-            r = v
-    return r
-
-
-@numba.njit(cache=True, nogil=True)
 def anneal(
     bin_LE: np.ndarray,
     W_LEG: np.ndarray,
     trans_XEE: np.ndarray,
-    load_SLE: np.ndarray,
-    limit_SL: np.ndarray,
+    share_LE: np.ndarray,
+    cov_LEE: np.ndarray,
+    kappa: float,
+    limit: float,
     node_G: np.ndarray,
     gpu_w: float,
     node_w: float,
@@ -58,13 +51,22 @@ def anneal(
 ) -> float:  # pragma: no cover - compiled
     """Anneal in place; returns the total gain of accepted moves (value units)."""
     np.random.seed(seed)
-    S, L, E = load_SLE.shape
+    L, E = share_LE.shape
     G = W_LEG.shape[2]
-    binload_SLG = np.zeros((S, L, G))
-    for s in range(S):
-        for l in range(L):
+    mean_LG = np.zeros((L, G))
+    U_LGE = np.zeros((L, G, E))
+    var_LG = np.zeros((L, G))
+    for l in range(L):
+        for e in range(E):
+            g = bin_LE[l, e]
+            mean_LG[l, g] += share_LE[l, e]
+            if kappa > 0.0:
+                for f in range(E):
+                    U_LGE[l, g, f] += cov_LEE[l, e, f]
+        if kappa > 0.0:
             for e in range(E):
-                binload_SLG[s, l, bin_LE[l, e]] += load_SLE[s, l, e]
+                g = bin_LE[l, e]
+                var_LG[l, g] += U_LGE[l, g, e]
     total = 0.0
     ratio = (temp1 / temp0) ** (1.0 / max(iters, 1))
     temp = temp0
@@ -88,20 +90,34 @@ def anneal(
             gain += node_w * na
         if gain < 0.0 and np.random.random() >= np.exp(gain / temp):
             continue
-        # balance check over folds
-        old_worst = max(_worst_ratio(binload_SLG, limit_SL, l, p), _worst_ratio(binload_SLG, limit_SL, l, q))
-        new_worst = 0.0
-        for s in range(S):
-            d = load_SLE[s, l, b] - load_SLE[s, l, a]
-            vp = (binload_SLG[s, l, p] + d) / limit_SL[s, l]
-            vq = (binload_SLG[s, l, q] - d) / limit_SL[s, l]
-            new_worst = max(new_worst, vp, vq)
-        if new_worst > 1.0 + 1e-12 and new_worst >= old_worst:
+        # robust balance: accept if both GPUs stay within the limit, or the worse of the two improves
+        dmean = share_LE[l, b] - share_LE[l, a]
+        vp = var_LG[l, p]
+        vq = var_LG[l, q]
+        nvp = vp
+        nvq = vq
+        if kappa > 0.0:
+            pair = cov_LEE[l, a, a] + cov_LEE[l, b, b] - 2.0 * cov_LEE[l, a, b]
+            nvp = vp - 2.0 * U_LGE[l, p, a] + 2.0 * U_LGE[l, p, b] + pair
+            nvq = vq + 2.0 * U_LGE[l, q, a] - 2.0 * U_LGE[l, q, b] + pair
+        old_worst = G * max(
+            mean_LG[l, p] + kappa * np.sqrt(max(vp, 0.0)), mean_LG[l, q] + kappa * np.sqrt(max(vq, 0.0))
+        )
+        new_worst = G * max(
+            mean_LG[l, p] + dmean + kappa * np.sqrt(max(nvp, 0.0)),
+            mean_LG[l, q] - dmean + kappa * np.sqrt(max(nvq, 0.0)),
+        )
+        if new_worst > limit + 1e-12 and new_worst >= old_worst:
             continue
-        for s in range(S):
-            d = load_SLE[s, l, b] - load_SLE[s, l, a]
-            binload_SLG[s, l, p] += d
-            binload_SLG[s, l, q] -= d
+        mean_LG[l, p] += dmean
+        mean_LG[l, q] -= dmean
+        var_LG[l, p] = nvp
+        var_LG[l, q] = nvq
+        if kappa > 0.0:
+            for f in range(E):
+                d = cov_LEE[l, b, f] - cov_LEE[l, a, f]
+                U_LGE[l, p, f] += d
+                U_LGE[l, q, f] -= d
         bin_LE[l, a] = q
         bin_LE[l, b] = p
         total += gain

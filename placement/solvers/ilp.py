@@ -374,6 +374,7 @@ def _rows(model: MipModel) -> list[tuple[np.ndarray, np.ndarray]]:
 def _solve_cpsat(model: MipModel, time_limit: float, seed: int, workers: int) -> MipSolution:
     from ortools.sat.python import cp_model
 
+    t0 = time.perf_counter()
     cp = cp_model.CpModel()
     v = [cp.new_bool_var(n) for n in model.names_V]
     for (cols, coefs), lo, hi in zip(_rows(model), model.lo_R, model.hi_R, strict=True):
@@ -388,9 +389,14 @@ def _solve_cpsat(model: MipModel, time_limit: float, seed: int, workers: int) ->
         for i, h in enumerate(model.hint_V.tolist()):
             cp.add_hint(v[i], int(h > 0.5))
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(time_limit, 0.01)
+    solver.parameters.max_time_in_seconds = max(time_limit - (time.perf_counter() - t0), 0.01)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
+    # The bound comes from the LP relaxation (tight for the chain model): run the full-LP worker, skip probing.
+    solver.parameters.linearization_level = 2
+    solver.parameters.cp_model_probing_level = 0
+    if workers > 1:
+        solver.parameters.subsolvers.append("max_lp")
     st = solver.solve(cp)
     info = {"cpsat_status": solver.status_name(st), "branches": solver.num_branches}
     if st in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -490,7 +496,7 @@ def _solve_highs(model: MipModel, time_limit: float, seed: int) -> MipSolution:
         raise PlanError("ilp_backend=highs needs highspy (pip install highspy); use ilp_backend=cpsat or pulp")
     t0 = time.perf_counter()
     prob, v = _pulp_problem(model)
-    left = max(time_limit - (time.perf_counter() - t0), 0.05)
+    left = max(0.85 * (time_limit - (time.perf_counter() - t0)) - 0.1, 0.05)  # it builds its model inside
     solver = pulp.HiGHS(msg=False, timeLimit=left, threads=1, random_seed=seed)
     prob.solve(solver)  # type: ignore[attr-defined]
     info: dict[str, object] = {"highs_status": pulp.LpStatus[prob.status]}  # type: ignore[attr-defined]

@@ -1,12 +1,13 @@
-"""Affinity-aware replication: fill redundant slots with replicas that relieve load *and* co-locate traffic.
+"""Affinity-aware replication: fill redundant slots with copies that relieve load *and* co-locate traffic.
 
-Given a one-replica placement gpu_LE (E/G experts per GPU), each GPU has (P - E)/G redundant slots per layer.
-Layer by layer (so that replicas at layer l count when layer l+1 is filled), each free slot of GPU g takes the
-expert e maximising the transition traffic that a replica of e on g newly co-locates (with experts at l-1 and
-l+1 already on g), among the moves that keep every GPU's load within the limit (or, while a GPU is over it,
-lower the maximum): load is shared equally among replicas, as ../shared/METRICS.md defines.
+Which experts get extra copies is decided by load (as EPLB does: the expert with the most load per copy gets
+the next one), so that no single expert's share sets a GPU's pace. Where each extra copy goes is decided by
+affinity: layer by layer (so that copies at layer l count when layer l+1 is filled), the copies are assigned to
+the GPUs' redundant slots by a linear assignment maximising the transition traffic they newly co-locate with the
+experts (and copies) at layers l-1 and l+1 on that GPU, then balance is repaired with swaps. A copy never goes
+to a GPU that already holds its expert. Load is shared equally among copies, as ../shared/METRICS.md defines.
 
-Dimension key: L layers, E experts, G GPUs, P slots.
+Dimension key: L layers, E experts, G GPUs, P slots, C extra copies of one layer (= P - E).
 """
 
 from __future__ import annotations
@@ -16,89 +17,70 @@ import numpy as np
 from placement.graph import RoutingGraph
 from placement.plan import gpu_of_expert_to_phy2log
 from placement.solvers.base import PlanSpec
+from placement.solvers.baselines import replicate_hottest
+from placement.solvers.robust import LoadModel
 
 
-def _gpu_load(c_E: np.ndarray, H_EG: np.ndarray) -> np.ndarray:
-    cnt_E = H_EG.sum(axis=1)
-    return np.asarray((c_E / cnt_E) @ H_EG)
+def replica_counts(graph: RoutingGraph, spec: PlanSpec) -> np.ndarray:
+    """int64 [L, E]: copies of each expert (>= 1, summing to E + redundant per layer), hottest-first."""
+    E = graph.num_experts
+    _, count_LE = replicate_hottest(graph.load_LE.astype(np.float64), E + spec.num_redundant)
+    return count_LE
 
 
-def replicate_layer(
-    c_E: np.ndarray,
-    H_EG: np.ndarray,
-    free_G: np.ndarray,
-    w_EG: np.ndarray,
-    limit: float,
-    balance_weight: float,
+def colocation_gain(l: int, H_LEG: np.ndarray, trans_XEE: np.ndarray) -> np.ndarray:
+    """float64 [E, G]: traffic that a copy of e on GPU g would newly co-locate at layer l."""
+    L, E, G = H_LEG.shape
+    w_EG = np.zeros((E, G))
+    hc_EG = (H_LEG[l] > 0).astype(np.float64)
+    if l > 0:
+        hp_EG = (H_LEG[l - 1] > 0).astype(np.float64)
+        done_EE = (hp_EG @ hc_EG.T) > 0
+        w_EG += (trans_XEE[l - 1] * ~done_EE).T @ hp_EG
+    if l < L - 1:
+        hn_EG = (H_LEG[l + 1] > 0).astype(np.float64)
+        done_EE = (hc_EG @ hn_EG.T) > 0
+        w_EG += (trans_XEE[l] * ~done_EE) @ hn_EG
+    return w_EG
+
+
+def add_replicas(
+    gpu_LE: np.ndarray, graph: RoutingGraph, spec: PlanSpec, copies_LE: np.ndarray, lm: LoadModel
 ) -> np.ndarray:
-    """Fill ``free_G`` slots per GPU; returns the new holder counts H_EG (int, replicas per GPU).
+    """phy2log int64 [L, P]: the primaries of gpu_LE plus the extra copies of ``copies_LE``."""
+    from placement.solvers.affinity import assign_layer
 
-    ``w_EG``: traffic co-located by putting a replica of e on g. Each step picks the best feasible (e, g) by
-    w + balance_weight * (reduction of the maximum GPU load).
-    """
-    H = H_EG.copy()
-    free = free_G.copy()
-    E, G = H.shape
-    while free.sum() > 0:
-        cnt_E = H.sum(axis=1).astype(np.float64)
-        load_G = _gpu_load(c_E, H)
-        share_old_E = c_E / cnt_E
-        share_new_E = c_E / (cnt_E + 1)
-        # load of every GPU after adding e on g: holders of e lose (old - new) per replica, g gains new share.
-        delta_EG = (share_new_E - share_old_E)[:, None] * H
-        new_EGG = load_G[None, None, :] + delta_EG[:, None, :]
-        new_EGG[:, np.arange(G), np.arange(G)] += share_new_E[:, None]
-        new_max_EG = new_EGG.max(axis=2)
-        cur_max = load_G.max()
-        ok_EG = (H == 0) & (free[None, :] > 0)
-        ok_EG &= (new_max_EG <= limit + 1e-9) | (new_max_EG < cur_max - 1e-9)
-        if not ok_EG.any():
-            ok_EG = (H == 0) & (free[None, :] > 0)
-        score_EG = w_EG + balance_weight * (cur_max - new_max_EG)
-        score_EG = np.where(ok_EG, score_EG, -np.inf)
-        e, g = np.unravel_index(int(np.argmax(score_EG)), score_EG.shape)
-        H[e, g] += 1
-        free[g] -= 1
-    return H
-
-
-def add_replicas(gpu_LE: np.ndarray, graph: RoutingGraph, spec: PlanSpec) -> np.ndarray:
-    """phy2log int64 [L, P] from gpu_LE plus ``spec.num_redundant`` affinity-aware replicas per layer."""
     L, E = gpu_LE.shape
     G, R = spec.num_gpus, spec.num_redundant
     if R == 0:
         return gpu_of_expert_to_phy2log(gpu_LE, G)
-    per_gpu_extra = R // G
     trans = graph.trans_LEE.astype(np.float64)
-    load = graph.load_LE.astype(np.float64)
-    eps = spec.balance_eps
+    load_LE = graph.load_LE.astype(np.float64)
+    share_LE = load_LE / np.maximum(load_LE.sum(axis=1, keepdims=True), 1e-12) / copies_LE
     H_LEG = np.zeros((L, E, G), dtype=np.int64)
     H_LEG[np.repeat(np.arange(L), E), np.tile(np.arange(E), L), gpu_LE.reshape(-1)] = 1
+    limit = 1.0 + spec.balance_eps
     for l in range(L):
-        w_EG = np.zeros((E, G))
-        if l > 0:
-            hp_EG = (H_LEG[l - 1] > 0).astype(np.float64)
-            hc_EG = (H_LEG[l] > 0).astype(np.float64)
-            done_EE = (hp_EG @ hc_EG.T) > 0  # pair (i at l-1, e at l) already shares a GPU
-            w_EG += (trans[l - 1] * ~done_EE).T @ hp_EG
-        if l < L - 1:
-            hc_EG = (H_LEG[l] > 0).astype(np.float64)
-            hn_EG = (H_LEG[l + 1] > 0).astype(np.float64)
-            done_EE = (hc_EG @ hn_EG.T) > 0
-            w_EG += (trans[l] * ~done_EE) @ hn_EG
-        limit = (1.0 + eps * 0.5) * load[l].sum() / G
-        bw = float(spec.options.get("replica_balance_weight", 0.0))
-        free_G = np.full(G, per_gpu_extra, dtype=np.int64)
-        H_LEG[l] = replicate_layer(load[l], H_LEG[l], free_G, w_EG, limit, bw)
-    return holders_to_phy2log(H_LEG, gpu_LE, per_gpu_extra)
+        item_C = np.repeat(np.arange(E), copies_LE[l] - 1)
+        w_CG = colocation_gain(l, H_LEG, trans)[item_C]
+        allowed_CG = H_LEG[l][item_C] == 0
+        base_G = np.bincount(gpu_LE[l], weights=share_LE[l], minlength=G)
+        items = LoadModel(share_LE[l][item_C][None, :], np.zeros((1, item_C.size, item_C.size)), 0.0)
+        gpu_C = assign_layer(w_CG, items, 0, limit, allowed_CG, base_G)
+        np.add.at(H_LEG[l], (item_C, gpu_C), 1)
+    return holders_to_phy2log(H_LEG, gpu_LE, R // G)
 
 
 def holders_to_phy2log(H_LEG: np.ndarray, gpu_LE: np.ndarray, per_gpu_extra: int) -> np.ndarray:
-    """Lay out slots GPU by GPU: the GPU's base experts (gpu_LE) first, then its replicas."""
+    """Lay out slots GPU by GPU: the GPU's primaries (gpu_LE) first, then its extra copies."""
     L, E, G = H_LEG.shape
-    base_LP = gpu_of_expert_to_phy2log(gpu_LE, G).reshape(L, G, E // G)
-    extra_LE_G = H_LEG.copy()
-    extra_LE_G[np.repeat(np.arange(L), E), np.tile(np.arange(E), L), gpu_LE.reshape(-1)] -= 1
-    # experts with a replica on g, in expert order, per (l, g)
-    order = np.argsort(-extra_LE_G.transpose(0, 2, 1), axis=2, kind="stable")[:, :, :per_gpu_extra]
-    return np.concatenate([base_LP, order], axis=2).reshape(L, -1).astype(np.int64)
+    base_LGS = gpu_of_expert_to_phy2log(gpu_LE, G).reshape(L, G, E // G)
+    extra_LEG = H_LEG.copy()
+    extra_LEG[np.repeat(np.arange(L), E), np.tile(np.arange(E), L), gpu_LE.reshape(-1)] -= 1
+    extra_LGE = extra_LEG.transpose(0, 2, 1)
+    # expert ids of the extra copies per (l, g), repeated by multiplicity
+    out = np.empty((L, G, per_gpu_extra), dtype=np.int64)
+    for l in range(L):
+        for g in range(G):
+            out[l, g] = np.repeat(np.arange(E), extra_LGE[l, g])
+    return np.concatenate([base_LGS, out], axis=2).reshape(L, -1).astype(np.int64)

@@ -1,0 +1,99 @@
+"""``moeplace ep-bench``: replay a trace's routing through the expert-parallel runtime under a plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from placement.cli_common import echo_json, fail, user_errors
+
+RUN_MODES = ("home", "follow", "both")
+
+
+def _pair_table(title: str, pair_GG: np.ndarray) -> list[str]:
+    G = pair_GG.shape[0]
+    lines = [f"  {title} (bytes, row = source rank, column = destination rank)"]
+    lines.append("    src\\dst " + "".join(f"{g:>12d}" for g in range(G)))
+    for s in range(G):
+        lines.append(f"    {s:>7d} " + "".join(f"{int(v):>12,d}" for v in pair_GG[s]))
+    return lines
+
+
+def _text_report(rep: Any) -> str:
+    ms_L = rep.layer_seconds_L * 1e3
+    ph = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in rep.to_dict()["phase_seconds"].items())
+    lines = [
+        f"mode {rep.mode}: {rep.num_ranks} ranks, {rep.num_tokens:,} tokens, {rep.token_bytes} bytes per token row",
+        *_pair_table("measured", rep.pair_bytes(True)),
+        *_pair_table("predicted (metrics.traffic x token bytes)", rep.pair_bytes(False)),
+        f"  cross-rank bytes: measured {rep.cross_rank_bytes:,}, predicted {rep.predicted_bytes:,}, "
+        f"equal per layer, phase and pair: {'yes' if rep.bytes_equal else 'NO'}",
+        f"  meta bytes (ids, gates, counts): {rep.meta_bytes:,}",
+        f"  max relative output error vs dense reference: {rep.max_rel_error:.2e}",
+        f"  wall time per MoE layer: mean {ms_L.mean():.2f} ms, max {ms_L.max():.2f} ms (sum over layers: {ph})",
+    ]
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("ep-bench")
+    def ep_bench_cmd(
+        plan: Annotated[Path, typer.Option("--plan", help="Plan JSON written by `moeplace plan`.")],
+        trace: Annotated[str, typer.Option("--trace", help="Trace: Parquet dataset/shard or .npz[:ARRAY].")],
+        ranks: Annotated[
+            int, typer.Option("--ranks", help="Number of EP ranks; must equal the plan's GPUs.")
+        ],
+        mode: Annotated[
+            str, typer.Option("--mode", help="Communication model: home, follow, or both (one launch).")
+        ] = "home",
+        tokens: Annotated[
+            int, typer.Option("--tokens", help="Replay the first N tokens of the trace.")
+        ] = 2048,
+        hidden: Annotated[int, typer.Option("--hidden", help="Hidden size of the random experts.")] = 256,
+        ffn: Annotated[int, typer.Option("--ffn", help="Expert FFN size (default hidden / 2).")] = 0,
+        seed: Annotated[int, typer.Option("--seed", help="Seed of the expert weights and inputs.")] = 0,
+        repeats: Annotated[int, typer.Option("--repeats", help="Runs per mode; times are medians.")] = 1,
+        backend: Annotated[
+            str, typer.Option("--backend", help="auto (nccl if CUDA), gloo or nccl.")
+        ] = "auto",
+        as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    ) -> None:
+        """Replay a trace's routing through R expert-parallel ranks under a plan: measured cross-rank bytes per
+        rank pair vs the evaluator's prediction, max relative error vs a dense reference, wall time per layer."""
+        from placement.dataset import open_trace
+        from placement.ep_dispatch import EPError
+        from placement.ep_launch import ep_bench
+        from placement.ep_runtime import EPJob, ModelSpec
+        from placement.plan import Plan
+
+        with user_errors():
+            if mode not in RUN_MODES:
+                raise EPError(f"--mode {mode!r}: use one of {', '.join(RUN_MODES)}")
+            if tokens < 1:
+                raise EPError(f"--tokens {tokens}: must be >= 1")
+            p = Plan.load(plan)
+            tr = open_trace(trace)
+            p.check_trace(tr.meta, where=str(plan))
+            routes = tr.read_all(with_gates=True)
+            n = min(tokens, routes.num_tokens)
+            sub = routes.take(np.arange(n))
+            model = ModelSpec(hidden=hidden, ffn=ffn or max(1, hidden // 2), seed=seed)
+            modes = ("home", "follow") if mode == "both" else (mode,)
+            jobs = [EPJob(m, p, m, sub.expert_ids_TLK, sub.gate_weights_TLK) for m in modes]
+            reports = ep_bench(jobs, ranks, model, backend=backend, repeats=repeats)
+        if as_json:
+            echo_json(
+                {
+                    "plan": str(plan),
+                    "trace": trace,
+                    "hidden": hidden,
+                    "reports": [r.to_dict() for r in reports],
+                }
+            )
+        else:
+            typer.echo("\n".join(_text_report(r) for r in reports))
+        if not all(r.bytes_equal for r in reports):
+            raise fail("measured bytes differ from the evaluator's prediction (a runtime or evaluator bug)")
