@@ -115,10 +115,7 @@ def main() -> None:
             f"   {overhead:+.1%} ({verdict})"
         )
     print()
-    print(
-        f"{'with/without':<18}{'wall med':>11}{'wall min':>11}{'cpu med':>11}{'pop/fwd':>10}"
-        "   overhead (bar 5%)"
-    )
+    print(f"{'with/without':<18}{'wall med':>11}{'wall min':>11}{'cpu med':>11}{'pop/fwd':>10}   overhead (bar 5%)")
     print("\n".join(summary))
 
 

@@ -26,14 +26,15 @@ def _text_report(rep: Any) -> str:
     ms_L = rep.layer_seconds_L * 1e3
     ph = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in rep.to_dict()["phase_seconds"].items())
     lines = [
-        f"mode {rep.mode}: {rep.num_ranks} ranks, {rep.num_tokens:,} tokens, {rep.token_bytes} bytes per token row",
+        f"mode {rep.mode}: {rep.num_ranks} ranks, {rep.num_tokens:,} tokens, {rep.token_bytes} bytes per row",
         *_pair_table("measured", rep.pair_bytes(True)),
         *_pair_table("predicted (metrics.traffic x token bytes)", rep.pair_bytes(False)),
         f"  cross-rank bytes: measured {rep.cross_rank_bytes:,}, predicted {rep.predicted_bytes:,}, "
         f"equal per layer, phase and pair: {'yes' if rep.bytes_equal else 'NO'}",
         f"  meta bytes (ids, gates, counts): {rep.meta_bytes:,}",
         f"  max relative output error vs dense reference: {rep.max_rel_error:.2e}",
-        f"  wall time per MoE layer: mean {ms_L.mean():.2f} ms, max {ms_L.max():.2f} ms (sum over layers: {ph})",
+        f"  wall time per MoE layer: mean {ms_L.mean():.2f} ms, max {ms_L.max():.2f} ms",
+        f"  time summed over layers: {ph}",
     ]
     return "\n".join(lines)
 
@@ -43,26 +44,22 @@ def register(app: typer.Typer) -> None:
     def ep_bench_cmd(
         plan: Annotated[Path, typer.Option("--plan", help="Plan JSON written by `moeplace plan`.")],
         trace: Annotated[str, typer.Option("--trace", help="Trace: Parquet dataset/shard or .npz[:ARRAY].")],
-        ranks: Annotated[
-            int, typer.Option("--ranks", help="Number of EP ranks; must equal the plan's GPUs.")
-        ],
+        ranks: Annotated[int, typer.Option("--ranks", help="Number of EP ranks; must equal the plan's GPUs.")],
         mode: Annotated[
             str, typer.Option("--mode", help="Communication model: home, follow, or both (one launch).")
         ] = "home",
-        tokens: Annotated[
-            int, typer.Option("--tokens", help="Replay the first N tokens of the trace.")
-        ] = 2048,
+        tokens: Annotated[int, typer.Option("--tokens", help="Replay the first N tokens of the trace.")] = 2048,
         hidden: Annotated[int, typer.Option("--hidden", help="Hidden size of the random experts.")] = 256,
         ffn: Annotated[int, typer.Option("--ffn", help="Expert FFN size (default hidden / 2).")] = 0,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the expert weights and inputs.")] = 0,
         repeats: Annotated[int, typer.Option("--repeats", help="Runs per mode; times are medians.")] = 1,
-        backend: Annotated[
-            str, typer.Option("--backend", help="auto (nccl if CUDA), gloo or nccl.")
-        ] = "auto",
+        backend: Annotated[str, typer.Option("--backend", help="auto (nccl if CUDA), gloo or nccl.")] = "auto",
         as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     ) -> None:
-        """Replay a trace's routing through R expert-parallel ranks under a plan: measured cross-rank bytes per
-        rank pair vs the evaluator's prediction, max relative error vs a dense reference, wall time per layer."""
+        """Replay a trace's routing through R expert-parallel ranks under a plan.
+
+        Reports measured cross-rank bytes per rank pair vs the evaluator's prediction, the max relative
+        error vs a single-process dense reference, and wall time per MoE layer."""
         from placement.dataset import open_trace
         from placement.ep_dispatch import EPError
         from placement.ep_launch import ep_bench

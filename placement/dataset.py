@@ -48,9 +48,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _routes_table(
-    meta: TraceMeta, writer_id: str, routes: RouteArrays, schema: pa.Schema
-) -> pa.Table:
+def _routes_table(meta: TraceMeta, writer_id: str, routes: RouteArrays, schema: pa.Schema) -> pa.Table:
     """Token-major Arrow table of ``routes`` (R = T * L rows)."""
     ids_TLK = routes.expert_ids_TLK
     T, L, K = ids_TLK.shape
@@ -254,7 +252,9 @@ class ParquetTrace:
                     if whole:
                         yield _batch_to_routes(rb.slice(0, whole), L, K, layers_L, shard, with_ids, with_gates)
             except (OSError, pa.ArrowException) as exc:
-                raise TraceError(f"{shard}: cannot read Parquet data ({exc}); the file is damaged or truncated") from exc
+                raise TraceError(
+                    f"{shard}: cannot read Parquet data ({exc}); the file is damaged or truncated"
+                ) from exc
             if carry is not None and carry.num_rows:
                 raise TraceError(
                     f"{shard}: {carry.num_rows} trailing rows do not make a whole token of {L} layers; "
@@ -309,9 +309,7 @@ def _open_shard(path: Path, meta: TraceMeta | None) -> pq.ParquetFile:
         if fld.name not in schema.names:
             raise TraceError(f"{path}: column {fld.name!r} is missing; this is not a moeplace trace shard")
         if not schema.field(fld.name).type.equals(fld.type):
-            raise TraceError(
-                f"{path}: column {fld.name!r} has type {schema.field(fld.name).type}, expected {fld.type}"
-            )
+            raise TraceError(f"{path}: column {fld.name!r} has type {schema.field(fld.name).type}, expected {fld.type}")
     if meta is not None:
         md = schema.metadata or {}
         if META_KEY not in md:
@@ -325,12 +323,10 @@ def _open_shard(path: Path, meta: TraceMeta | None) -> pq.ParquetFile:
 def concat_routes(parts: list[RouteArrays], meta: TraceMeta) -> RouteArrays:
     if not parts:
         K, L = meta.top_k, meta.num_layers
-        return RouteArrays(
-            np.zeros((0, L, K), np.int16), np.zeros(0, np.int64), np.zeros(0, np.int32), None
-        )
+        return RouteArrays(np.zeros((0, L, K), np.int16), np.zeros(0, np.int64), np.zeros(0, np.int32), None)
     gates = None
     if all(p.gate_weights_TLK is not None for p in parts):
-        gates = np.concatenate([p.gate_weights_TLK for p in parts])  # type: ignore[misc]
+        gates = np.concatenate([p.gate_weights_TLK for p in parts if p.gate_weights_TLK is not None])
     return RouteArrays(
         np.concatenate([p.expert_ids_TLK for p in parts]),
         np.concatenate([p.seq_ids_T for p in parts]),
@@ -407,4 +403,3 @@ def open_trace(spec: str | os.PathLike[str], *, num_experts: int | None = None) 
         meta, routes = read_npz(path, key=key or None, num_experts=num_experts)
         return ArrayTrace(path, meta, routes)
     return open_parquet_trace(s)
-

@@ -19,13 +19,16 @@ C replica candidates, N rows of one exchange (one per token and destination rank
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
 from placement.metrics import MODES, replica_candidates
 from placement.plan import Plan
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 META_FIXED = 2  # dispatch meta columns before the K expert ids: token id, combine rank
 
@@ -54,7 +57,7 @@ class ReplicaTable:
 def choose_ranks(
     table: ReplicaTable, layer: int, tok_T: np.ndarray, at_T: np.ndarray, ids_TK: np.ndarray
 ) -> np.ndarray:
-    """int64 [T, K]: the rank that computes each (token, expert) at ``layer``; -1 where the id is not recorded.
+    """int64 [T, K]: the rank computing each (token, expert) at ``layer``; -1 where the id is not recorded.
 
     ``tok_T`` are global token ids (the index of the token in the replayed trace), ``at_T`` the tokens' ranks.
     """
@@ -117,9 +120,7 @@ def build_dispatch(
     meta_NM[:, 1] = combine_T[t_N]
     meta_NM[:, META_FIXED:] = np.where(mine_NK, ids_TK[t_N], -1)
     gate_NK = np.where(mine_NK, gates_TK[t_N], 0.0).astype(np.float32)
-    return DispatchMeta(
-        t_N.astype(np.int64), np.bincount(g_N, minlength=G).astype(np.int64), meta_NM, gate_NK
-    )
+    return DispatchMeta(t_N.astype(np.int64), np.bincount(g_N, minlength=G).astype(np.int64), meta_NM, gate_NK)
 
 
 def sent_off_rank(send_counts_G: np.ndarray, rank: int) -> np.ndarray:
@@ -150,19 +151,19 @@ class Exchanger(Protocol):
 class DistExchanger:
     """``Exchanger`` over a torch.distributed process group (gloo on CPU, nccl on GPU)."""
 
-    def __init__(self, device: torch.device, group: object | None = None) -> None:
+    def __init__(self, device: torch.device, group: ProcessGroup | None = None) -> None:
         import torch.distributed as dist
 
         self._dist = dist
         self.group = group
-        self.rank = dist.get_rank(group)  # type: ignore[arg-type]
-        self.world = dist.get_world_size(group)  # type: ignore[arg-type]
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
         self.device = device
 
     def counts(self, send_counts_G: np.ndarray) -> np.ndarray:
         send = torch.as_tensor(send_counts_G, dtype=torch.int64).to(self.device)
         recv = torch.empty_like(send)
-        self._dist.all_to_all_single(recv, send, group=self.group)  # type: ignore[arg-type]
+        self._dist.all_to_all_single(recv, send, group=self.group)
         return recv.cpu().numpy()
 
     def rows(self, x_N: torch.Tensor, send_counts_G: np.ndarray, recv_counts_G: np.ndarray) -> torch.Tensor:
@@ -172,9 +173,9 @@ class DistExchanger:
             x_N.contiguous(),
             output_split_sizes=[int(c) for c in recv_counts_G],
             input_split_sizes=[int(c) for c in send_counts_G],
-            group=self.group,  # type: ignore[arg-type]
+            group=self.group,
         )
         return out
 
     def barrier(self) -> None:
-        self._dist.barrier(group=self.group)  # type: ignore[arg-type]
+        self._dist.barrier(group=self.group)

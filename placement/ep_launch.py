@@ -4,9 +4,11 @@
 CPU; nccl when every rank can have its own CUDA device), runs ``ep_runtime.run_rank`` in each and returns the
 ranks' results through a queue. Start method: ``fork`` for single-threaded gloo ranks on Linux (no second
 torch import: 4 ranks start in well under a second instead of ~15 s on a 2-core machine), else ``spawn``
-(CUDA needs it, and a forked child must not run OpenMP with more than one thread: it hangs). ``ep_bench`` validates the request before any process starts,
-launches, and compares the ranks' results with the single-process dense reference (max relative error per
-token) and with ``metrics.traffic`` (tokens per layer, phase and rank pair; bytes = tokens x hidden x 4).
+(CUDA needs it, and a forked child must not run OpenMP with more than one thread: it hangs).
+
+``ep_bench`` validates the request before any process starts, launches, and compares the ranks' results with
+the single-process dense reference (max relative error per token) and with ``metrics.traffic`` (tokens per
+layer, phase and rank pair; bytes = tokens x hidden x 4).
 
 Dimension key: L MoE layers, G ranks, T tokens, D hidden.
 """
@@ -78,13 +80,15 @@ def _worker(rank: int, world: int, port: int, backend: str, task: EPTask, out: A
         dist.destroy_process_group()
 
 
-def launch(task: EPTask, world: int, backend: str = "auto") -> list[list[RankResult]]:
-    """Run ``task`` on ``world`` local ranks; returns results[rank][job]."""
+def launch(task: EPTask, world: int, backend: str = "auto", start_method: str | None = None) -> list[list[RankResult]]:
+    """Run ``task`` on ``world`` local ranks; returns results[rank][job]. ``start_method`` None: see above."""
     import torch.multiprocessing as mp
 
     backend = pick_backend(backend, world)
     threads = max(1, (os.cpu_count() or 1) // world)
-    method = "fork" if backend == "gloo" and threads == 1 and sys.platform == "linux" else "spawn"
+    method = start_method or ("fork" if backend == "gloo" and threads == 1 and sys.platform == "linux" else "spawn")
+    if method == "fork" and (backend == "nccl" or threads > 1):
+        raise EPError(f"start method fork needs single-threaded gloo ranks (backend {backend}, {threads} threads)")
     out = mp.get_context(method).Queue()
     procs = mp.start_processes(
         _worker,
@@ -129,7 +133,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def validate_job(job: EPJob, world: int) -> None:
-    """Raise EPError (one line) unless ``job`` can run on ``world`` ranks; called before any process starts."""
+    """Raise EPError (one line) unless ``job`` can run on ``world`` ranks; call before any process starts."""
     plan, ids = job.plan, job.ids_TLK
     if job.mode not in MODES:
         raise EPError(f"mode {job.mode!r}: use one of {', '.join(MODES)}")
@@ -153,9 +157,7 @@ def validate_job(job: EPJob, world: int) -> None:
             f"{plan.num_experts} experts; use a plan made for this model"
         )
     if job.gates_TLK is not None and job.gates_TLK.shape != ids.shape:
-        raise EPError(
-            f"{job.name}: gate weights shape {list(job.gates_TLK.shape)} != routes {list(ids.shape)}"
-        )
+        raise EPError(f"{job.name}: gate weights shape {list(job.gates_TLK.shape)} != routes {list(ids.shape)}")
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """Expert-parallel MoE stack: the math every rank runs, and the single-process dense reference it must equal.
 
-Model (deterministic from ``ModelSpec``): L MoE layers of E SwiGLU experts, expert (l, e) has weights
-``w1_FD, w3_FD`` (up, gate) and ``w2_DF`` (down) drawn from a generator seeded by (seed, l, e), so every replica
-of an expert gets identical weights wherever it lives. Hidden states start as ``initial_hidden`` and each layer
-computes, per token, ``y = sum_k gate_k * expert_{e_k}(x)`` over the recorded ids (a repeated id counts twice,
-in both the runtime and the reference), then ``x <- tanh(x + y)`` so layers chain.
+Model (deterministic from ``ModelSpec``): L MoE layers of E SwiGLU experts; expert (l, e) has weights
+``w1_FD, w3_FD`` (up, gate) and ``w2_DF`` (down) drawn from a generator seeded by (seed, l, e), so every
+replica of an expert gets identical weights wherever it lives. Hidden states start as ``initial_hidden``; a
+layer computes, per token, ``y = sum_k gate_k * expert_{e_k}(x)`` over the recorded ids (a repeated id
+counts twice, in both the runtime and the reference), then ``x <- tanh(x + y)`` so layers chain.
 
 The routing is replayed from a trace (every rank holds the trace: it plays the router); gate weights are the
 trace's, or uniform 1/K when it has none.
@@ -176,7 +176,7 @@ class EPTask:
 class RankResult:
     """One rank's view of one job (counters from the last repeat; they are identical across repeats).
 
-    tok_T int64 [T_r]: global ids of the tokens this rank holds at the end; x_TD float32 [T_r, D] their states.
+    tok_T int64 [T_r]: global ids of the tokens this rank holds at the end; x_TD float32 [T_r, D]: states.
     sent_rows_L2G / recv_rows_L2G int64 [L, 2, G]: payload rows to / from each other rank, per layer and phase
     (0 dispatch, 1 combine); sent_bytes_L2G: their bytes; meta_bytes: bytes of counts, ids and gates sent;
     seconds_RL3 float64 [repeats, L, 3]: wall time of dispatch, compute, combine.
@@ -258,7 +258,7 @@ def ep_layer(
     """One MoE layer on one rank: (token ids, states) in -> (token ids, states) out, sorted by token id."""
     r, G, dev = ex.rank, ex.world, ex.device
     t0 = time.perf_counter()
-    # Dispatch: one row per (token, destination rank) with meta (token id, combine rank, expert ids) and gates.
+    # Dispatch: a row per (token, destination rank), with meta (token, combine rank, expert ids) and gates.
     ids_TK = ids_TLK[tok_T, layer].astype(np.int64)
     at_T = np.full(tok_T.size, r, dtype=np.int64)
     rank_TK = choose_ranks(table, layer, tok_T, at_T, ids_TK)
@@ -312,39 +312,53 @@ def ep_layer(
     return new_tok, x_next, stats
 
 
+def _forward(
+    ex: Exchanger, job: EPJob, local: LocalExperts, table: ReplicaTable, gates_TLK: np.ndarray, x0_TD: torch.Tensor
+) -> tuple[np.ndarray, torch.Tensor, list[LayerStats]]:
+    """The whole stack once: token t starts on rank t mod G; returns the tokens held at the end."""
+    tok_T = np.arange(ex.rank, job.ids_TLK.shape[0], ex.world, dtype=np.int64)
+    x_TD = x0_TD[torch.from_numpy(tok_T)].to(ex.device)
+    stats = []
+    ex.barrier()
+    for layer in range(job.ids_TLK.shape[1]):
+        tok_T, x_TD, st = ep_layer(ex, local, table, layer, job.mode, tok_T, x_TD, job.ids_TLK, gates_TLK)
+        stats.append(st)
+    return tok_T, x_TD, stats
+
+
 def run_rank(ex: Exchanger, task: EPTask) -> list[RankResult]:
-    """Every job of ``task`` on this rank (a plain function: torch.multiprocessing or a Ray actor calls it)."""
-    cache: dict[tuple[int, int], ExpertW] = {}
-    out = []
+    """Every job of ``task`` on this rank (a plain function: torch.multiprocessing or Ray actors call it).
+
+    Repeats are interleaved (job 1, job 2, ..., job 1, ...) so slow drift of a shared machine hits every job
+    alike; jobs sharing a plan object share its local experts.
+    """
+    locals_: dict[int, tuple[LocalExperts, ReplicaTable]] = {}
     for job in task.jobs:
-        T, L, _ = job.ids_TLK.shape
-        table = ReplicaTable.from_plan(job.plan)
-        local = LocalExperts.build(job.plan, ex.rank, task.model, ex.device, cache)
-        cache.clear()  # replicas shared one generation; the stacks now hold the weights
-        gates_TLK = gates_or_uniform(job.ids_TLK, job.gates_TLK)
-        x0_TD = initial_hidden(task.model, T)
-        seconds_RL3 = np.zeros((task.repeats, L, len(PHASES)))
-        for rep in range(task.repeats):
-            tok_T = np.arange(ex.rank, T, ex.world, dtype=np.int64)  # token t starts on rank t mod G
-            x_TD = x0_TD[torch.from_numpy(tok_T)].to(ex.device)
-            stats = []
-            ex.barrier()
-            for layer in range(L):
-                tok_T, x_TD, st = ep_layer(
-                    ex, local, table, layer, job.mode, tok_T, x_TD, job.ids_TLK, gates_TLK
-                )
-                stats.append(st)
-                seconds_RL3[rep, layer] = st.seconds_3
-        out.append(
-            RankResult(
-                rank=ex.rank,
-                tok_T=tok_T,
-                x_TD=x_TD.cpu().numpy(),
-                sent_rows_L2G=np.stack([s.sent_rows_2G for s in stats]),
-                recv_rows_L2G=np.stack([s.recv_rows_2G for s in stats]),
-                sent_bytes_L2G=np.stack([s.sent_bytes_2G for s in stats]),
-                meta_bytes=sum(s.meta_bytes for s in stats),
-                seconds_RL3=seconds_RL3,
-            )
+        if id(job.plan) not in locals_:
+            cache: dict[tuple[int, int], ExpertW] = {}  # replicas share one generation
+            local = LocalExperts.build(job.plan, ex.rank, task.model, ex.device, cache)
+            locals_[id(job.plan)] = (local, ReplicaTable.from_plan(job.plan))
+    gates = [gates_or_uniform(job.ids_TLK, job.gates_TLK) for job in task.jobs]
+    x0 = [initial_hidden(task.model, job.ids_TLK.shape[0]) for job in task.jobs]
+    seconds_JRL3 = [np.zeros((task.repeats, job.ids_TLK.shape[1], len(PHASES))) for job in task.jobs]
+    last: list[tuple[np.ndarray, torch.Tensor, list[LayerStats]]] = []
+    for rep in range(task.repeats):
+        last = []
+        for j, job in enumerate(task.jobs):
+            local, table = locals_[id(job.plan)]
+            tok_T, x_TD, stats = _forward(ex, job, local, table, gates[j], x0[j])
+            seconds_JRL3[j][rep] = np.stack([s.seconds_3 for s in stats])
+            last.append((tok_T, x_TD, stats))
+    return [
+        RankResult(
+            rank=ex.rank,
+            tok_T=tok_T,
+            x_TD=x_TD.cpu().numpy(),
+            sent_rows_L2G=np.stack([s.sent_rows_2G for s in stats]),
+            recv_rows_L2G=np.stack([s.recv_rows_2G for s in stats]),
+            sent_bytes_L2G=np.stack([s.sent_bytes_2G for s in stats]),
+            meta_bytes=sum(s.meta_bytes for s in stats),
+            seconds_RL3=seconds_JRL3[j],
         )
-    return out
+        for j, (tok_T, x_TD, stats) in enumerate(last)
+    ]

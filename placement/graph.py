@@ -165,10 +165,14 @@ def _keep_top(w_XEE: np.ndarray, m: int) -> np.ndarray:
 
 
 class GraphAccumulator:
-    """Streaming builder: ``add`` batches of token-major routes, then ``result()``."""
+    """Streaming builder: ``add`` batches of token-major routes, then ``result()``.
+
+    The kernel counts into int32 tables (half the cache footprint of int64: a 256 x 256 layer pair fits L2),
+    flushed into the int64 totals before any count could overflow.
+    """
 
     def __init__(self, meta: TraceMeta, with_coact: bool = True, num_folds: int = 8) -> None:
-        L, E = meta.num_layers, meta.num_experts
+        L, E, K = meta.num_layers, meta.num_experts, meta.top_k
         self.meta = meta
         self.num_folds = num_folds
         self.fold_load_SLE: np.ndarray | None = np.zeros((num_folds, L, E), np.int64) if num_folds > 1 else None
@@ -177,22 +181,45 @@ class GraphAccumulator:
         self.load_LE = np.zeros((L, E), dtype=np.int64)
         self.trans_LEE = np.zeros((max(L - 1, 0), E, E), dtype=np.int64)
         self.coact_LEE = np.zeros((L, E, E) if with_coact else (1, 1, 1), dtype=np.int64)
+        self._load32 = np.zeros((L, E), dtype=np.int32)
+        self._trans32 = np.zeros((max(L - 1, 1), E, E) if L > 1 else (1, 1, 1), dtype=np.int32)
+        self._coact32 = np.zeros(self.coact_LEE.shape, dtype=np.int32)
+        self._pending = 0
+        self._max_pending = (2**31 - 1) // max(1, K * K)
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        self.load_LE += self._load32
+        if self.trans_LEE.shape[0]:
+            self.trans_LEE += self._trans32
+        if self.with_coact:
+            self.coact_LEE += self._coact32
+        for buf in (self._load32, self._trans32, self._coact32):
+            buf.fill(0)
+        self._pending = 0
 
     def add(self, ids_TLK: np.ndarray, seq_ids_T: np.ndarray | None = None) -> None:
         """Count T tokens; ``seq_ids_T`` (their prompts) feeds the fold loads (dropped if ever missing)."""
         ids = np.ascontiguousarray(ids_TLK)
         if ids.dtype not in (np.int16, np.int32, np.int64):
             ids = ids.astype(np.int32)
-        if ids.shape[0]:
-            trans = self.trans_LEE if self.trans_LEE.shape[0] else np.zeros((1, 1, 1), np.int64)
-            _accumulate(ids, self.load_LE, trans, self.coact_LEE, self.with_coact)
+        T = int(ids.shape[0])
+        for a in range(0, T, self._max_pending):
+            part = ids[a : a + self._max_pending]
+            if self._pending + part.shape[0] > self._max_pending:
+                self._flush()
+            _accumulate(part, self._load32, self._trans32, self._coact32, self.with_coact)
+            self._pending += int(part.shape[0])
+        if T:
             if self.fold_load_SLE is not None and seq_ids_T is not None:
                 _accumulate_folds(ids, fold_of_seq(seq_ids_T, self.num_folds), self.fold_load_SLE)
             elif seq_ids_T is None:
                 self.fold_load_SLE = None
-        self.num_tokens += int(ids.shape[0])
+        self.num_tokens += T
 
     def result(self) -> RoutingGraph:
+        self._flush()
         return RoutingGraph(
             self.meta,
             self.num_tokens,

@@ -94,7 +94,7 @@ def traffic(plan: Plan, routes: RouteArrays, mode: str = "home") -> np.ndarray:
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: use one of {', '.join(MODES)}")
     ids_TLK = routes.expert_ids_TLK.astype(np.int64)
-    T, L, K = ids_TLK.shape
+    T, L, _ = ids_TLK.shape
     G = plan.num_gpus
     cand_LEGC, ncand_LEG = replica_candidates(plan)
     t_T = np.arange(T)

@@ -202,7 +202,7 @@ def _json_default(o: object) -> object:
 
 def gpu_of_expert_to_phy2log(gpu_of_LE: np.ndarray, num_gpus: int) -> np.ndarray:
     """int64 [L, E] GPU of each expert (no replicas, E/G per GPU) -> phy2log [L, P=E] (slots ordered by GPU)."""
-    L, E = gpu_of_LE.shape
+    E = gpu_of_LE.shape[1]
     counts = np.apply_along_axis(np.bincount, 1, gpu_of_LE, minlength=num_gpus)
     if (counts != E // num_gpus).any():
         raise PlanError(f"every GPU must hold exactly E/G = {E // num_gpus} experts per layer")

@@ -9,8 +9,6 @@ import importlib
 import time
 from collections.abc import Callable
 
-import numpy as np
-
 from placement.graph import RoutingGraph
 from placement.plan import Plan, PlanError
 from placement.solvers.base import PlanSpec, SolveResult, topology_cost
@@ -33,7 +31,8 @@ def get_solver(name: str) -> SolverFn:
     if name not in SOLVERS:
         raise PlanError(f"unknown solver {name!r}; choose one of {', '.join(SOLVER_NAMES)}")
     module, fn = SOLVERS[name].split(":")
-    return getattr(importlib.import_module(module), fn)  # type: ignore[no-any-return]
+    solver: SolverFn = getattr(importlib.import_module(module), fn)
+    return solver
 
 
 def pick_solver(graph: RoutingGraph, spec: PlanSpec) -> str:

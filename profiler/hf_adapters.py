@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers  # noqa: F401  (fail at import if the optional dependency is missing)
+import transformers  # fail at import if the optional dependency is missing
 from torch import nn
 
 from profiler.api import LoadedModel, ProfileError
@@ -123,6 +123,12 @@ class HFTokenizer:
 
 def load_hf(spec: str) -> LoadedModel:
     """``'hf-config:<preset>'`` (tiny random model, see :mod:`profiler.hf_configs`) or ``'hf:<dir>'``."""
+    major = int(transformers.__version__.split(".")[0])
+    if major < 5:
+        raise ProfileError(
+            f"model {spec!r}: transformers {transformers.__version__} is installed; the router hooks need "
+            "transformers>=5 (pip install -U 'transformers>=5')"
+        )
     if spec.startswith("hf-config:"):
         return _load_preset(spec, spec.removeprefix("hf-config:"))
     if spec.startswith("hf:"):
@@ -177,9 +183,7 @@ def _checkpoint_tokenizer(spec: str, path: Path, config: Any) -> tuple[Any, int]
         try:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError, KeyError) as exc:
-            raise ProfileError(
-                f"model {spec!r}: cannot load the checkpoint's tokenizer ({_first_line(exc)})"
-            ) from exc
+            raise ProfileError(f"model {spec!r}: cannot load the checkpoint's tokenizer ({_first_line(exc)})") from exc
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return HFTokenizer(tok), int(pad or 0)
     if config.vocab_size < VOCAB_SIZE:
@@ -199,9 +203,7 @@ def _loaded(source: str, model: nn.Module, name: str, tokenizer: Any, pad_id: in
     config: Any = model.config
     family = FAMILIES.get(config.model_type)
     if family is None:
-        raise ProfileError(
-            f"model {source!r}: model_type {config.model_type!r} is not a supported MoE family"
-        )
+        raise ProfileError(f"model {source!r}: model_type {config.model_type!r} is not a supported MoE family")
     adapter = HFRouterAdapter(family)
     routers = adapter.find_routers(model)
     if not routers:

@@ -119,9 +119,7 @@ def transition_concentration(expert_ids_TLK: np.ndarray, n_experts: int, top_m: 
     for l in range(L - 1):
         src = np.repeat(ids[:, l, :], K, axis=1).reshape(-1)
         dst = np.tile(ids[:, l + 1, :], (1, K)).reshape(-1)
-        C_EE = np.bincount(src * n_experts + dst, minlength=n_experts * n_experts).reshape(
-            n_experts, n_experts
-        )
+        C_EE = np.bincount(src * n_experts + dst, minlength=n_experts * n_experts).reshape(n_experts, n_experts)
         rows_E = C_EE.sum(axis=1).astype(np.float64)
         top_E = np.sort(C_EE, axis=1)[:, -top_m:].sum(axis=1)
         marg_E = C_EE.sum(axis=0) / C_EE.sum()
@@ -169,20 +167,20 @@ def train(
     t0 = time.perf_counter()
     model.train()
     loss_avg = aux_avg = float("nan")
+    steps_done = 0
     for step in range(steps):
         starts_B = torch.randint(0, corpus.numel() - seq_len - 1, (batch_size,), generator=gen)
         window_BS = corpus[starts_B[:, None] + offsets_S]
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         out = model(window_BS[:, :-1])
-        ce = torch.nn.functional.cross_entropy(
-            out.logits_BSV.reshape(-1, cfg.vocab_size), window_BS[:, 1:].reshape(-1)
-        )
+        ce = torch.nn.functional.cross_entropy(out.logits_BSV.reshape(-1, cfg.vocab_size), window_BS[:, 1:].reshape(-1))
         loss = ce + aux_coef * out.aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        steps_done = step + 1
         loss_avg = ce.item() if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * ce.item()
         aux_avg = out.aux_loss.item() if math.isnan(aux_avg) else 0.98 * aux_avg + 0.02 * out.aux_loss.item()
         elapsed = time.perf_counter() - t0
@@ -202,6 +200,23 @@ def train(
     with (out_dir / "builtin_prompts.jsonl").open("w", encoding="utf-8") as f:
         for p in prompts:
             f.write(json.dumps(p) + "\n")
+    record = {
+        "seed": seed,
+        "steps_planned": steps,
+        "steps_done": steps_done,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "lr": lr,
+        "aux_coef": aux_coef,
+        "final_ce_nats_per_byte": round(loss_avg, 4),
+        "final_aux_loss": round(aux_avg, 4),
+        "seconds": round(time.perf_counter() - t0),
+        "corpus_bytes": int(corpus.numel()),
+        "params": n_params,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+    }
+    (out_dir / "demo_moe.train.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(
         f"saved to {out_dir}: final ce {loss_avg:.4f} nats/byte, {len(prompts)} prompts, "
         f"{time.perf_counter() - t0:.0f}s",

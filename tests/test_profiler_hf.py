@@ -76,9 +76,7 @@ def _run_with_references(
         handles.append(experts.register_forward_pre_hook(pre_hook, with_kwargs=True))
     try:
         with RoutingRecorder(loaded.module, loaded.adapter) as rec, torch.inference_mode():
-            out = loaded.module(
-                input_ids=ids_BS, attention_mask=mask_BS, use_cache=False, output_router_logits=True
-            )
+            out = loaded.module(input_ids=ids_BS, attention_mask=mask_BS, use_cache=False, output_router_logits=True)
             ids_TLK, weights_TLK = rec.pop(mask_BS.bool().reshape(-1))
     finally:
         for h in handles:
@@ -293,3 +291,11 @@ def test_adapter_rejects_unexpected_router_output() -> None:
     adapter = HFRouterAdapter(FAMILIES["mixtral"])
     with pytest.raises(CaptureError, match="expected \\(logits, weights, ids\\)"):
         adapter.read_decision(torch.nn.Identity(), (), torch.zeros(3, 8))
+
+
+def test_old_transformers_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "4.57.1")
+    with pytest.raises(ProfileError, match="the router hooks need transformers>=5"):
+        load_hf("hf-config:mixtral-tiny")

@@ -230,12 +230,13 @@ def _best_of_restarts(
     return best_LE
 
 
-def place_gpus(graph: RoutingGraph, spec: PlanSpec, lm: LoadModel, deadline: float) -> tuple[np.ndarray, dict[str, Any]]:
+def place_gpus(
+    graph: RoutingGraph, spec: PlanSpec, lm: LoadModel, deadline: float
+) -> tuple[np.ndarray, dict[str, Any]]:
     """GPU of every expert, int64 [L, E] (E/G per GPU): nodes first (if N > 1), then GPUs within nodes, then
     swap annealing over all GPUs with the topology-weighted objective."""
     t0 = time.perf_counter()
     G, N = spec.num_gpus, spec.num_nodes
-    L, E = graph.load_LE.shape
     # With replicas still to come, leave them room: primaries fit a tighter limit.
     limit = 1.0 + spec.balance_eps * (float(spec.options.get("primary_margin", 0.7)) if spec.num_redundant else 1.0)
     trans = smoothed_transitions(graph.trans_LEE, float(spec.options.get("smooth", 0.0)))
@@ -254,7 +255,22 @@ def place_gpus(graph: RoutingGraph, spec: PlanSpec, lm: LoadModel, deadline: flo
     W_LEG = neighbour_weights(gpu_LE, trans, G)
     iters = int(max(0.0, deadline - time.perf_counter()) * float(spec.options.get("anneal_rate", 2e6)))
     temp0 = max(float(spec.options.get("anneal_temp", 0.02)) * float(W_LEG.sum(axis=2).mean()), 1e-9)
-    anneal(gpu_LE, W_LEG, trans, lm.share_LE, lm.cov_LEE, lm.kappa, limit, node_G, 1.0, node_w, iters, temp0, 1e-3 * temp0, spec.seed)
+    anneal(
+        gpu_LE,
+        W_LEG,
+        trans,
+        lm.share_LE,
+        lm.cov_LEE,
+        lm.kappa,
+        limit,
+        node_G,
+        1.0,
+        node_w,
+        iters,
+        temp0,
+        1e-3 * temp0,
+        spec.seed,
+    )
     info["anneal_iters"] = iters
     info["colocated_fit"] = colocated(gpu_LE, trans) / max(float(trans.sum()), 1.0)
     return gpu_LE, info
@@ -274,4 +290,6 @@ def solve_affinity(graph: RoutingGraph, spec: PlanSpec) -> SolveResult:
     gpu_LE, info = place_gpus(graph, spec, lm, t0 + 0.85 * budget)
     phy2log_LP = add_replicas(gpu_LE, graph, spec, copies_LE, lm)
     obj = topology_cost(phy2log_LP, graph, spec)
-    return SolveResult(phy2log_LP, "affinity", "heuristic", objective=obj, solve_seconds=time.perf_counter() - t0, info=info)
+    return SolveResult(
+        phy2log_LP, "affinity", "heuristic", objective=obj, solve_seconds=time.perf_counter() - t0, info=info
+    )

@@ -70,7 +70,7 @@ def anneal(
     total = 0.0
     ratio = (temp1 / temp0) ** (1.0 / max(iters, 1))
     temp = temp0
-    for it in range(iters):
+    for _ in range(iters):
         temp *= ratio
         l = np.random.randint(L)
         a = np.random.randint(E)

@@ -1,0 +1,149 @@
+"""``moeplace plan`` and ``moeplace eval``: parse options, call placement.planner / placement.metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from placement.cli_common import echo_json, progress, user_errors
+
+TraceArg = Annotated[str, typer.Option("--trace", help="Trace: Parquet dataset dir/file or .npz[:ARRAY].")]
+SplitOpt = Annotated[
+    str,
+    typer.Option(
+        "--prompts",
+        help="Which prompts of the trace to use: all, train or test (a seeded split by prompt, see --train-fraction).",
+    ),
+]
+FractionOpt = Annotated[float, typer.Option("--train-fraction", help="Share of prompts in the train split.")]
+SplitSeedOpt = Annotated[int, typer.Option("--split-seed", help="Seed of the train/test prompt split.")]
+
+
+def load_graph_and_routes(
+    trace: str, prompts: str, train_fraction: float, split_seed: int, need_routes: bool
+) -> tuple[object, object]:
+    """(RoutingGraph, RouteArrays | None) of the chosen prompts of a trace."""
+    from placement.dataset import open_trace
+    from placement.graph import build_graph, graph_from_routes
+    from placement.trace import TraceError, split_by_prompt
+
+    if prompts not in ("all", "train", "test"):
+        raise TraceError(f"--prompts {prompts!r}: use all, train or test")
+    tr = open_trace(trace)
+    if prompts == "all" and not need_routes:
+        with progress() as bar:
+            task = bar.add_task("graph", total=tr.num_tokens, rate="")
+            g = build_graph(tr, with_coact=False, on_progress=lambda n: bar.advance(task, n))
+        return g, None
+    routes = tr.read_all(with_gates=False)
+    if prompts != "all":
+        mask_T = split_by_prompt(routes.seq_ids_T, train_fraction, split_seed)
+        routes = routes.take(mask_T if prompts == "train" else ~mask_T)
+    g = graph_from_routes(routes.expert_ids_TLK, tr.meta, with_coact=False, seq_ids_T=routes.seq_ids_T)
+    return g, routes
+
+
+def plan_cmd(
+    trace: TraceArg,
+    gpus: Annotated[int, typer.Option("--gpus", help="Number of GPUs (expert-parallel ranks) G.")],
+    out: Annotated[Path, typer.Option("--out", help="Plan JSON to write (atomically).")],
+    nodes: Annotated[int, typer.Option("--nodes", help="Number of nodes N (G divisible by N).")] = 1,
+    redundant: Annotated[int, typer.Option("--redundant", help="Redundant slots per layer (replicas).")] = 0,
+    balance: Annotated[float, typer.Option("--balance", help="Load tolerance eps: GPU load <= (1+eps) * mean.")] = 0.1,
+    solver: Annotated[
+        str, typer.Option("--solver", help="auto, contiguous, round_robin, eplb, ilp, affinity.")
+    ] = "auto",
+    time_limit: Annotated[float, typer.Option("--time-limit", help="Solver time limit in seconds.")] = 60.0,
+    seed: Annotated[int, typer.Option("--seed", help="Solver random seed.")] = 0,
+    backend: Annotated[str, typer.Option("--ilp-backend", help="ILP backend: cpsat, pulp (CBC) or highs.")] = "cpsat",
+    robust: Annotated[
+        float, typer.Option("--robust", help="affinity: kappa, std-devs of unseen-prompt load kept within --balance.")
+    ] = 0.0,
+    inter_node_cost: Annotated[float, typer.Option("--inter-node-cost", help="Cost of a cross-node pair.")] = 4.0,
+    prompts: SplitOpt = "all",
+    train_fraction: FractionOpt = 0.5,
+    split_seed: SplitSeedOpt = 0,
+) -> None:
+    """Solve expert placement for a trace and write the plan."""
+    from placement.plan import PlanError
+    from placement.planner import SOLVER_NAMES, make_plan
+    from placement.solvers.base import PlanSpec
+
+    with user_errors():
+        if solver not in SOLVER_NAMES:
+            raise PlanError(f"unknown --solver {solver!r}; choose one of {', '.join(SOLVER_NAMES)}")
+        spec = PlanSpec(
+            num_gpus=gpus,
+            num_nodes=nodes,
+            num_redundant=redundant,
+            balance_eps=balance,
+            time_limit=time_limit,
+            seed=seed,
+            inter_node_cost=inter_node_cost,
+            options={"ilp_backend": backend, "kappa": robust},
+        )
+        from placement.dataset import open_trace
+
+        spec.validate(open_trace(trace).meta.num_experts)
+        g, _ = load_graph_and_routes(trace, prompts, train_fraction, split_seed, need_routes=False)
+        plan = make_plan(g, spec, solver)  # type: ignore[arg-type]
+        plan.save(out)
+    pv = plan.provenance
+    gap = "n/a" if pv["gap"] is None else f"{pv['gap']:.4f}"
+    typer.echo(
+        f"wrote {out}: solver={pv['solver']} status={pv['status']} G={gpus} N={nodes} P={plan.num_slots} "
+        f"time={pv['solve_seconds']:.2f}s cost={pv['topology_cost']:.0f} gap={gap}"
+    )
+
+
+def eval_cmd(
+    plan: Annotated[Path, typer.Option("--plan", help="Plan JSON written by `moeplace plan`.")],
+    trace: TraceArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print all metrics as JSON.")] = False,
+    hidden: Annotated[int, typer.Option("--hidden", help="Hidden size of a token (for bytes).")] = 4096,
+    dtype_bytes: Annotated[int, typer.Option("--dtype-bytes", help="Bytes per element (2 = bf16).")] = 2,
+    intra_bw: Annotated[float, typer.Option("--intra-bw", help="Intra-node bytes/s per GPU.")] = 450e9,
+    inter_bw: Annotated[float, typer.Option("--inter-bw", help="Inter-node bytes/s per GPU.")] = 50e9,
+    prompts: SplitOpt = "all",
+    train_fraction: FractionOpt = 0.5,
+    split_seed: SplitSeedOpt = 0,
+) -> None:
+    """Evaluate a plan on a trace: colocation, imbalance, all-to-all bytes and simulated time (home / follow)."""
+    from placement.metrics import Topology, evaluate
+    from placement.plan import Plan
+
+    with user_errors():
+        p = Plan.load(plan)
+        from placement.dataset import open_trace
+
+        p.check_trace(open_trace(trace).meta, where=str(plan))
+        g, routes = load_graph_and_routes(trace, prompts, train_fraction, split_seed, need_routes=True)
+        topo = Topology(intra_node_bw=intra_bw, inter_node_bw=inter_bw, token_bytes=hidden * dtype_bytes)
+        res = evaluate(p, g, routes, topo)  # type: ignore[arg-type]
+    if as_json:
+        echo_json(res)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{plan} on {trace} ({res['num_tokens']:,} tokens)")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_row("colocation", f"{res['colocation']:.4f}")
+    t.add_row("imbalance_max", f"{res['imbalance_max']:.4f}")
+    t.add_row("imbalance_mean", f"{res['imbalance_mean']:.4f}")
+    for mode in ("home", "follow"):
+        m = res[mode]
+        t.add_row(f"{mode}: bytes/token", f"{m['bytes_per_token']:,.0f}")
+        t.add_row(f"{mode}: inter-node share", f"{m['bytes_inter_node'] / max(1, m['bytes_total']):.3f}")
+        t.add_row(f"{mode}: all-to-all s (sum of layers)", f"{m['alltoall_seconds_total']:.6f}")
+    Console().print(t)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan", help="Solve expert placement for a trace and write the plan JSON.")(plan_cmd)
+    app.command("eval", help="Evaluate a plan on a trace (METRICS.md metrics, traffic, simulated all-to-all).")(
+        eval_cmd
+    )
