@@ -42,8 +42,27 @@ def profile(
     threads: Annotated[
         int | None, typer.Option(min=1, help="torch CPU threads (default: torch's choice).")
     ] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Run as a Ray job (see docs/ray.md).")] = False,
+    address: Annotated[
+        str | None, typer.Option(help="With --ray: head host:port or 'auto' (default: RAY_ADDRESS or local Ray).")
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="With --ray: number of workers.")] = 2,
+    mode: Annotated[
+        str, typer.Option(help="With --ray: 'data' (a model per worker) or 'expert' (experts sharded).")
+    ] = "data",
 ) -> None:
     """Trace the expert routing of MODEL over PROMPTS into the dataset OUT; resumes where it stopped."""
+    if ray:
+        from ray_jobs.driver import JobConfig
+        from ray_jobs.profile import run_cli
+
+        cfg = JobConfig(out=out, model=model, prompts=prompts, limit=limit, workers=workers, mode=mode,
+                        address=address, batch_size=batch_size, shard_size=batch_size, max_len=max_len,
+                        threads=threads or 1)
+        code = run_cli(cfg)
+        if code:
+            raise typer.Exit(code)
+        return
     from placement.dataset import TraceWriter
     from placement.trace import TraceError
     from profiler.api import ProfileError, completed_prompt_ids, load_model, load_prompts, profile_prompts

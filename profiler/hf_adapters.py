@@ -30,6 +30,7 @@ Dimension key:
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers  # fail at import if the optional dependency is missing
+import transformers  # noqa: F401  (fail at import if the optional dependency is missing)
 from torch import nn
 
 from profiler.api import LoadedModel, ProfileError
@@ -123,10 +124,10 @@ class HFTokenizer:
 
 def load_hf(spec: str) -> LoadedModel:
     """``'hf-config:<preset>'`` (tiny random model, see :mod:`profiler.hf_configs`) or ``'hf:<dir>'``."""
-    major = int(transformers.__version__.split(".")[0])
-    if major < 5:
+    version = _transformers_version()
+    if int(version.split(".")[0]) < 5:
         raise ProfileError(
-            f"model {spec!r}: transformers {transformers.__version__} is installed; the router hooks need "
+            f"model {spec!r}: transformers {version} is installed; the router hooks need "
             "transformers>=5 (pip install -U 'transformers>=5')"
         )
     if spec.startswith("hf-config:"):
@@ -134,6 +135,10 @@ def load_hf(spec: str) -> LoadedModel:
     if spec.startswith("hf:"):
         return _load_checkpoint(spec, Path(spec.removeprefix("hf:")).expanduser())
     raise ProfileError(f"model {spec!r}: Hugging Face specs are 'hf:<dir>' or 'hf-config:<name>'")
+
+
+def _transformers_version() -> str:
+    return importlib.metadata.version("transformers")
 
 
 def _load_preset(spec: str, name: str) -> LoadedModel:

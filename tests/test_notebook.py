@@ -26,10 +26,11 @@ def test_notebook_is_clean_and_has_a_parameters_cell() -> None:
     assert all(not c.outputs and c.execution_count is None for c in code), "commit the notebook without outputs"
 
 
-def test_notebook_runs_top_to_bottom(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_notebook_runs_top_to_bottom(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import nbclient
     import nbformat
 
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebook's work directory lands here
     monkeypatch.setenv("MOEPLACE_NOTEBOOK_TRACE", os.environ.get("MOEPLACE_NOTEBOOK_TRACE", ""))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(NOTEBOOK, as_version=4)
@@ -42,11 +43,12 @@ def test_notebook_runs_top_to_bottom(monkeypatch: pytest.MonkeyPatch) -> None:
         assert "moeplace-demo-moe" in out or "synthetic-moe" in out
 
 
-def test_synthetic_trace_parameter(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_synthetic_trace_parameter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The first two code cells with TRACE="synthetic", run in-process (no kernel): a valid trace and graph."""
     monkeypatch.setenv("MOEPLACE_NOTEBOOK_TRACE", "synthetic")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     ns: dict[str, Any] = {}
     for cell in _code_cells()[:2]:
         exec(compile(cell.source, str(NOTEBOOK), "exec"), ns)
-    assert ns["meta"].model_name == "synthetic-moe"
+    assert ns["meta"].model_name == "synthetic-moe" and Path(ns["WORK"]).parent == tmp_path
     assert ns["graph"].num_tokens == 4000 and ns["graph"].trans_LEE.sum() > 0

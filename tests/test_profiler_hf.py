@@ -294,8 +294,8 @@ def test_adapter_rejects_unexpected_router_output() -> None:
 
 
 def test_old_transformers_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
-    import transformers
+    import profiler.hf_adapters
 
-    monkeypatch.setattr(transformers, "__version__", "4.57.1")
+    monkeypatch.setattr(profiler.hf_adapters, "_transformers_version", lambda: "4.57.1")
     with pytest.raises(ProfileError, match="the router hooks need transformers>=5"):
         load_hf("hf-config:mixtral-tiny")

@@ -57,6 +57,7 @@ def add_replicas(
     trans = graph.trans_LEE.astype(np.float64)
     load_LE = graph.load_LE.astype(np.float64)
     share_LE = load_LE / np.maximum(load_LE.sum(axis=1, keepdims=True), 1e-12) / copies_LE
+    gpu_LE = gpu_LE.copy()
     H_LEG = np.zeros((L, E, G), dtype=np.int64)
     H_LEG[np.repeat(np.arange(L), E), np.tile(np.arange(E), L), gpu_LE.reshape(-1)] = 1
     limit = 1.0 + spec.balance_eps
@@ -68,7 +69,31 @@ def add_replicas(
         items = LoadModel(share_LE[l][item_C][None, :], np.zeros((1, item_C.size, item_C.size)), 0.0)
         gpu_C = assign_layer(w_CG, items, 0, limit, allowed_CG, base_G)
         np.add.at(H_LEG[l], (item_C, gpu_C), 1)
+        gpu_LE[l] = rebalance_primaries(l, gpu_LE[l], H_LEG, trans, share_LE[l], limit)
+        H_LEG[l] = 0
+        H_LEG[l, np.arange(E), gpu_LE[l]] = 1
+        np.add.at(H_LEG[l], (item_C, gpu_C), 1)
     return holders_to_phy2log(H_LEG, gpu_LE, R // G)
+
+
+def rebalance_primaries(
+    l: int, gpu_E: np.ndarray, H_LEG: np.ndarray, trans_XEE: np.ndarray, share_E: np.ndarray, limit: float
+) -> np.ndarray:
+    """With the extra copies of layer l placed, swap primaries between GPUs until every GPU is within ``limit``
+    (cheapest in co-located traffic first). A primary never moves onto a GPU holding a copy of its expert."""
+    from placement.solvers.affinity import repair_balance
+
+    L, E, G = H_LEG.shape
+    extra_EG = H_LEG[l].copy()
+    extra_EG[np.arange(E), gpu_E] -= 1
+    copies_G = (share_E[:, None] * extra_EG).sum(axis=0)
+    w_EG = np.zeros((E, G))
+    if l > 0:
+        w_EG += trans_XEE[l - 1].T @ (H_LEG[l - 1] > 0).astype(np.float64)
+    if l < L - 1:
+        w_EG += trans_XEE[l] @ (H_LEG[l + 1] > 0).astype(np.float64)
+    primaries = LoadModel(share_E[None, :], np.zeros((1, E, E)), 0.0)
+    return repair_balance(gpu_E, w_EG, primaries, 0, limit, extra_EG == 0, copies_G)
 
 
 def holders_to_phy2log(H_LEG: np.ndarray, gpu_LE: np.ndarray, per_gpu_extra: int) -> np.ndarray:
