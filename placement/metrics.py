@@ -51,8 +51,9 @@ def colocation(plan: Plan, g: RoutingGraph) -> float:
 
 
 def gpu_load(plan: Plan, g: RoutingGraph) -> np.ndarray:
-    """float64 [L, G]: load of each GPU, replicas sharing their expert's count equally (METRICS.md)."""
-    share_LEG = plan.holders_LEG / plan.logcnt[:, :, None]
+    """float64 [L, G]: load of each GPU, the GPUs holding an expert sharing its count equally (METRICS.md)."""
+    H_LEG = (plan.holders_LEG > 0).astype(np.float64)  # H_l(e) is a set of GPUs: two copies on one GPU count once
+    share_LEG = H_LEG / H_LEG.sum(axis=2, keepdims=True)
     return np.einsum("le,leg->lg", g.load_LE.astype(np.float64), share_LEG)
 
 

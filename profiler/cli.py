@@ -57,7 +57,7 @@ def profile(
         from ray_jobs.profile import run_cli
 
         cfg = JobConfig(out=out, model=model, prompts=prompts, limit=limit, workers=workers, mode=mode,
-                        address=address, batch_size=batch_size, shard_size=batch_size, max_len=max_len,
+                        address=address, batch_size=batch_size, max_len=max_len,
                         threads=threads or 1)
         code = run_cli(cfg)
         if code:

@@ -43,7 +43,8 @@ class RayJobError(RuntimeError):
 @dataclass(frozen=True)
 class JobConfig:
     """One profiling job. ``address`` None: ``RAY_ADDRESS`` if set (as under ``ray job submit``), else an
-    embedded local Ray with ``num_cpus`` CPUs."""
+    embedded local Ray with ``num_cpus`` CPUs. ``shard_size`` None: ``batch_size`` prompts per shard in data mode,
+    ``batch_size * workers`` in expert mode (one batch per rank and shard)."""
 
     out: Path
     model: str = "builtin"
@@ -52,7 +53,7 @@ class JobConfig:
     workers: int = 2
     mode: str = "data"
     address: str | None = None
-    shard_size: int = 8
+    shard_size: int | None = None
     batch_size: int = 8
     max_len: int = 256
     cpus_per_worker: float = 1.0
@@ -61,6 +62,12 @@ class JobConfig:
     max_restarts: int = 3
     group_restarts: int = 2
     placement_timeout_s: float = 60.0
+
+    @property
+    def prompts_per_shard(self) -> int:
+        if self.shard_size is not None:
+            return self.shard_size
+        return self.batch_size * (self.workers if self.mode == "expert" else 1)
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ class JobProgress:
 @dataclass(frozen=True)
 class JobResult:
     """``tokens``: traced by this run (resumed shards excluded); ``seconds``: from workers up to the end;
-    ``startup_s``: Ray connect/start plus workers ready."""
+    ``startup_s``: Ray connect/start plus workers ready, ``connect_s`` the first part alone."""
 
     out: Path
     shards_total: int
@@ -88,6 +95,7 @@ class JobResult:
     seconds: float
     startup_s: float
     worker_pids: tuple[int, ...]
+    connect_s: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -103,10 +111,11 @@ def validate(cfg: JobConfig) -> None:
         raise RayJobError(f"--mode {cfg.mode!r}: use one of {', '.join(MODES)}")
     if cfg.workers < 1:
         raise RayJobError(f"--workers {cfg.workers}: must be >= 1")
-    if cfg.shard_size < 1 or cfg.batch_size < 1 or cfg.max_len < 1:
+    size = cfg.prompts_per_shard
+    if size < 1 or cfg.batch_size < 1 or cfg.max_len < 1:
         raise RayJobError("--shard-size, --batch-size and --max-len must be >= 1")
-    if cfg.shard_size % cfg.batch_size and cfg.shard_size > cfg.batch_size:
-        raise RayJobError(f"--shard-size {cfg.shard_size} must be a multiple of --batch-size {cfg.batch_size}")
+    if size % cfg.batch_size:
+        raise RayJobError(f"--shard-size {size} must be a multiple of --batch-size {cfg.batch_size}")
 
 
 def _probe(address: str, timeout_s: float = 5.0) -> None:
@@ -182,8 +191,8 @@ def run_job(cfg: JobConfig, on_progress: ProgressFn | None = None, on_pids: Pids
         texts = texts[: cfg.limit]
     meta = load_model(cfg.model).trace_meta()
     out = cfg.out.resolve()
-    key = JobKey.of(meta, texts, cfg.shard_size, cfg.max_len, cfg.mode)
-    shards = make_shards(len(texts), cfg.shard_size)
+    key = JobKey.of(meta, texts, cfg.prompts_per_shard, cfg.max_len, cfg.mode)
+    shards = make_shards(len(texts), cfg.prompts_per_shard)
     existing = check_output(out, meta, key)  # read-only: bad output fails before Ray starts
     if cfg.mode == "expert" and meta.num_experts % cfg.workers:
         raise RayJobError(f"--mode expert: {meta.num_experts} experts do not split over {cfg.workers} workers")
@@ -197,6 +206,7 @@ def run_job(cfg: JobConfig, on_progress: ProgressFn | None = None, on_pids: Pids
 
     t0 = time.perf_counter()
     connect(cfg)
+    connect_s = time.perf_counter() - t0
     pg = None
     manifest: Manifest | None = None
     try:

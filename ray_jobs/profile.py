@@ -63,7 +63,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=d.workers, help="Ray workers (ranks in expert mode)")
     ap.add_argument("--mode", choices=MODES, default=d.mode, help="data: model per worker; expert: experts sharded")
     ap.add_argument("--address", default=None, help="Ray head host:port or 'auto' (default: RAY_ADDRESS or local)")
-    ap.add_argument("--shard-size", type=int, default=d.shard_size, help="prompts per shard")
+    ap.add_argument(
+        "--shard-size",
+        type=int,
+        default=d.shard_size,
+        help="prompts per shard (default: --batch-size, x workers in expert mode)",
+    )
     ap.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts per forward pass")
     ap.add_argument("--max-len", type=int, default=d.max_len, help="tokens kept per prompt")
     ap.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker, help="CPUs reserved per worker")

@@ -1,0 +1,107 @@
+"""``moeplace plan`` / ``eval`` / ``demo`` end to end: real files, bad input handled with one error line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from placement.dataset import write_trace
+from placement.plan import Plan
+from placement.synthetic import synthetic_trace
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    meta, r = synthetic_trace(4, 8, 2, 2000, tokens_per_prompt=20, num_preferred=2, num_topics=4, seed=0)
+    out = tmp_path_factory.mktemp("ds") / "trace"
+    write_trace(out, meta, r)
+    return out
+
+
+def _one_error(stderr: str) -> str:
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("solver", ["contiguous", "round_robin", "eplb", "affinity", "auto"])
+def test_plan_then_eval(cli, dataset: Path, tmp_path: Path, solver: str) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "plan.json"
+    code, stdout, stderr = cli(
+        "plan", "--trace", dataset, "--gpus", 4, "--solver", solver, "--time-limit", 2, "--prompts", "train", "--out", out
+    )
+    assert code == 0, stderr
+    plan = Plan.load(out)
+    assert plan.num_gpus == 4 and plan.num_experts == 8
+    code, stdout, stderr = cli("eval", "--plan", out, "--trace", dataset, "--prompts", "test", "--json")
+    assert code == 0, stderr
+    res = json.loads(stdout)
+    assert 0.0 <= res["colocation"] <= 1.0 and res["imbalance_max"] >= 1.0
+    assert res["home"]["bytes_total"] == res["home"]["bytes_intra_node"]
+
+
+def test_plan_bad_inputs_leave_nothing(cli, dataset: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "plan.json"
+    out.write_text("keep me")
+    for args, needle in [
+        (("--gpus", 3), "split evenly"),
+        (("--gpus", 4, "--redundant", 2), "not divisible by --gpus"),
+        (("--gpus", 4, "--time-limit", 0), "--time-limit"),
+        (("--gpus", 4, "--solver", "nope"), "unknown --solver"),
+    ]:
+        code, _, stderr = cli("plan", "--trace", dataset, "--out", out, *args)
+        assert code != 0
+        assert needle in _one_error(stderr)
+        assert out.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+
+
+def test_plan_infeasible_balance_for_ilp(cli, dataset: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    code, _, stderr = cli(
+        "plan", "--trace", dataset, "--gpus", 4, "--solver", "ilp", "--balance", 0, "--out", tmp_path / "p.json"
+    )
+    assert code != 0 and "--balance" in _one_error(stderr)
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_eval_bad_plans(cli, dataset: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    code, _, stderr = cli("eval", "--plan", bad, "--trace", dataset)
+    assert code != 0 and "bad.json" in _one_error(stderr)
+    other = tmp_path / "other.json"
+    Plan(2, 1, 16, (0, 1, 2, 3), np.tile(np.arange(16), (4, 1))).save(other)
+    code, _, stderr = cli("eval", "--plan", other, "--trace", dataset)
+    assert code != 0 and "same model" in _one_error(stderr)
+    code, _, stderr = cli("eval", "--plan", tmp_path / "missing.json", "--trace", dataset)
+    assert code != 0 and "no such plan" in _one_error(stderr)
+
+
+def test_every_command_has_help(cli) -> None:  # type: ignore[no-untyped-def]
+    from placement.cli import build_app
+
+    app = build_app()
+    names = [c.name for c in app.registered_commands]
+    assert {"import", "stats", "plan", "eval", "profile", "demo"} <= set(names)
+    for c in app.registered_commands:
+        assert c.help or (c.callback is not None and c.callback.__doc__), f"command {c.name} has no help text"
+        code, stdout, _ = cli(c.name, "--help")
+        assert code == 0 and "Usage" in stdout
+
+
+@pytest.mark.slow
+def test_demo_runs_offline(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    code, stdout, stderr = cli("demo", "--out", tmp_path / "demo", "--gpus", "4", "--time-limit", 2, "--json")
+    assert code == 0, stderr
+    res = json.loads(stdout)
+    solvers = {r["solver"] for r in res["rows"]}
+    assert {"contiguous", "eplb", "affinity"} <= solvers
+    best = max(r["colocation"] for r in res["rows"] if r["solver"] == "affinity")
+    base = max(r["colocation"] for r in res["rows"] if r["solver"] == "contiguous")
+    assert best > base
+    assert res["stats"]["concentration_mean"] > 1.5 * res["stats"]["independent_mean"]
+    assert (tmp_path / "demo" / "report.html").exists()
+    assert len(list((tmp_path / "demo" / "plans").glob("*.json"))) == len(res["rows"])

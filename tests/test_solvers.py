@@ -1,0 +1,134 @@
+"""Baselines, the affinity optimiser and the planner: valid plans, balance kept, affinity beats balancing-only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from placement.graph import graph_from_routes
+from placement.metrics import colocation, evaluate, imbalance
+from placement.plan import PlanError
+from placement.planner import make_plan, topology_cost
+from placement.solvers.base import PlanSpec
+from placement.solvers.baselines import balanced_packing, eplb_phy2log, replicate_hottest
+from placement.synthetic import synthetic_trace
+from placement.trace import split_by_prompt
+
+
+@pytest.fixture(scope="module")
+def small_trace():  # type: ignore[no-untyped-def]
+    meta, r = synthetic_trace(6, 16, 2, 6000, tokens_per_prompt=30, num_preferred=2, num_topics=8, seed=1)
+    m = split_by_prompt(r.seq_ids_T, 0.5, seed=0)
+    fit = graph_from_routes(r.expert_ids_TLK[m], meta, seq_ids_T=r.seq_ids_T[m])
+    test = graph_from_routes(r.expert_ids_TLK[~m], meta)
+    return meta, fit, test
+
+
+def test_balanced_packing_fills_every_pack_equally() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.random((5, 12))
+    pack, rank = balanced_packing(w, 4)
+    for x in range(5):
+        assert np.bincount(pack[x], minlength=4).tolist() == [3, 3, 3, 3]
+        for p in range(4):
+            assert sorted(rank[x][pack[x] == p].tolist()) == [0, 1, 2]
+    # greedy LPT on identical items splits them evenly
+    pack, _ = balanced_packing(np.ones((1, 8)), 4)
+    assert np.bincount(pack[0]).tolist() == [2, 2, 2, 2]
+
+
+def test_replicate_hottest_gives_copies_to_the_heaviest() -> None:
+    phy, cnt = replicate_hottest(np.array([[10.0, 1.0, 1.0, 4.0]]), 7)
+    # per-copy loads: 10 (copy) -> 5 still heaviest (copy) -> 3.33 < 4 so the third copy goes to expert 3
+    assert cnt.tolist() == [[3, 1, 1, 2]]
+    assert sorted(phy[0].tolist()) == sorted(np.repeat(np.arange(4), cnt[0]).tolist())
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+@pytest.mark.parametrize("redundant", [0, 4])
+def test_eplb_plan_is_valid_and_balances(small_trace, nodes: int, redundant: int) -> None:  # type: ignore[no-untyped-def]
+    _, fit, _ = small_trace
+    plan = make_plan(fit, PlanSpec(4, nodes, redundant), "eplb")
+    assert plan.num_slots == 16 + redundant
+    assert (plan.logcnt >= 1).all()
+    contiguous = make_plan(fit, PlanSpec(4, nodes, redundant), "contiguous")
+    assert imbalance(plan, fit)[1] <= imbalance(contiguous, fit)[1] + 1e-9
+
+
+def test_contiguous_and_round_robin_layouts(small_trace) -> None:  # type: ignore[no-untyped-def]
+    _, fit, _ = small_trace
+    c = make_plan(fit, PlanSpec(4), "contiguous")
+    assert (c.holders_LEG.argmax(axis=2) == np.arange(16) // 4).all()
+    rr = make_plan(fit, PlanSpec(4), "round_robin")
+    assert (rr.holders_LEG.argmax(axis=2) == np.arange(16) % 4).all()
+
+
+def test_eplb_vectorised_large_shape() -> None:
+    rng = np.random.default_rng(0)
+    load = rng.lognormal(0, 0.5, size=(58, 256))
+    phy = eplb_phy2log(load, 288, 32, 4)
+    assert phy.shape == (58, 288)
+    assert all(set(row.tolist()) == set(range(256)) for row in phy)
+
+
+@pytest.mark.parametrize("redundant", [0, 4])
+def test_affinity_beats_eplb_at_the_balance_asked(small_trace, redundant: int) -> None:  # type: ignore[no-untyped-def]
+    _, fit, test = small_trace
+    eps = 0.1
+    spec = PlanSpec(4, 1, redundant, eps, time_limit=3.0, seed=0)
+    aff = make_plan(fit, spec, "affinity")
+    ep = make_plan(fit, spec, "eplb")
+    assert imbalance(aff, fit)[1] <= 1 + eps + 1e-9
+    assert colocation(aff, fit) > colocation(ep, fit) + 0.05
+    assert colocation(aff, test) > colocation(ep, test) + 0.03
+    assert aff.provenance["topology_cost"] == pytest.approx(topology_cost(aff.phy2log, fit, spec))
+
+
+def test_affinity_two_nodes_keeps_traffic_inside_nodes(small_trace) -> None:  # type: ignore[no-untyped-def]
+    _, fit, _ = small_trace
+    spec = PlanSpec(4, 2, 0, 0.15, time_limit=3.0, inter_node_cost=4.0)
+    aff = make_plan(fit, spec, "affinity")
+    ep = make_plan(fit, spec, "eplb")
+    assert topology_cost(aff.phy2log, fit, spec) < topology_cost(ep.phy2log, fit, spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        (PlanSpec(3), "split evenly"),
+        (PlanSpec(4, 1, 2), "not divisible by --gpus"),
+        (PlanSpec(4, 3), "not divisible by --nodes"),
+        (PlanSpec(4, time_limit=0), "--time-limit"),
+        (PlanSpec(4, balance_eps=-1), "--balance"),
+    ],
+)
+def test_planner_rejects_bad_specs(small_trace, spec: PlanSpec, needle: str) -> None:  # type: ignore[no-untyped-def]
+    _, fit, _ = small_trace
+    with pytest.raises(PlanError, match=needle):
+        make_plan(fit, spec, "eplb")
+
+
+def test_unknown_solver(small_trace) -> None:  # type: ignore[no-untyped-def]
+    _, fit, _ = small_trace
+    with pytest.raises(PlanError, match="unknown solver"):
+        make_plan(fit, PlanSpec(4), "magic")
+
+
+@pytest.mark.slow
+def test_affinity_on_deepseek_v2_lite_held_out(traces_dir: Path) -> None:
+    from placement.dataset import open_trace
+
+    tr = open_trace(traces_dir / "deepseek-v2-lite-chat.dev.npz")
+    r = tr.read_all(with_gates=False)
+    m = split_by_prompt(r.seq_ids_T, 0.5, seed=0)
+    fit = graph_from_routes(r.expert_ids_TLK[m], tr.meta, False, r.seq_ids_T[m])
+    test = graph_from_routes(r.expert_ids_TLK[~m], tr.meta, False)
+    plan = make_plan(fit, PlanSpec(8, 1, 0, 0.1, time_limit=10.0), "affinity")
+    fit_ev, test_ev = evaluate(plan, fit), evaluate(plan, test)
+    assert fit_ev["imbalance_max"] <= 1.1 + 1e-9
+    assert test_ev["colocation"] >= 0.28  # contiguous: 0.127, eplb: 0.125
+    plan8 = make_plan(fit, PlanSpec(8, 1, 8, 0.03, time_limit=10.0), "affinity")
+    assert evaluate(plan8, fit)["imbalance_max"] <= 1.03 + 1e-9
+    assert evaluate(plan8, test)["colocation"] >= 0.32
