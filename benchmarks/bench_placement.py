@@ -4,7 +4,7 @@
 
 Instances (../shared/traces is read in place, never copied):
 - ds-v2-lite: DeepSeek-V2-Lite-Chat dev trace (26 x 64, top-6), fitted on a seeded half of the prompts,
-  evaluated on the other half; G = 4, 8, 16; redundant 0 and 8.
+  evaluated on the other half; G = 4, 8, 16; redundant 0 and 8 (16 for G = 16, since slots must divide over GPUs).
 - ds-v2-lite-cv: the same, fitted on 80% of the prompts and evaluated on the other 20%, 5 seeds (the closest to
   "fitted on the whole dev file, evaluated on unseen prompts").
 - mixtral: Mixtral-8x7B (32 x 8, top-2), fitted on the prefill tokens, evaluated on the decode tokens; G = 4.
@@ -76,7 +76,7 @@ def ds_v2_lite(quick: bool) -> list[dict[str, Any]]:
     fit, test = r.take(m), r.take(~m)
     rows = []
     for G in (8,) if quick else (4, 8, 16):
-        for R in (0, 8):
+        for R in (0, 8 if 72 % G == 0 else G):
             eps = 0.1 if R == 0 else 0.03
             for solver in ("contiguous", "round_robin", "eplb", "affinity"):
                 spec = PlanSpec(G, 2 if R and G >= 8 else 1, R, eps, time_limit=10.0, seed=0)

@@ -35,6 +35,12 @@ SHARD_GLOB = "part-*.parquet"
 _WRITER_ID_RE = re.compile(r"^[A-Za-z0-9_.=-]{1,64}$")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same directory and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,6 +48,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -180,6 +187,7 @@ def write_shard(path: Path, table: pa.Table, compression: str = "zstd") -> None:
     try:
         rows_per_group = max(1, (1 << 20) // meta.num_layers) * meta.num_layers
         pq.write_table(table, tmp, compression=compression, row_group_size=rows_per_group)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

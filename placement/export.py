@@ -79,6 +79,10 @@ def atomic_output(out: Path, force: bool, is_dir: bool) -> Iterator[Path]:
     tmp.chmod((0o777 if is_dir else 0o666) & ~umask)  # mkstemp/mkdtemp make them private
     try:
         yield tmp
+        if is_dir:  # some writers (safetensors) create private files too
+            for f in tmp.rglob("*"):
+                if f.is_file() and not f.is_symlink():
+                    f.chmod(0o666 & ~umask)
         _replace(tmp, out)
     except BaseException:
         _remove(tmp)

@@ -109,8 +109,8 @@ PidsFn = Callable[[list[int]], None]
 def validate(cfg: JobConfig) -> None:
     if cfg.mode not in MODES:
         raise RayJobError(f"--mode {cfg.mode!r}: use one of {', '.join(MODES)}")
-    if cfg.workers < 1:
-        raise RayJobError(f"--workers {cfg.workers}: must be >= 1")
+    if cfg.workers < 1 or cfg.threads < 1 or cfg.cpus_per_worker <= 0:
+        raise RayJobError("--workers and --threads must be >= 1, --cpus-per-worker > 0")
     size = cfg.prompts_per_shard
     if size < 1 or cfg.batch_size < 1 or cfg.max_len < 1:
         raise RayJobError("--shard-size, --batch-size and --max-len must be >= 1")
@@ -138,8 +138,9 @@ def connect(cfg: JobConfig) -> str:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
-    if address is None:
+    if address is None:  # "local": always a new cluster, never one that another user started on this machine
         ray.init(
+            address="local",
             num_cpus=cfg.num_cpus,
             include_dashboard=False,
             log_to_driver=False,
@@ -194,6 +195,8 @@ def run_job(cfg: JobConfig, on_progress: ProgressFn | None = None, on_pids: Pids
     key = JobKey.of(meta, texts, cfg.prompts_per_shard, cfg.max_len, cfg.mode)
     shards = make_shards(len(texts), cfg.prompts_per_shard)
     existing = check_output(out, meta, key)  # read-only: bad output fails before Ray starts
+    if cfg.mode == "expert" and cfg.model != "builtin":
+        raise RayJobError(f"--mode expert supports --model builtin only, not {cfg.model!r}; use --mode data")
     if cfg.mode == "expert" and meta.num_experts % cfg.workers:
         raise RayJobError(f"--mode expert: {meta.num_experts} experts do not split over {cfg.workers} workers")
 
@@ -222,7 +225,7 @@ def run_job(cfg: JobConfig, on_progress: ProgressFn | None = None, on_pids: Pids
             remove_placement_group(pg)
         ray.shutdown()
     rows = sum(int(v["tokens"]) for v in manifest.completed.values()) * meta.num_layers
-    return JobResult(out, len(shards), len(todo), tokens, rows, seconds, startup - t0, tuple(pids))
+    return JobResult(out, len(shards), len(todo), tokens, rows, seconds, startup - t0, tuple(pids), connect_s)
 
 
 def _strategy(pg: Any, index: int) -> Any:

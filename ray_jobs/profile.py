@@ -9,6 +9,7 @@ Runs as the entrypoint of ``ray job submit --working-dir . -- python -m ray_jobs
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def run_cli(cfg: JobConfig) -> int:
     from profiler.capture import CaptureError
     from ray_jobs.shards import ShardError
 
-    where = cfg.address or "local Ray"
+    where = cfg.address or os.environ.get("RAY_ADDRESS") or "local Ray"
     print(f"profiling on {where} with {cfg.workers} {cfg.mode}-parallel workers -> {cfg.out}", file=sys.stderr)
     try:
         res: JobResult = run_job(cfg, on_progress=_progress, on_pids=_pids)

@@ -37,35 +37,42 @@ def labeled_states(E: int, G: int) -> np.ndarray:
     return np.array(sorted(set(itertools.permutations(base))), dtype=np.int64)
 
 
-def brute_force(graph: RoutingGraph, spec: PlanSpec) -> float:
+def _layer_costs(graph: RoutingGraph, spec: PlanSpec) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """(states_SE, cost_SS per layer pair, feasible_LS): topology cost of every pair of labeled assignments."""
     G = spec.num_gpus
     S_SE = labeled_states(graph.num_experts, G)
+    oh_SEG = (S_SE[:, :, None] == np.arange(G)).astype(np.float64)
+    dist_GG = distance_GG(G, spec.num_nodes, spec.inter_node_cost)
     cap_L = balance_cap_L(graph.load_LE, G, spec.balance_eps)
-    dist = distance_GG(G, spec.num_nodes, spec.inter_node_cost)
-    ok = [S_SE[_loads(S_SE, graph.load_LE[l], G).max(1) <= cap_L[l] + 1e-9] for l in range(graph.num_layers)]
-    best = np.inf
-    for combo in itertools.product(*ok):
-        best = min(best, gpu_cost(np.array(combo), graph.trans_LEE, dist))
-    return float(best)
+    ok_LS = np.stack([_loads(S_SE, graph.load_LE[l], G).max(1) <= cap_L[l] + 1e-9 for l in range(graph.num_layers)])
+    flat_SX = oh_SEG.reshape(len(S_SE), -1)
+    costs = []
+    for x in range(graph.num_layers - 1):
+        a_SJH = np.einsum("sig,ij,gh->sjh", oh_SEG, graph.trans_LEE[x].astype(np.float64), dist_GG)
+        costs.append(a_SJH.reshape(len(S_SE), -1) @ flat_SX.T)
+    return S_SE, costs, ok_LS
+
+
+def brute_force(graph: RoutingGraph, spec: PlanSpec) -> float:
+    """Minimum topology cost over every combination of balanced labeled assignments (all layers at once)."""
+    _, costs, ok_LS = _layer_costs(graph, spec)
+    total = np.where(ok_LS[0], 0.0, np.inf)
+    for x, c_SS in enumerate(costs):
+        total = total[..., None] + c_SS.reshape((1,) * x + c_SS.shape) + np.where(ok_LS[x + 1], 0.0, np.inf)
+    return float(total.min())
+
+
+def chain_dp(graph: RoutingGraph, spec: PlanSpec) -> float:
+    """Exact optimum by dynamic programming over balanced labeled assignments, layer by layer."""
+    _, costs, ok_LS = _layer_costs(graph, spec)
+    val_S = np.where(ok_LS[0], 0.0, np.inf)
+    for x, c_SS in enumerate(costs):
+        val_S = (val_S[:, None] + c_SS).min(axis=0) + np.where(ok_LS[x + 1], 0.0, np.inf)
+    return float(val_S.min())
 
 
 def _loads(S_SE: np.ndarray, load_E: np.ndarray, G: int) -> np.ndarray:
     return np.stack([(load_E * (S_SE == g)).sum(1) for g in range(G)], axis=1)
-
-
-def chain_dp(graph: RoutingGraph, spec: PlanSpec) -> float:
-    """Exact optimum (one node) by dynamic programming over labeled balanced assignments, layer by layer."""
-    G, E = spec.num_gpus, graph.num_experts
-    S_SE = labeled_states(E, G)
-    oh_SEG = (S_SE[:, :, None] == np.arange(G)).astype(np.float64)
-    cap_L = balance_cap_L(graph.load_LE, G, spec.balance_eps)
-    val_S = np.where(_loads(S_SE, graph.load_LE[0], G).max(1) <= cap_L[0] + 1e-9, 0.0, -np.inf)
-    flat_SX = oh_SEG.transpose(0, 2, 1).reshape(len(S_SE), -1)
-    for x in range(graph.num_layers - 1):
-        aw = np.einsum("seg,ef->sgf", oh_SEG, graph.trans_LEE[x].astype(np.float64)).reshape(len(S_SE), -1)
-        val_S = (val_S[:, None] + aw @ flat_SX.T).max(axis=0)
-        val_S[_loads(S_SE, graph.load_LE[x + 1], G).max(1) > cap_L[x + 1] + 1e-9] = -np.inf
-    return float(graph.trans_LEE.sum() - val_S.max())
 
 
 def check_result(graph: RoutingGraph, spec: PlanSpec, res: object) -> None:
@@ -84,9 +91,10 @@ CASES = [
     # (T, L, E, K, G, N, eps)
     (60, 4, 4, 2, 2, 1, 0.3),
     (80, 3, 6, 2, 3, 1, 0.4),
-    (80, 3, 8, 2, 4, 2, 0.5),
-    (50, 2, 8, 2, 4, 2, 0.3),
+    (80, 4, 4, 1, 4, 2, 0.6),
+    (80, 3, 4, 2, 4, 2, 2.0),
 ]
+DP_CASES = [(120, 5, 8, 2, 2, 1, 0.3), (200, 6, 8, 2, 4, 1, 0.3)]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -102,11 +110,24 @@ def test_ilp_equals_brute_force(case: tuple, backend: str, form: str) -> None:
     check_result(g, spec, res)
 
 
-def test_dp_matches_brute_force_and_ilp() -> None:
-    g = random_graph(100, 5, 4, 2, seed=3)
-    spec = PlanSpec(2, balance_eps=0.2, time_limit=10)
+@pytest.mark.parametrize("case", CASES[:3])
+def test_dp_matches_brute_force(case: tuple) -> None:
+    T, L, E, K, G, N, eps = case
+    g = random_graph(T, L, E, K, seed=L * E + 1)
+    spec = PlanSpec(G, N, balance_eps=eps)
     assert chain_dp(g, spec) == pytest.approx(brute_force(g, spec))
-    assert solve_ilp(g, spec).objective == pytest.approx(chain_dp(g, spec))
+
+
+@pytest.mark.parametrize("case", DP_CASES)
+@pytest.mark.parametrize("backend", ["cpsat", "pulp"])
+def test_ilp_equals_dp_at_mixtral_width(case: tuple, backend: str) -> None:
+    T, L, E, K, G, N, eps = case
+    g = random_graph(T, L, E, K, seed=L * E)
+    spec = PlanSpec(G, N, balance_eps=eps, time_limit=20, options={"ilp_backend": backend})
+    res = solve_ilp(g, spec)
+    assert res.status == "optimal" and res.gap == 0.0
+    assert res.objective == pytest.approx(chain_dp(g, spec))
+    check_result(g, spec, res)
 
 
 @pytest.mark.slow
@@ -151,7 +172,7 @@ def test_wall_clock_limit_on_a_large_case(backend: str) -> None:
     res = solve_ilp(g, spec)
     assert time.perf_counter() - t0 <= 3.5
     assert res.status in ("feasible", "feasible-greedy")
-    assert res.objective <= res.info["greedy_objective"] + 1e-9
+    assert res.objective is not None and res.objective <= res.info["greedy_objective"] + 1e-9
     if res.bound is not None:
         assert res.bound <= res.objective and res.gap is not None and res.gap >= 0
     check_result(g, spec, res)
@@ -161,8 +182,9 @@ def test_sparsified_model_reports_an_honest_bound() -> None:
     g = random_graph(80, 3, 8, 2, seed=7)
     spec = PlanSpec(4, balance_eps=0.5, time_limit=10, options={"ilp_formulation": "assign", "ilp_top_pairs": 2})
     res = solve_ilp(g, spec)
-    exact = brute_force(g, spec)
-    assert res.bound is not None and res.bound <= exact + 1e-9 <= res.objective + 2e-9
+    exact = chain_dp(g, spec)
+    assert res.bound is not None and res.objective is not None
+    assert res.bound <= exact + 1e-9 <= res.objective + 2e-9
     assert res.status in ("optimal", "feasible") and (res.status == "feasible" or res.gap == 0.0)
 
 

@@ -6,12 +6,15 @@ The exactly-once bookkeeping (ray_jobs/shards.py) is tested without Ray.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -123,29 +126,41 @@ def test_killed_worker_job_finishes_exactly_once(tmp_path: Path, reference: Path
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """A loopback Ray head with 2 CPUs and a dashboard (job API), token auth off; stopped afterwards."""
+def ray_head():  # type: ignore[no-untyped-def]
+    """A loopback Ray head (2 CPUs, job API on a free port, token auth off), stopped afterwards.
+
+    ``ray start --block`` in its own session, so teardown ends exactly the processes this fixture started
+    (``ray stop --force`` would also stop other users' clusters on a shared machine).
+    """
     port, dash = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     bin_dir = Path(sys.executable).parent
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     start = [
-        str(bin_dir / "ray"),
-        "start",
-        "--head",
-        f"--port={port}",
-        "--node-ip-address=127.0.0.1",
-        "--num-cpus=2",
-        "--disable-usage-stats",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
+        str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+        "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}",
-    ]
+    ]  # fmt: skip
+    head = subprocess.Popen(
+        start, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
-        subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2).close()
+                break
+            except OSError:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"ray start --head exited or hung (code {head.returncode})")
+                time.sleep(0.5)
         yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                head.wait(wait)
 
 
 @pytest.mark.ray

@@ -96,9 +96,7 @@ def local_search(
         g_SE = gpu_LE[layers_S]
         s_S = np.arange(len(layers_S))[:, None]
         ga, gb = g_SE[:, a_E], g_SE[:, b_E]
-        dcost = (
-            cost_SEG[s_S, a_E, gb] + cost_SEG[s_S, b_E, ga] - cost_SEG[s_S, a_E, ga] - cost_SEG[s_S, b_E, gb]
-        )
+        dcost = cost_SEG[s_S, a_E, gb] + cost_SEG[s_S, b_E, ga] - cost_SEG[s_S, a_E, ga] - cost_SEG[s_S, b_E, gb]
         # Load change: a leaves ga for gb, b leaves gb for ga.
         gl_SG = np.einsum("seg,se->sg", _onehot_LEG(g_SE, G), w_LE[layers_S])
         la, lb = w_LE[layers_S][:, a_E], w_LE[layers_S][:, b_E]

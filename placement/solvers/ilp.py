@@ -26,8 +26,11 @@ V variables, R rows, Z nonzeros.
 from __future__ import annotations
 
 import itertools
+import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -79,7 +82,8 @@ class MipModel:
         """Variable values -> gpu_of_LE int64 [L, E]."""
         if self.x_LEG is not None:
             return np.asarray(np.argmax(v_V[self.x_LEG], axis=2), dtype=np.int64)
-        assert self.p_LB is not None and self.blocks_BK is not None and self.trans_XEE is not None
+        if self.p_LB is None or self.blocks_BK is None or self.trans_XEE is None:
+            raise RuntimeError("chain model without its decoding data")
         return _decode_chain(v_V, self.p_LB, self.blocks_BK, self.trans_XEE, self.num_gpus)
 
 
@@ -129,7 +133,7 @@ class _Builder:
         self.add_rows(np.repeat(np.arange(R), K), cols_RK.reshape(-1), coef.reshape(-1), lo_R, hi_R)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0))  # noqa: E731
+        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
         return {
             "integer_V": cat(self.integer).astype(bool),
             "obj_V": cat(self.obj),
@@ -151,6 +155,8 @@ def _blocks(num_experts: int, per_gpu: int) -> np.ndarray:
 def chain_num_vars(graph: RoutingGraph, spec: PlanSpec) -> int:
     """Variables of the chain formulation (p and q), counting only blocks within the cap."""
     E, G = graph.num_experts, spec.num_gpus
+    if math.comb(E, E // G) > 20_000:
+        return math.comb(E, E // G) ** 2
     blocks_BK = _blocks(E, E // G)
     cap_L = balance_cap_L(graph.load_LE, G, spec.balance_eps)
     nok_L = (graph.load_LE[:, blocks_BK].sum(axis=2) <= cap_L[:, None] + 1e-9).sum(axis=1)
@@ -198,9 +204,7 @@ def _build_chain(graph: RoutingGraph, spec: PlanSpec, hint_LE: np.ndarray | None
     hint_V = None
     if hint_LE is not None:
         index = {tuple(b): i for i, b in enumerate(blocks_BK.tolist())}
-        gb_LG = np.array(
-            [[index[tuple(np.flatnonzero(hint_LE[l] == g).tolist())] for g in range(G)] for l in range(L)]
-        )
+        gb_LG = np.array([[index[tuple(np.flatnonzero(hint_LE[l] == g).tolist())] for g in range(G)] for l in range(L)])
         hint_V = np.zeros(len(m.names))
         hp = p_LB[np.arange(L)[:, None], gb_LG]
         hint_V[hp[hp >= 0]] = 1.0
@@ -252,13 +256,16 @@ def _build_assign(graph: RoutingGraph, spec: PlanSpec, hint_LE: np.ndarray | Non
     if N > 1:
         # The same for nodes: yn[pair, n] <= sum of x over the node's GPUs, and the node capacity cut.
         xn_LENG = x_LEG.reshape(L, E, N, Gn)
-        yn_AN = m.add_vars("yn", np.stack([np.repeat(pl, N), np.repeat(pi, N), np.repeat(pj, N),
-                           np.tile(np.arange(N), A)], 1), False, np.repeat((c - 1.0) * w_A, N)).reshape(-1, N)  # fmt: skip
+        keys_AN = np.stack([np.repeat(pl, N), np.repeat(pi, N), np.repeat(pj, N), np.tile(np.arange(N), A)], 1)
+        yn_AN = m.add_vars("yn", keys_AN, False, np.repeat((c - 1.0) * w_A, N)).reshape(-1, N)
         for xg in (xn_LENG[pl, pi], xn_LENG[pl + 1, pj]):
             cols = np.concatenate([yn_AN[..., None], xg], axis=2).reshape(-1, Gn + 1)
             m.add_dense_rows(cols, np.array([1.0] + [-1.0] * Gn), -np.inf, 0.0)
-        for key_A, xe in ((pl * E + pi, xn_LENG[:-1].reshape(-1, N, Gn)), (pl * E + pj, xn_LENG[1:].reshape(-1, N, Gn))):
-            _add_capacity_cuts(m, key_A, yn_AN, xe, E // N)
+        for key_A, xg_KNU in (
+            (pl * E + pi, xn_LENG[:-1].reshape(-1, N, Gn)),
+            (pl * E + pj, xn_LENG[1:].reshape(-1, N, Gn)),
+        ):
+            _add_capacity_cuts(m, key_A, yn_AN, xg_KNU, E // N)
     # Symmetry: GPUs of a node (and nodes) are interchangeable, so on layer 0 order the GPUs of each node by
     # their lowest expert, and the nodes by the lowest expert of their first GPU.
     _add_symmetry_rows(m, x_LEG[0], N)
@@ -364,20 +371,30 @@ def build_model(graph: RoutingGraph, spec: PlanSpec, hint_LE: np.ndarray | None 
 # ---------------------------------------------------------------------------------------------- backends
 
 
-def _rows(model: MipModel) -> list[tuple[np.ndarray, np.ndarray]]:
+class _OutOfTime(Exception):
+    """Building the backend's model used up the time limit."""
+
+
+def _rows(model: MipModel, deadline: float = np.inf) -> Iterator[tuple[np.ndarray, np.ndarray, float, float]]:
+    """(cols, coefs, lo, hi) of each row; raises ``_OutOfTime`` once ``deadline`` (perf_counter) has passed."""
     order = np.argsort(model.row_Z, kind="stable")
-    bounds = np.searchsorted(model.row_Z[order], np.arange(len(model.lo_R) + 1))
+    bounds = np.searchsorted(model.row_Z[order], np.arange(len(model.lo_R) + 1)).tolist()
     col, coef = model.col_Z[order], model.coef_Z[order]
-    return [(col[a:b], coef[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    for r, (lo, hi) in enumerate(zip(model.lo_R.tolist(), model.hi_R.tolist(), strict=True)):
+        if r % 256 == 0 and time.perf_counter() > deadline:
+            raise _OutOfTime
+        yield col[bounds[r] : bounds[r + 1]], coef[bounds[r] : bounds[r + 1]], lo, hi
 
 
-def _solve_cpsat(model: MipModel, time_limit: float, seed: int, workers: int) -> MipSolution:
+def _solve_cpsat(model: MipModel, deadline: float, seed: int, workers: int) -> MipSolution:
+    """CP-SAT; a timer calls ``stop_search`` at the deadline in case presolve overruns its time limit."""
+    import threading
+
     from ortools.sat.python import cp_model
 
-    t0 = time.perf_counter()
     cp = cp_model.CpModel()
     v = [cp.new_bool_var(n) for n in model.names_V]
-    for (cols, coefs), lo, hi in zip(_rows(model), model.lo_R, model.hi_R, strict=True):
+    for cols, coefs, lo, hi in _rows(model, deadline - 0.2):
         span = int(np.abs(coefs).sum())
         lo_i = -span if np.isinf(lo) else int(np.ceil(lo - 1e-9))
         hi_i = span if np.isinf(hi) else int(np.floor(hi + 1e-9))
@@ -389,7 +406,7 @@ def _solve_cpsat(model: MipModel, time_limit: float, seed: int, workers: int) ->
         for i, h in enumerate(model.hint_V.tolist()):
             cp.add_hint(v[i], int(h > 0.5))
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(time_limit - (time.perf_counter() - t0), 0.01)
+    solver.parameters.max_time_in_seconds = max(deadline - time.perf_counter() - 0.1, 0.01)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
     # The bound comes from the LP relaxation (tight for the chain model): run the full-LP worker, skip probing.
@@ -397,7 +414,12 @@ def _solve_cpsat(model: MipModel, time_limit: float, seed: int, workers: int) ->
     solver.parameters.cp_model_probing_level = 0
     if workers > 1:
         solver.parameters.subsolvers.append("max_lp")
-    st = solver.solve(cp)
+    timer = threading.Timer(max(deadline - time.perf_counter(), 0.0), solver.stop_search)
+    timer.start()
+    try:
+        st = solver.solve(cp)
+    finally:
+        timer.cancel()
     info = {"cpsat_status": solver.status_name(st), "branches": solver.num_branches}
     if st in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         vals = np.array([solver.boolean_value(x) for x in v], dtype=np.float64)
@@ -411,7 +433,7 @@ def _solve_cpsat(model: MipModel, time_limit: float, seed: int, workers: int) ->
     return MipSolution("unknown", None, bound if np.isfinite(bound) else None, info)
 
 
-def _pulp_problem(model: MipModel) -> tuple[object, list[object]]:
+def _pulp_problem(model: MipModel, deadline: float) -> tuple[Any, list[Any]]:
     import pulp
 
     prob = pulp.LpProblem("moeplace_ilp", pulp.LpMaximize)
@@ -419,9 +441,11 @@ def _pulp_problem(model: MipModel) -> tuple[object, list[object]]:
         pulp.LpVariable(n, 0, 1, pulp.LpBinary if i else pulp.LpContinuous)
         for n, i in zip(model.names_V, model.integer_V.tolist(), strict=True)
     ]
+    if time.perf_counter() > deadline:
+        raise _OutOfTime
     nz = np.flatnonzero(model.obj_V)
     prob += pulp.LpAffineExpression([(v[i], float(model.obj_V[i])) for i in nz])
-    for r, ((cols, coefs), lo, hi) in enumerate(zip(_rows(model), model.lo_R, model.hi_R, strict=True)):
+    for r, (cols, coefs, lo, hi) in enumerate(_rows(model, deadline)):
         expr = pulp.LpAffineExpression([(v[c], float(a)) for c, a in zip(cols, coefs, strict=True)])
         if lo == hi:
             prob += (expr == float(lo), f"r{r}")
@@ -436,7 +460,7 @@ def _pulp_problem(model: MipModel) -> tuple[object, list[object]]:
     return prob, v
 
 
-def _solve_cbc(model: MipModel, time_limit: float, seed: int) -> MipSolution:
+def _solve_cbc(model: MipModel, deadline: float, seed: int) -> MipSolution:
     """CBC as a child process with a hard wall-clock kill (CBC overruns ``-sec``). PuLP reports "Optimal" on a
     time-out, so the status comes from ``sol_status``; the bound comes from CBC's log."""
     import re
@@ -446,23 +470,24 @@ def _solve_cbc(model: MipModel, time_limit: float, seed: int) -> MipSolution:
 
     import pulp
 
-    t0 = time.perf_counter()
-    prob, v = _pulp_problem(model)
+    prob, v = _pulp_problem(model, deadline - 0.5)
     cbc = pulp.PULP_CBC_CMD(msg=False, warmStart=model.hint_V is not None)
     with tempfile.TemporaryDirectory(prefix="moeplace-cbc-") as tmp:
         mps, mst, sol = (str(Path(tmp) / f"m.{ext}") for ext in ("mps", "mst", "sol"))
-        vs, var_names, con_names, _ = prob.writeMPS(mps, rename=1)  # type: ignore[attr-defined]
+        vs, var_names, con_names, _ = prob.writeMPS(mps, rename=1)
         args = [cbc.path, mps, "-max"]
         if model.hint_V is not None:
             cbc.writesol(mst, prob, vs, var_names, con_names)
             args += ["-mips", mst]
-        left = time_limit - (time.perf_counter() - t0)
+        left = deadline - time.perf_counter()
+        if left < 0.2:
+            raise _OutOfTime
         args += ["-sec", f"{max(0.8 * left - 0.2, 0.05):.2f}", "-timeMode", "elapsed", "-randomCbcSeed",
                  str(seed + 1), "-solve", "-printingOptions", "all", "-solution", sol]  # fmt: skip
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 text=True)  # fmt: skip
         try:
-            log, _ = proc.communicate(timeout=max(time_limit - (time.perf_counter() - t0), 0.05))
+            log, _ = proc.communicate(timeout=max(deadline - time.perf_counter(), 0.05))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
@@ -488,37 +513,43 @@ def _solve_cbc(model: MipModel, time_limit: float, seed: int) -> MipSolution:
     return MipSolution("feasible", vals, bound, info)
 
 
-def _solve_highs(model: MipModel, time_limit: float, seed: int) -> MipSolution:
+def _solve_highs(model: MipModel, deadline: float, seed: int) -> MipSolution:
     """HiGHS in process through PuLP's highspy API (it keeps its time limit; no hard kill possible)."""
     import pulp
 
     if not pulp.HiGHS().available():
         raise PlanError("ilp_backend=highs needs highspy (pip install highspy); use ilp_backend=cpsat or pulp")
-    t0 = time.perf_counter()
-    prob, v = _pulp_problem(model)
-    left = max(0.85 * (time_limit - (time.perf_counter() - t0)) - 0.1, 0.05)  # it builds its model inside
+    prob, v = _pulp_problem(model, deadline - 0.5)
+    left = max(0.85 * (deadline - time.perf_counter()) - 0.1, 0.05)  # it builds its own model inside
     solver = pulp.HiGHS(msg=False, timeLimit=left, threads=1, random_seed=seed)
-    prob.solve(solver)  # type: ignore[attr-defined]
-    info: dict[str, object] = {"highs_status": pulp.LpStatus[prob.status]}  # type: ignore[attr-defined]
-    if prob.status == pulp.LpStatusInfeasible:  # type: ignore[attr-defined]
+    prob.solve(solver)
+    info: dict[str, object] = {"highs_status": pulp.LpStatus[prob.status]}
+    if prob.status == pulp.LpStatusInfeasible:
         return MipSolution("infeasible", None, None, info)
-    bound_raw = prob.solverModel.getInfo().mip_dual_bound  # type: ignore[attr-defined]
-    bound = abs(float(bound_raw)) if np.isfinite(bound_raw) else None
-    if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):  # type: ignore[attr-defined]
+    bound_raw = prob.solverModel.getInfo().mip_dual_bound
+    bound = -float(bound_raw) if np.isfinite(bound_raw) else None  # HiGHS minimised -gain
+    if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
         return MipSolution("unknown", None, bound, info)
     vals = np.array([x.value() or 0.0 for x in v], dtype=np.float64)
-    optimal = prob.sol_status == pulp.LpSolutionOptimal  # type: ignore[attr-defined]
-    return MipSolution("optimal" if optimal else "feasible", vals, float(model.obj_V @ vals) if optimal else bound, info)
+    optimal = prob.sol_status == pulp.LpSolutionOptimal
+    return MipSolution(
+        "optimal" if optimal else "feasible", vals, float(model.obj_V @ vals) if optimal else bound, info
+    )
 
 
 def solve(model: MipModel, backend: str, time_limit: float, seed: int = 0, workers: int = 2) -> MipSolution:
-    """Solve ``model`` with ``backend`` (cpsat | pulp | cbc | highs) within ``time_limit`` seconds."""
-    if backend == "cpsat":
-        return _solve_cpsat(model, time_limit, seed, workers)
-    if backend in ("pulp", "cbc"):
-        return _solve_cbc(model, time_limit, seed)
-    if backend == "highs":
-        return _solve_highs(model, time_limit, seed)
+    """Solve ``model`` with ``backend`` (cpsat | pulp | cbc | highs) within ``time_limit`` seconds (wall clock);
+    status "unknown" without values when building the backend's model alone used up the time."""
+    deadline = time.perf_counter() + time_limit
+    try:
+        if backend == "cpsat":
+            return _solve_cpsat(model, deadline, seed, workers)
+        if backend in ("pulp", "cbc"):
+            return _solve_cbc(model, deadline, seed)
+        if backend == "highs":
+            return _solve_highs(model, deadline, seed)
+    except _OutOfTime:
+        return MipSolution("unknown", None, None, {"note": f"building the {backend} model used up the time limit"})
     raise PlanError(f"ilp_backend={backend!r}: choose one of {', '.join(BACKENDS)}")
 
 
@@ -543,7 +574,7 @@ def solve_ilp(graph: RoutingGraph, spec: PlanSpec) -> SolveResult:
     over_L = _gpu_load_LG(greedy_LE, graph.load_LE, G).max(axis=1) > cap_L + 1e-9
     greedy_ok = not over_L.any()
     model = build_model(graph, spec, greedy_LE if greedy_ok else None)
-    left = spec.time_limit - (time.perf_counter() - t0) - 0.05
+    left = spec.time_limit - (time.perf_counter() - t0) - 0.1
     sol = solve(model, backend, left, spec.seed, int(spec.options.get("ilp_workers", 2)))
     if sol.status == "infeasible":
         mean_L = graph.load_LE.sum(axis=1) / G
@@ -554,6 +585,8 @@ def solve_ilp(graph: RoutingGraph, spec: PlanSpec) -> SolveResult:
         )
     if sol.values_V is not None:
         gpu_of_LE, status = model.decode(sol.values_V), sol.status
+        if greedy_ok and gpu_cost(greedy_LE, graph.trans_LEE, dist_GG) < gpu_cost(gpu_of_LE, graph.trans_LEE, dist_GG):
+            gpu_of_LE = greedy_LE  # a backend that ignored the hint and stopped early
     else:
         if not greedy_ok:
             raise PlanError(
@@ -562,7 +595,7 @@ def solve_ilp(graph: RoutingGraph, spec: PlanSpec) -> SolveResult:
             )
         gpu_of_LE, status = greedy_LE, "feasible-greedy"
     objective = gpu_cost(gpu_of_LE, graph.trans_LEE, dist_GG)
-    bound = None if sol.gain_bound is None else min(model.cost_bound(sol.gain_bound), objective)
+    bound = None if sol.gain_bound is None else float(np.clip(model.cost_bound(sol.gain_bound), 0.0, objective))
     if status == "optimal" and model.dropped_gain > 0:
         status = "feasible"  # optimal for the kept pairs only
     info = {
