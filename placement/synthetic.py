@@ -1,12 +1,12 @@
 """Synthetic routing traces with realistic structure, for benchmarks at sizes no public trace has
 (DeepSeek-V3: 58 MoE layers x 256 experts, top-8; Kimi-K2: 60 x 384, top-8).
 
-Model: each prompt has a latent topic (one of C). Each layer has a log-normal expert popularity (hot experts:
-busiest / mean about 2) and, per topic, a preferred set of ``num_preferred`` (default E/16) experts. A token draws each of its K
-experts, with probability ``follow``, from its topic's preferred set at that layer, otherwise from the layer's
-popularity; repeated ids are redrawn. Consecutive layers are thus dependent through the topic, as real traces
-are (adjacent-layer concentration about twice the independent value). Vectorised over tokens; loops run over
-layers only.
+Model: each prompt has a latent topic (one of C). Each layer has a log-normal expert popularity (hot
+experts: busiest / mean about 2) and, per topic, a preferred set of ``num_preferred`` (default E/16) experts.
+A token draws each of its K experts, with probability ``follow``, from its topic's preferred set at that layer,
+otherwise from the layer's popularity; repeated ids are redrawn. Consecutive layers are thus dependent through
+the topic, as real traces are (adjacent-layer concentration about twice the independent value). Vectorised over
+tokens; loops run over layers only.
 
 Dimension key: T tokens, L layers, E experts, K top-k, C topics, S prompts.
 """

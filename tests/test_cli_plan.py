@@ -31,7 +31,19 @@ def _one_error(stderr: str) -> str:
 def test_plan_then_eval(cli, dataset: Path, tmp_path: Path, solver: str) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "plan.json"
     code, stdout, stderr = cli(
-        "plan", "--trace", dataset, "--gpus", 4, "--solver", solver, "--time-limit", 2, "--prompts", "train", "--out", out
+        "plan",
+        "--trace",
+        dataset,
+        "--gpus",
+        4,
+        "--solver",
+        solver,
+        "--time-limit",
+        2,
+        "--prompts",
+        "train",
+        "--out",
+        out,
     )
     assert code == 0, stderr
     plan = Plan.load(out)

@@ -31,7 +31,9 @@ def metrics_by_definition(plan: Plan, ids_TLK: np.ndarray) -> tuple[float, list[
     T, L, _ = ids_TLK.shape
     P = plan.num_slots
     per = P // plan.num_gpus
-    H = [{e: {p // per for p in range(P) if plan.phy2log[l, p] == e} for e in range(plan.num_experts)} for l in range(L)]
+    H = [
+        {e: {p // per for p in range(P) if plan.phy2log[l, p] == e} for e in range(plan.num_experts)} for l in range(L)
+    ]
     S = [[{int(e) for e in ids_TLK[t, l] if e >= 0} for l in range(L)] for t in range(T)]
     num = den = 0
     for t in range(T):
@@ -176,5 +178,5 @@ def test_evaluate_refuses_other_model() -> None:
     meta = TraceMeta("t", 8, 2, (0, 1))
     g = graph_from_routes(np.zeros((1, 2, 2), np.int16), meta)
     plan = Plan(2, 1, 4, (0, 1), np.tile(np.arange(4), (2, 1)))
-    with pytest.raises(PlanError, match="another|same model|experts"):
+    with pytest.raises(PlanError, match="same model"):
         evaluate(plan, g)

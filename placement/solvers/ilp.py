@@ -406,7 +406,7 @@ def _solve_cpsat(model: MipModel, deadline: float, seed: int, workers: int) -> M
         for i, h in enumerate(model.hint_V.tolist()):
             cp.add_hint(v[i], int(h > 0.5))
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(deadline - time.perf_counter() - 0.1, 0.01)
+    solver.parameters.max_time_in_seconds = max(deadline - time.perf_counter() - 0.3, 0.01)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
     # The bound comes from the LP relaxation (tight for the chain model): run the full-LP worker, skip probing.
@@ -414,7 +414,7 @@ def _solve_cpsat(model: MipModel, deadline: float, seed: int, workers: int) -> M
     solver.parameters.cp_model_probing_level = 0
     if workers > 1:
         solver.parameters.subsolvers.append("max_lp")
-    timer = threading.Timer(max(deadline - time.perf_counter(), 0.0), solver.stop_search)
+    timer = threading.Timer(max(deadline - time.perf_counter() - 0.15, 0.0), solver.stop_search)
     timer.start()
     try:
         st = solver.solve(cp)
@@ -429,8 +429,7 @@ def _solve_cpsat(model: MipModel, deadline: float, seed: int, workers: int) -> M
         return MipSolution("infeasible", None, None, info)
     if st == cp_model.MODEL_INVALID:
         raise RuntimeError(f"CP-SAT rejected the placement model: {cp.validate()}")
-    bound = float(solver.best_objective_bound)
-    return MipSolution("unknown", None, bound if np.isfinite(bound) else None, info)
+    return MipSolution("unknown", None, None, info)  # no bound: CP-SAT's is not meaningful without a solution
 
 
 def _pulp_problem(model: MipModel, deadline: float) -> tuple[Any, list[Any]]:
@@ -470,7 +469,8 @@ def _solve_cbc(model: MipModel, deadline: float, seed: int) -> MipSolution:
 
     import pulp
 
-    prob, v = _pulp_problem(model, deadline - 0.5)
+    t0 = time.perf_counter()
+    prob, v = _pulp_problem(model, t0 + 0.4 * (deadline - t0))  # writing the MPS file takes about as long
     cbc = pulp.PULP_CBC_CMD(msg=False, warmStart=model.hint_V is not None)
     with tempfile.TemporaryDirectory(prefix="moeplace-cbc-") as tmp:
         mps, mst, sol = (str(Path(tmp) / f"m.{ext}") for ext in ("mps", "mst", "sol"))
@@ -519,8 +519,9 @@ def _solve_highs(model: MipModel, deadline: float, seed: int) -> MipSolution:
 
     if not pulp.HiGHS().available():
         raise PlanError("ilp_backend=highs needs highspy (pip install highspy); use ilp_backend=cpsat or pulp")
-    prob, v = _pulp_problem(model, deadline - 0.5)
-    left = max(0.85 * (deadline - time.perf_counter()) - 0.1, 0.05)  # it builds its own model inside
+    t0 = time.perf_counter()
+    prob, v = _pulp_problem(model, t0 + 0.4 * (deadline - t0))
+    left = max(0.6 * (deadline - time.perf_counter()) - 0.1, 0.05)  # it builds its own model inside
     solver = pulp.HiGHS(msg=False, timeLimit=left, threads=1, random_seed=seed)
     prob.solve(solver)
     info: dict[str, object] = {"highs_status": pulp.LpStatus[prob.status]}
