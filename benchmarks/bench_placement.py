@@ -79,7 +79,7 @@ def ds_v2_lite(quick: bool) -> list[dict[str, Any]]:
         for R in (0, 8 if 72 % G == 0 else G):
             eps = 0.1 if R == 0 else 0.03
             for solver in ("contiguous", "round_robin", "eplb", "affinity"):
-                spec = PlanSpec(G, 2 if R and G >= 8 else 1, R, eps, time_limit=10.0, seed=0)
+                spec = PlanSpec(G, 1, R, eps, time_limit=10.0, seed=0)
                 rows.append(run_case("ds-v2-lite", tr.meta, fit, test, spec, solver))
                 print_row(rows[-1])
     if not quick:

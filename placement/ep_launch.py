@@ -19,7 +19,7 @@ import os
 import queue as queue_mod
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -55,8 +55,13 @@ def pick_backend(requested: str, world: int) -> str:
     return requested
 
 
-def _worker(rank: int, world: int, port: int, backend: str, task: EPTask, out: Any, threads: int) -> None:
-    """Body of one spawned rank: join the group, run, put (rank, results) on ``out``."""
+RankFn = Callable[[DistExchanger, Any], Any]  # (exchanger, task) -> that rank's results
+
+
+def _worker(
+    rank: int, world: int, port: int, backend: str, task: Any, out: Any, threads: int, rank_fn: RankFn
+) -> None:
+    """Body of one spawned rank: join the group, run ``rank_fn``, put (rank, results) on ``out``."""
     import torch.distributed as dist
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -75,13 +80,21 @@ def _worker(rank: int, world: int, port: int, backend: str, task: EPTask, out: A
         timeout=timedelta(seconds=300),
     )
     try:
-        out.put((rank, run_rank(DistExchanger(device), task)))
+        out.put((rank, rank_fn(DistExchanger(device), task)))
     finally:
         dist.destroy_process_group()
 
 
-def launch(task: EPTask, world: int, backend: str = "auto", start_method: str | None = None) -> list[list[RankResult]]:
-    """Run ``task`` on ``world`` local ranks; returns results[rank][job]. ``start_method`` None: see above."""
+def launch(
+    task: Any,
+    world: int,
+    backend: str = "auto",
+    start_method: str | None = None,
+    rank_fn: RankFn = run_rank,
+) -> list[Any]:
+    """Run ``rank_fn(exchanger, task)`` on ``world`` local ranks; returns results[rank] (for the default
+    ``ep_runtime.run_rank``: results[rank][job]). ``start_method`` None: see above. ``rank_fn`` must be a
+    module-level function (spawn pickles it)."""
     import torch.multiprocessing as mp
 
     backend = pick_backend(backend, world)
@@ -92,12 +105,12 @@ def launch(task: EPTask, world: int, backend: str = "auto", start_method: str | 
     out = mp.get_context(method).Queue()
     procs = mp.start_processes(
         _worker,
-        args=(world, free_port(), backend, task, out, threads),
+        args=(world, free_port(), backend, task, out, threads, rank_fn),
         nprocs=world,
         join=False,
         start_method=method,
     )
-    results: dict[int, list[RankResult]] = {}
+    results: dict[int, Any] = {}
     try:
         while len(results) < world:
             try:

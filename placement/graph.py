@@ -10,7 +10,9 @@ Dimension key: T tokens, L MoE layers, K top-k, E experts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,8 +124,8 @@ class RoutingGraph:
         """Keep only each expert's ``m`` heaviest next-layer (and co-activated) partners; the rest become 0."""
         return replace(
             self,
-            trans_LEE=_keep_top(self.trans_LEE, m),
-            coact_LEE=None if self.coact_LEE is None else _keep_top(self.coact_LEE, m),
+            trans_LEE=keep_top_per_row(self.trans_LEE, m),
+            coact_LEE=None if self.coact_LEE is None else keep_top_per_row(self.coact_LEE, m),
         )
 
     def to_networkx(self, min_weight: int = 1) -> nx.DiGraph:
@@ -154,7 +156,8 @@ class RoutingGraph:
         atomic_write_bytes(Path(path), "\n".join(nx.generate_graphml(g)).encode())
 
 
-def _keep_top(w_XEE: np.ndarray, m: int) -> np.ndarray:
+def keep_top_per_row(w_XEE: np.ndarray, m: int) -> np.ndarray:
+    """w_XEE with all but the m largest entries of each row set to 0."""
     E = w_XEE.shape[-1]
     if m >= E:
         return w_XEE.copy()
@@ -256,13 +259,37 @@ def build_graph(
 
     ``num_folds`` > 1 also counts loads per prompt fold (reads the seq_id column) for robust balancing."""
     acc = GraphAccumulator(trace.meta, with_coact, num_folds)
-    batches: Iterable[RouteArrays] = trace.iter_batches(batch_tokens, with_ids=num_folds > 1)
+    batches: Iterable[RouteArrays] = _prefetched(trace.iter_batches(batch_tokens, with_ids=num_folds > 1))
     for batch in batches:
         acc.add(batch.expert_ids_TLK, batch.seq_ids_T if num_folds > 1 else None)
         if on_progress is not None:
             on_progress(batch.num_tokens)
     g = acc.result()
     return g.keep_top_pairs(keep_top) if keep_top else g
+
+
+def _prefetched(batches: Iterator[RouteArrays], depth: int = 2) -> Iterator[RouteArrays]:
+    """Decode the next record batches on a background thread while the (GIL-free) kernel counts this one."""
+    q: queue.Queue[object] = queue.Queue(maxsize=depth)
+    done = object()
+    errors: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            for b in batches:
+                q.put(b)
+        except BaseException as exc:  # handed to the consumer below
+            errors.append(exc)
+        finally:
+            q.put(done)
+
+    thread = threading.Thread(target=produce, name="moeplace-decode", daemon=True)
+    thread.start()
+    while (item := q.get()) is not done:
+        yield item  # type: ignore[misc]
+    thread.join()
+    if errors:
+        raise errors[0]
 
 
 # ------------------------------------------------------------------------------------------------ statistics

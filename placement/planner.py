@@ -8,10 +8,11 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from placement.graph import RoutingGraph
 from placement.plan import Plan, PlanError
-from placement.solvers.base import PlanSpec, SolveResult, topology_cost
+from placement.solvers.base import PlanSpec, SolveResult, capacity_lower_bound, relative_gap, topology_cost
 
 SolverFn = Callable[[RoutingGraph, PlanSpec], SolveResult]
 
@@ -49,6 +50,10 @@ def make_plan(graph: RoutingGraph, spec: PlanSpec, solver: str = "auto") -> Plan
     t0 = time.perf_counter()
     res = fn(graph, spec)
     wall = time.perf_counter() - t0
+    cost = topology_cost(res.phy2log_LP, graph, spec)
+    if res.bound is None:  # heuristics: report the gap to the capacity bound
+        bound = capacity_lower_bound(graph, spec)
+        res = replace(res, objective=cost, bound=bound, gap=relative_gap(cost, bound))
     meta = graph.meta
     provenance = {
         "solver": res.solver,
@@ -58,7 +63,7 @@ def make_plan(graph: RoutingGraph, spec: PlanSpec, solver: str = "auto") -> Plan
         "bound": res.bound,
         "gap": res.gap,
         "solve_seconds": round(wall, 4),
-        "topology_cost": topology_cost(res.phy2log_LP, graph, spec),
+        "topology_cost": cost,
         "trace_fingerprint": meta.fingerprint(),
         "trace_tokens": graph.num_tokens,
         "options": {

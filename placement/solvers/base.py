@@ -93,3 +93,27 @@ def topology_cost(phy2log_LP: np.ndarray, graph: RoutingGraph, spec: PlanSpec) -
     same_node = np.einsum("xin,xjn->xij", H_LEN[:-1], H_LEN[1:]) > 0
     cost = np.where(same_gpu, 0.0, np.where(same_node, 1.0, spec.inter_node_cost))
     return float((graph.trans_LEE * cost).sum())
+
+
+def capacity_lower_bound(graph: RoutingGraph, spec: PlanSpec) -> float:
+    """A lower bound on ``topology_cost`` valid for every plan of ``spec`` (the capacity bound).
+
+    Expert i at layer l has at most c = min(G, 1 + R) copies, so it can share a GPU with at most c * P/G experts
+    of layer l+1 and a node with at most min(E, c * P/N): at best its heaviest such successors are the
+    co-located ones, the next ones cost 1 and the rest ``inter_node_cost``.
+    """
+    if graph.trans_LEE.shape[0] == 0:
+        return 0.0
+    G, N, E, R = spec.num_gpus, spec.num_nodes, graph.num_experts, spec.num_redundant
+    P = E + R
+    copies = min(G, 1 + R)
+    on_gpu = min(E, copies * (P // G))
+    on_node = min(E, copies * (P // N))
+    srt_XEE = -np.sort(-graph.trans_LEE.astype(np.float64), axis=2)
+    cum_XEE = np.cumsum(srt_XEE, axis=2)
+    total_XE = cum_XEE[:, :, -1]
+    gpu_XE = cum_XEE[:, :, on_gpu - 1]
+    node_XE = cum_XEE[:, :, on_node - 1]
+    if N == 1:
+        return float((total_XE - gpu_XE).sum())
+    return float(((node_XE - gpu_XE) + spec.inter_node_cost * (total_XE - node_XE)).sum())

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from placement.graph import RoutingGraph, _keep_top
+from placement.graph import RoutingGraph, keep_top_per_row
 from placement.plan import PlanError, gpu_of_expert_to_phy2log
 from placement.solvers.base import PlanSpec, SolveResult, relative_gap
 from placement.solvers.greedy import balance_cap_L, distance_GG, gpu_cost, greedy_gpu_of
@@ -226,7 +226,7 @@ def _build_assign(graph: RoutingGraph, spec: PlanSpec, hint_LE: np.ndarray | Non
     c = float(spec.inter_node_cost) if N > 1 else 1.0
     trans = graph.trans_LEE.astype(np.float64)
     top = spec.options.get("ilp_top_pairs")
-    kept = _keep_top(trans, int(top)) if top else trans
+    kept = keep_top_per_row(trans, int(top)) if top else trans
     cap_L = balance_cap_L(graph.load_LE, G, spec.balance_eps)
     m = _Builder()
 

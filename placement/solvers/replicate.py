@@ -68,12 +68,37 @@ def add_replicas(
         base_G = np.bincount(gpu_LE[l], weights=share_LE[l], minlength=G)
         items = LoadModel(share_LE[l][item_C][None, :], np.zeros((1, item_C.size, item_C.size)), 0.0)
         gpu_C = assign_layer(w_CG, items, 0, limit, allowed_CG, base_G)
+        gpu_C = separate_copies(item_C, gpu_C, H_LEG[l], w_CG)
         np.add.at(H_LEG[l], (item_C, gpu_C), 1)
         gpu_LE[l] = rebalance_primaries(l, gpu_LE[l], H_LEG, trans, share_LE[l], limit)
         H_LEG[l] = 0
         H_LEG[l, np.arange(E), gpu_LE[l]] = 1
         np.add.at(H_LEG[l], (item_C, gpu_C), 1)
     return holders_to_phy2log(H_LEG, gpu_LE, R // G)
+
+
+def separate_copies(item_C: np.ndarray, gpu_C: np.ndarray, H_EG: np.ndarray, w_CG: np.ndarray) -> np.ndarray:
+    """Move copies so that no GPU holds two copies of one expert (METRICS.md counts a GPU once, so a second copy
+    there would add no capacity): swap a doubled copy with a copy on another GPU where both fit, least loss
+    of co-located traffic first. H_EG: the layer's primaries (one-hot)."""
+    gpu_C = gpu_C.copy()
+    C = item_C.size
+    for _ in range(C):
+        held_EG = H_EG.copy()
+        np.add.at(held_EG, (item_C, gpu_C), 1)
+        dup = np.flatnonzero(held_EG[item_C, gpu_C] > 1)
+        if dup.size == 0:
+            break
+        c = int(dup[0])
+        e, g = int(item_C[c]), int(gpu_C[c])
+        # partner d on GPU h: e must not be on h, and d's expert must not be on g
+        ok_D = (held_EG[e, gpu_C] == 0) & (held_EG[item_C, g] == 0) & (gpu_C != g)
+        if not ok_D.any():
+            break
+        loss_D = w_CG[c, g] + w_CG[np.arange(C), gpu_C] - w_CG[c, gpu_C] - w_CG[np.arange(C), g]
+        d = int(np.argmin(np.where(ok_D, loss_D, np.inf)))
+        gpu_C[c], gpu_C[d] = gpu_C[d], g
+    return gpu_C
 
 
 def rebalance_primaries(

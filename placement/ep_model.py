@@ -1,0 +1,396 @@
+"""Plan application to a live model: the shipped demo MoE (or a transformers MoE) run expert-parallel.
+
+Every rank loads the model itself, keeps its dense parts whole (embeddings, attention, dense FFNs, norms,
+routers, head) and replaces each MoE block by an ``EPMoEBlock`` that holds only the experts of the rank's plan
+slots (replicas included); the original blocks, with every expert, are dropped before the first prompt.
+
+- Tokens: the batch's real tokens get global ids t in (prompt, position) order -- the order of a profiled
+  trace -- and token t starts on rank t mod G, the *home* rank of placement/metrics.py.
+- At each MoE layer the rank routes the tokens it holds with the layer's own router (live routing, recorded),
+  then dispatch -> grouped expert compute -> combine with the rules of placement/ep_dispatch.py, so the bytes
+  moved equal ``metrics.traffic`` on the recorded routing.
+- Attention needs every token of a sequence, so after the combine the block outputs are all-gathered (the
+  *gather* phase, counted apart: the evaluator's all-to-all model leaves it out) and every rank goes on with
+  the whole residual stream; the dense parts then compute bit-identical values on every rank.
+- *follow* mode is exact as well: the rank holding token t at the next MoE layer is its combine rank at this
+  one, and that rank reads t's input from its own copy of the residual stream. A live transformer gathers
+  the stream for attention anyway, so follow's dispatch saving is real only where attention is
+  sequence-parallel; for placement studies follow is mainly a trace-replay model.
+
+Dimension key: B prompts in a batch, S padded length, T tokens (real ones), H tokens held by a rank, A tokens
+after a gather, L MoE layers, K top-k, E experts, G ranks, S local slots, D hidden, F ffn, V vocabulary,
+N rows sent, M rows received, Q combine rows received.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from placement.ep_dispatch import (
+    META_FIXED,
+    EPError,
+    Exchanger,
+    ReplicaTable,
+    build_dispatch,
+    choose_ranks,
+    combine_ranks,
+    sent_off_rank,
+)
+from placement.ep_runtime import ExpertW, LayerStats, LocalExperts, grouped_ffn
+from placement.metrics import MODES
+from placement.plan import Plan
+
+LIVE_PHASES = ("dispatch", "compute", "combine", "gather")
+HF_BLOCKS = {"MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock"}  # no shared experts
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+
+@dataclass(frozen=True)
+class MoEBlockRef:
+    """One MoE block of a loaded model: ``parent.<attr>`` is the block; ``style`` how it is called
+    (``demo``: x_TD -> (y_TD, aux); ``hf``: x_BSD -> y_BSD)."""
+
+    layer: int
+    parent: nn.Module
+    attr: str
+    style: str
+
+    @property
+    def block(self) -> nn.Module:
+        module: nn.Module = getattr(self.parent, self.attr)
+        return module
+
+    def router(self) -> nn.Module:
+        r: nn.Module = getattr(self.block, "router" if self.style == "demo" else "gate")
+        return r
+
+    def expert(self, e: int) -> ExpertW:
+        """(w1_FD, w3_FD, w2_DF) of expert ``e``: gate, up and down projections."""
+        ex: Any = self.block.experts
+        if self.style == "demo":
+            return ex.w_gate_EDF[e].T, ex.w_up_EDF[e].T, ex.w_down_EFD[e].T
+        F = ex.gate_up_proj.shape[1] // 2
+        return ex.gate_up_proj[e, :F], ex.gate_up_proj[e, F:], ex.down_proj[e]
+
+
+def moe_blocks(module: nn.Module) -> list[MoEBlockRef]:
+    """The MoE blocks of a ``DemoMoE`` or a supported transformers model, in layer order."""
+    from profiler.model import DemoMoE, MoEFeedForward
+
+    if isinstance(module, DemoMoE):
+        return [MoEBlockRef(i, b, "ffn", "demo") for i, b in enumerate(module.blocks) if isinstance(b.ffn, MoEFeedForward)]
+    refs = []
+    for name, sub in module.named_modules():
+        if name.split(".")[-2:-1] != ["layers"] or not hasattr(sub, "mlp"):
+            continue
+        kind = type(sub.mlp).__name__
+        if kind.endswith("SparseMoeBlock") and kind not in HF_BLOCKS:
+            raise EPError(f"{kind} is not supported by the EP runtime (shared experts); use {sorted(HF_BLOCKS)}")
+        if kind in HF_BLOCKS:
+            act = getattr(sub.mlp.experts, "act_fn", None)
+            if type(act).__name__ != "SiLUActivation":
+                raise EPError(f"{kind}: expert activation {type(act).__name__}; the EP runtime computes SwiGLU")
+            refs.append(MoEBlockRef(int(name.split(".")[-1]), sub, "mlp", "hf"))
+    if not refs:
+        raise EPError(f"{type(module).__name__}: no MoE blocks the EP runtime knows ({sorted(HF_BLOCKS)})")
+    return refs
+
+
+def local_experts(plan: Plan, rank: int, refs: Sequence[MoEBlockRef]) -> LocalExperts:
+    """The experts of ``rank``'s plan slots, copied out of the model's blocks (replicas are copies)."""
+    S = plan.slots_per_gpu
+    slot_expert_LS = plan.phy2log[:, rank * S : (rank + 1) * S]
+    L = slot_expert_LS.shape[0]
+    slot_of_LE = np.full((L, plan.num_experts), -1, dtype=np.int64)
+    for s in range(S - 1, -1, -1):  # lowest slot wins
+        slot_of_LE[np.arange(L), slot_expert_LS[:, s]] = s
+    weights = []
+    with torch.no_grad():
+        for l, ref in enumerate(refs):
+            ws = [ref.expert(int(e)) for e in slot_expert_LS[l]]
+            weights.append(tuple(torch.stack([w[i] for w in ws]).contiguous() for i in range(3)))
+    return LocalExperts(slot_expert_LS, slot_of_LE, tuple(weights))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Prompts padded to one length: input_BS int64 [B, S], real_BS bool [B, S]; tokens first..first+T-1."""
+
+    input_BS: np.ndarray
+    real_BS: np.ndarray
+    first: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.real_BS.sum())
+
+
+def make_batches(encoded: Sequence[Sequence[int]], batch_size: int, pad_id: int) -> list[Batch]:
+    """Right-padded batches of the non-empty token lists, global token ids in order."""
+    seqs = [list(s) for s in encoded if len(s)]
+    out, first = [], 0
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i : i + batch_size]
+        n_B = np.array([len(s) for s in chunk])
+        input_BS = np.full((len(chunk), int(n_B.max())), pad_id, dtype=np.int64)
+        for b, s in enumerate(chunk):
+            input_BS[b, : len(s)] = s
+        real_BS = np.arange(input_BS.shape[1])[None, :] < n_B[:, None]
+        out.append(Batch(input_BS, real_BS, first))
+        first += int(n_B.sum())
+    return out
+
+
+def model_logits(module: nn.Module, batch: Batch) -> torch.Tensor:
+    """float32 [T, V]: logits of the batch's real tokens, in token order."""
+    from profiler.model import DemoMoE
+
+    ids = torch.from_numpy(batch.input_BS)
+    with torch.inference_mode():
+        if isinstance(module, DemoMoE):
+            logits_BSV = module(ids).logits_BSV
+        else:
+            mask = torch.from_numpy(batch.real_BS.astype(np.int64))
+            logits_BSV = module(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return logits_BSV.reshape(-1, logits_BSV.shape[-1])[torch.from_numpy(batch.real_BS.reshape(-1))].float()
+
+
+# ------------------------------------------------------------------------------------------------ per rank
+
+
+def ep_moe(
+    ex: Exchanger,
+    local: LocalExperts,
+    table: ReplicaTable,
+    layer: int,
+    mode: str,
+    tok_H: np.ndarray,
+    x_HD: torch.Tensor,
+    ids_HK: np.ndarray,
+    gates_HK: np.ndarray,
+) -> tuple[np.ndarray, torch.Tensor, LayerStats]:
+    """One MoE layer's experts on one rank: held tokens (sorted ids, inputs, routing) in -> (tokens held after
+    the combine, sorted; their summed expert outputs) out. Dispatch and combine as ``ep_runtime.ep_layer``."""
+    r, G, dev = ex.rank, ex.world, ex.device
+    t0 = time.perf_counter()
+    at_H = np.full(tok_H.size, r, dtype=np.int64)
+    rank_HK = choose_ranks(table, layer, tok_H, at_H, ids_HK)
+    combine_H = combine_ranks(rank_HK, at_H, mode)
+    d = build_dispatch(tok_H, ids_HK, gates_HK, rank_HK, combine_H, G)
+    recv_G = ex.counts(d.send_counts_G)
+    meta_t, gate_t = torch.from_numpy(d.meta_NM).to(dev), torch.from_numpy(d.gate_NK).to(dev)
+    xsend_ND = x_HD[torch.from_numpy(d.row_T_N).to(dev)]
+    meta_MM = ex.rows(meta_t, d.send_counts_G, recv_G).cpu().numpy()
+    gate_MK = ex.rows(gate_t, d.send_counts_G, recv_G)
+    xin_MD = ex.rows(xsend_ND, d.send_counts_G, recv_G)
+    t1 = time.perf_counter()
+    slot_MK = local.local_slots(layer, meta_MM[:, META_FIXED:], r)
+    part_MD = grouped_ffn(xin_MD, torch.from_numpy(slot_MK).to(dev), gate_MK, local.weights_L[layer])
+    t2 = time.perf_counter()
+    home_M = meta_MM[:, 1]
+    order_M = np.argsort(home_M, kind="stable")
+    send2_G = np.bincount(home_M, minlength=G).astype(np.int64)
+    recv2_G = ex.counts(send2_G)
+    tok_send = torch.from_numpy(np.ascontiguousarray(meta_MM[order_M, 0])).to(dev)
+    tok_Q = ex.rows(tok_send, send2_G, recv2_G).cpu().numpy()
+    part_QD = ex.rows(part_MD[torch.from_numpy(order_M).to(dev)], send2_G, recv2_G)
+    held_H = np.union1d(tok_H[combine_H == r], tok_Q)  # follow: tokens arrive with their combine rows
+    pos_Q = torch.from_numpy(np.searchsorted(held_H, tok_Q)).to(dev)
+    y_HD = x_HD.new_zeros((held_H.size, x_HD.shape[1])).index_add_(0, pos_Q, part_QD)
+    t3 = time.perf_counter()
+    sent_2G = np.stack([sent_off_rank(d.send_counts_G, r), sent_off_rank(send2_G, r)])
+    recv_2G = np.stack([sent_off_rank(recv_G, r), sent_off_rank(recv2_G, r)])
+    row_bytes = x_HD.shape[1] * x_HD.element_size()
+    meta_row = (META_FIXED + ids_HK.shape[1]) * 8 + ids_HK.shape[1] * 4
+    meta_bytes = int(sent_2G[0].sum()) * meta_row + int(sent_2G[1].sum()) * 8 + 2 * (G - 1) * 8
+    stats = LayerStats(sent_2G, recv_2G, sent_2G * row_bytes, meta_bytes, np.array([t1 - t0, t2 - t1, t3 - t2]))
+    return held_H, y_HD, stats
+
+
+def gather_rows(ex: Exchanger, tok_H: np.ndarray, y_HD: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, int]:
+    """All-gather (token ids, rows) from every rank with ``all_to_all_single`` (each rank sends its rows to
+    all); returns (tok_A, y_AD, bytes this rank sent to other ranks)."""
+    G = ex.world
+    send_G = np.full(G, tok_H.size, dtype=np.int64)
+    recv_G = ex.counts(send_G)
+    tok_A = ex.rows(torch.from_numpy(np.tile(tok_H, G)).to(ex.device), send_G, recv_G).cpu().numpy()
+    y_AD = ex.rows(y_HD.repeat(G, 1), send_G, recv_G)
+    return tok_A, y_AD, tok_H.size * (G - 1) * (y_HD.shape[1] * y_HD.element_size() + 8)
+
+
+class RankState:
+    """What the EP blocks of one rank share: the group, the current job and batch, and the counters."""
+
+    def __init__(self, ex: Exchanger, num_layers: int) -> None:
+        self.ex = ex
+        self.L = num_layers
+        self.local: LocalExperts | None = None
+        self.table: ReplicaTable | None = None
+        self.mode = "home"
+        self.reset()
+
+    def reset(self) -> None:
+        G = self.ex.world
+        self.sent_L2G = np.zeros((self.L, 2, G), np.int64)
+        self.recv_L2G = np.zeros((self.L, 2, G), np.int64)
+        self.bytes_L2G = np.zeros((self.L, 2, G), np.int64)
+        self.meta_bytes = 0
+        self.gather_bytes = 0
+        self.seconds_L4 = np.zeros((self.L, len(LIVE_PHASES)))
+        self.routes: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (layer, tok_H, ids_HK, gates_HK)
+
+    def begin_batch(self, batch: Batch) -> None:
+        self.batch = batch
+        self.pos_T = torch.from_numpy(np.flatnonzero(batch.real_BS.reshape(-1)))
+        self.tok_H = np.arange(batch.first + self.ex.rank, batch.first + batch.num_tokens, self.ex.world)
+
+    def moe(self, layer: int, router: nn.Module, style: str, x_RD: torch.Tensor) -> torch.Tensor:
+        """float [R, D]: the MoE block's output for every padded position R (zero on padding)."""
+        assert self.local is not None and self.table is not None, "RankState.moe before a job was set"
+        first = self.batch.first
+        x_HD = x_RD[self.pos_T[torch.from_numpy(self.tok_H - first)]]
+        out = router(x_HD)
+        ids, gates = out if style == "demo" else (out[2], out[1])
+        ids_HK = ids.cpu().numpy().astype(np.int64)
+        gates_HK = gates.float().cpu().numpy()
+        self.routes.append((layer, self.tok_H, ids_HK, gates_HK))
+        held_H, y_HD, st = ep_moe(self.ex, self.local, self.table, layer, self.mode, self.tok_H, x_HD, ids_HK, gates_HK)
+        t0 = time.perf_counter()
+        tok_A, y_AD, nbytes = gather_rows(self.ex, held_H, y_HD)
+        y_RD = torch.zeros_like(x_RD)
+        y_RD[self.pos_T[torch.from_numpy(tok_A - first)]] = y_AD.to(x_RD.dtype)
+        self.tok_H = held_H
+        self.sent_L2G[layer] += st.sent_rows_2G
+        self.recv_L2G[layer] += st.recv_rows_2G
+        self.bytes_L2G[layer] += st.sent_bytes_2G
+        self.meta_bytes += st.meta_bytes
+        self.gather_bytes += nbytes
+        self.seconds_L4[layer] += [*st.seconds_3, time.perf_counter() - t0]
+        return y_RD
+
+
+class EPMoEBlock(nn.Module):
+    """Stands in for one MoE block: keeps its router, computes its experts expert-parallel."""
+
+    def __init__(self, state: RankState, layer: int, router: nn.Module, style: str) -> None:
+        super().__init__()
+        self.state = state
+        self.layer = layer
+        self.router = router
+        self.style = style
+
+    def forward(self, x: torch.Tensor) -> Any:
+        y = self.state.moe(self.layer, self.router, self.style, x.reshape(-1, x.shape[-1])).view_as(x)
+        return (y, x.new_zeros(())) if self.style == "demo" else y
+
+
+@dataclass(frozen=True)
+class LiveJob:
+    """One run of the prompts under a plan and communication model."""
+
+    name: str
+    plan: Plan
+    mode: str
+
+
+@dataclass(frozen=True)
+class LiveTask:
+    """What every rank runs: load ``model`` (a ``profiler.api.load_model`` spec), then every job's batches."""
+
+    model: str
+    batches: tuple[Batch, ...]
+    jobs: tuple[LiveJob, ...]
+    repeats: int = 1
+
+
+@dataclass(frozen=True)
+class LiveRankResult:
+    """One rank's view of one job (counters from the last repeat).
+
+    tok_T int64: the home tokens (t mod G) whose logits_TV float32 this rank returns; route_* the routing it
+    decided, one row per (layer, held token): layer_N, tok_N int64, ids_NK int64, gates_NK float32;
+    sent_rows_L2G / recv_rows_L2G / sent_bytes_L2G as ``ep_runtime.RankResult``; gather_bytes: bytes of the
+    all-gathers sent to other ranks; seconds_RL4 float64 [repeats, L, 4]: dispatch, compute, combine, gather.
+    """
+
+    rank: int
+    tok_T: np.ndarray
+    logits_TV: np.ndarray
+    layer_N: np.ndarray
+    tok_N: np.ndarray
+    ids_NK: np.ndarray
+    gates_NK: np.ndarray
+    sent_rows_L2G: np.ndarray
+    recv_rows_L2G: np.ndarray
+    sent_bytes_L2G: np.ndarray
+    meta_bytes: int
+    gather_bytes: int
+    seconds_RL4: np.ndarray
+
+
+def run_live_rank(ex: Exchanger, task: LiveTask) -> list[LiveRankResult]:
+    """Every job of ``task`` on this rank (a plain function; ``ep_launch.launch`` calls it in each process)."""
+    from profiler.api import load_model
+
+    module = load_model(task.model).module.eval()
+    refs = moe_blocks(module)
+    locals_: dict[int, tuple[LocalExperts, ReplicaTable]] = {}
+    for job in task.jobs:
+        if id(job.plan) not in locals_:
+            locals_[id(job.plan)] = (local_experts(job.plan, ex.rank, refs), ReplicaTable.from_plan(job.plan))
+    state = RankState(ex, len(refs))
+    for l, ref in enumerate(refs):  # drop every expert: from here on the rank holds its slots' copies only
+        setattr(ref.parent, ref.attr, EPMoEBlock(state, l, ref.router(), ref.style))
+    seconds_JRL4 = np.zeros((len(task.jobs), task.repeats, len(refs), len(LIVE_PHASES)))
+    out: list[LiveRankResult] = []
+    for rep in range(task.repeats):
+        out = []
+        for j, job in enumerate(task.jobs):
+            state.local, state.table = locals_[id(job.plan)]
+            state.mode = job.mode
+            state.reset()
+            tok, logits = [], []
+            ex.barrier()
+            for batch in task.batches:
+                state.begin_batch(batch)
+                mine_T = np.arange(batch.num_tokens) % ex.world == (ex.rank - batch.first) % ex.world
+                logits.append(model_logits(module, batch)[torch.from_numpy(mine_T)].cpu().numpy())
+                tok.append(batch.first + np.flatnonzero(mine_T))
+            seconds_JRL4[j, rep] = state.seconds_L4
+            K = state.routes[0][2].shape[1] if state.routes else 1
+            out.append(
+                LiveRankResult(
+                    rank=ex.rank,
+                    tok_T=np.concatenate(tok),
+                    logits_TV=np.concatenate(logits),
+                    layer_N=np.concatenate([np.full(t.size, l) for l, t, _, _ in state.routes]).astype(np.int64),
+                    tok_N=np.concatenate([t for _, t, _, _ in state.routes]).astype(np.int64),
+                    ids_NK=np.concatenate([i for _, _, i, _ in state.routes]).reshape(-1, K),
+                    gates_NK=np.concatenate([g for _, _, _, g in state.routes]).reshape(-1, K),
+                    sent_rows_L2G=state.sent_L2G.copy(),
+                    recv_rows_L2G=state.recv_L2G.copy(),
+                    sent_bytes_L2G=state.bytes_L2G.copy(),
+                    meta_bytes=state.meta_bytes,
+                    gather_bytes=state.gather_bytes,
+                    seconds_RL4=seconds_JRL4[j],
+                )
+            )
+    return out
+
+
+def check_plan_for_model(plan: Plan, name: str, num_experts: int, layers: tuple[int, ...], where: str) -> None:
+    """Raise EPError (one line) unless ``plan`` was made for a model with these experts and MoE layer ids."""
+    if plan.num_experts != num_experts or plan.layers != tuple(layers):
+        raise EPError(
+            f"{where}: plan is for {plan.num_experts} experts and MoE layers {list(plan.layers)}, model {name} has "
+            f"{num_experts} experts and MoE layers {list(layers)}; make the plan from a trace of this model"
+        )
