@@ -310,3 +310,121 @@ def ep_bench(
                 refs[key] = dense_reference(model, job.ids_TLK, job.gates_TLK).numpy()
         reports.append(assemble(job, [results[r][j] for r in range(world)], refs[key], model.hidden))
     return reports
+
+
+# ------------------------------------------------------------------------------------------------ live model
+
+
+@dataclass(frozen=True)
+class LiveReport:
+    """A live-model run (placement/ep_model.py): ``job`` holds the replay report's fields with max_rel_error
+    the max relative error of the logits (per token, L2) against the single-process model and predictions from
+    the routing the run recorded. gather_bytes: all-gather bytes for attention (outside the all-to-all model);
+    gather_seconds_L: its slowest-rank time per layer; routing_mismatch: (token, layer) pairs whose live expert
+    set differs from the single-process model's; ids_TLK int64 [T, L, K]: the recorded routing."""
+
+    job: JobReport
+    num_prompts: int
+    gather_bytes: int
+    gather_seconds_L: np.ndarray
+    routing_mismatch: int
+    ids_TLK: np.ndarray
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.job.to_dict() | {
+            "num_prompts": self.num_prompts,
+            "gather_bytes_total": self.gather_bytes,
+            "gather_seconds": self.gather_seconds_L.tolist(),
+            "routing_mismatch": self.routing_mismatch,
+        }
+
+
+def validate_live(plan: Any, world: int, mode: str, model: Any, where: str) -> None:
+    """Raise EPError (one line) unless ``plan`` fits ``model`` (a LoadedModel) on ``world`` ranks."""
+    from placement.ep_model import check_plan_for_model
+
+    check_plan_for_model(plan, model.name, model.num_experts, model.layers, where)
+    ids = np.zeros((1, plan.num_layers, 1), dtype=np.int64)
+    validate_job(EPJob(where, plan, mode, ids), world)
+
+
+def live_bench(
+    model_spec: str,
+    jobs: Sequence[Any],
+    world: int,
+    prompts: Sequence[str],
+    batch_size: int = 8,
+    max_len: int = 256,
+    repeats: int = 1,
+) -> list[LiveReport]:
+    """Run ``prompts`` through ``model_spec`` (``profiler.api.load_model``) on ``world`` gloo ranks under each
+    ``ep_model.LiveJob``; compare logits and routing with the single-process model and bytes with the evaluator.
+    Every check runs before any process starts."""
+    from placement.ep_model import LiveTask, make_batches, model_logits, moe_blocks, run_live_rank
+    from profiler.api import load_model
+    from profiler.capture import RoutingRecorder
+
+    if repeats < 1 or batch_size < 1 or max_len < 1:
+        raise EPError(f"repeats={repeats}, batch_size={batch_size}, max_len={max_len}: all must be >= 1")
+    if not jobs:
+        raise EPError("no jobs to run")
+    loaded = load_model(model_spec)
+    refs = moe_blocks(loaded.module)
+    for job in jobs:
+        validate_live(job.plan, world, job.mode, loaded, job.name)
+    limit = max_len if loaded.max_positions is None else min(max_len, loaded.max_positions)
+    batches = make_batches([loaded.tokenizer(p)[:limit] for p in prompts], batch_size, loaded.pad_id)
+    if not batches:
+        raise EPError(f"the {len(prompts)} prompts encode to no tokens; pass non-empty prompts")
+    results = launch(LiveTask(model_spec, tuple(batches), tuple(jobs), repeats), world, "gloo", rank_fn=run_live_rank)
+    logits, ids, _ = [], [], []
+    with torch_threads(1), RoutingRecorder(loaded.module, loaded.adapter) as rec:
+        for b in batches:
+            logits.append(model_logits(loaded.module, b).numpy())
+            ids.append(rec.pop(torch.from_numpy(b.real_BS.reshape(-1)))[0])
+    ref_TV, ref_TLK = np.concatenate(logits), np.concatenate(ids).astype(np.int64)
+    hidden = int(refs[0].expert(0)[0].shape[1])
+    return [
+        _assemble_live(job, [results[r][j] for r in range(world)], ref_TV, ref_TLK, hidden, len(prompts))
+        for j, job in enumerate(jobs)
+    ]
+
+
+def _assemble_live(
+    job: Any, per_rank: Sequence[Any], ref_TV: np.ndarray, ref_TLK: np.ndarray, hidden: int, num_prompts: int
+) -> LiveReport:
+    T, L, K = ref_TLK.shape
+    tok = np.concatenate([r.tok_T for r in per_rank])
+    if not np.array_equal(np.sort(tok), np.arange(T)):
+        raise EPError(f"{job.name}: the ranks returned logits for {tok.size} tokens, not each of the {T} once")
+    logits_TV = np.empty_like(ref_TV)
+    logits_TV[tok] = np.concatenate([r.logits_TV for r in per_rank])
+    ids_TLK = np.full((T, L, K), -1, dtype=np.int64)
+    seen_TL = np.zeros((T, L), dtype=np.int64)
+    for r in per_rank:
+        ids_TLK[r.tok_N, r.layer_N] = r.ids_NK
+        np.add.at(seen_TL, (r.tok_N, r.layer_N), 1)
+    if (seen_TL != 1).any():
+        raise EPError(f"{job.name}: the ranks routed some (token, layer) {int(seen_TL.max())} or 0 times, not once")
+    routes = RouteArrays(ids_TLK, np.zeros(T, np.int64), np.zeros(T, np.int32))
+    sec_GRL4 = np.stack([r.seconds_RL4 for r in per_rank])
+    slow_RL4 = sec_GRL4.max(axis=0)
+    rep = JobReport(
+        name=job.name,
+        mode=job.mode,
+        num_ranks=len(per_rank),
+        num_tokens=T,
+        token_bytes=hidden * 4,
+        measured_L2GG=np.stack([r.sent_rows_L2G for r in per_rank], axis=2),
+        received_L2GG=np.stack([r.recv_rows_L2G for r in per_rank], axis=3),
+        measured_bytes_L2GG=np.stack([r.sent_bytes_L2G for r in per_rank], axis=2),
+        predicted_L2GG=traffic(job.plan, routes, job.mode),
+        max_rel_error=max_rel_error(logits_TV, ref_TV),
+        layer_seconds_L=np.median(sec_GRL4[..., :3].sum(axis=3).max(axis=0), axis=0),
+        phase_seconds_3=np.median(slow_RL4[..., :3], axis=0).sum(axis=0),
+        meta_bytes=sum(r.meta_bytes for r in per_rank),
+    )
+    mismatch = int((np.sort(ids_TLK, axis=2) != np.sort(ref_TLK, axis=2)).any(axis=2).sum())
+    return LiveReport(
+        rep, num_prompts, sum(r.gather_bytes for r in per_rank), np.median(slow_RL4[..., 3], axis=0), mismatch, ids_TLK
+    )
