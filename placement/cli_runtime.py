@@ -1,4 +1,5 @@
-"""``moeplace ep-bench``: replay a trace's routing through the expert-parallel runtime under a plan."""
+"""``moeplace ep-bench``: replay a trace's routing, or run a live model's prompts, through the expert-parallel
+runtime under a plan."""
 
 from __future__ import annotations
 
@@ -39,12 +40,48 @@ def _text_report(rep: Any) -> str:
     return "\n".join(lines)
 
 
+def _live_lines(rep: Any) -> str:
+    g_ms = rep.gather_seconds_L * 1e3
+    return "\n".join(
+        [
+            f"  live model: {rep.num_prompts} prompts; routing decided on the ranks, "
+            f"(token, layer) pairs routed unlike the single-process model: {rep.routing_mismatch}",
+            f"  all-gather for attention (not in the evaluator's model): {rep.gather_bytes:,} bytes, "
+            f"{g_ms.mean():.2f} ms per MoE layer",
+        ]
+    )
+
+
+def _run_live(
+    model: str,
+    plan_path: Path,
+    ranks: int,
+    modes: tuple[str, ...],
+    prompts: str,
+    limit: int,
+    max_len: int,
+    repeats: int,
+) -> list[Any]:
+    from placement.ep_dispatch import EPError
+    from placement.ep_launch import live_bench
+    from placement.ep_model import LiveJob
+    from placement.plan import Plan
+    from profiler.api import load_prompts
+
+    if limit < 1:
+        raise EPError(f"--limit {limit}: must be >= 1")
+    p = Plan.load(plan_path)
+    texts = load_prompts(prompts)[:limit]
+    jobs = [LiveJob(m, p, m) for m in modes]
+    return live_bench(model, jobs, ranks, texts, max_len=max_len, repeats=repeats)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("ep-bench")
     def ep_bench_cmd(
         plan: Annotated[Path, typer.Option("--plan", help="Plan JSON written by `moeplace plan`.")],
-        trace: Annotated[str, typer.Option("--trace", help="Trace: Parquet dataset/shard or .npz[:ARRAY].")],
         ranks: Annotated[int, typer.Option("--ranks", help="Number of EP ranks; must equal the plan's GPUs.")],
+        trace: Annotated[str, typer.Option("--trace", help="Trace: Parquet dataset/shard or .npz[:ARRAY].")] = "",
         mode: Annotated[
             str, typer.Option("--mode", help="Communication model: home, follow, or both (one launch).")
         ] = "home",
@@ -55,11 +92,20 @@ def register(app: typer.Typer) -> None:
         repeats: Annotated[int, typer.Option("--repeats", help="Runs per mode; times are medians.")] = 1,
         backend: Annotated[str, typer.Option("--backend", help="auto (nccl if CUDA), gloo or nccl.")] = "auto",
         as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+        model: Annotated[
+            str, typer.Option("--model", help="Run a live model instead of a trace: builtin or hf-config:NAME.")
+        ] = "",
+        prompts: Annotated[str, typer.Option("--prompts", help="--model: builtin, .txt or .jsonl.")] = "builtin",
+        limit: Annotated[int, typer.Option("--limit", help="--model: run the first N prompts.")] = 16,
+        max_len: Annotated[int, typer.Option("--max-len", help="--model: tokens per prompt at most.")] = 256,
     ) -> None:
-        """Replay a trace's routing through R expert-parallel ranks under a plan.
+        """Replay a trace's routing (--trace) or run a live model's prompts (--model) through R
+        expert-parallel ranks under a plan.
 
         Reports measured cross-rank bytes per rank pair vs the evaluator's prediction, the max relative
-        error vs a single-process dense reference, and wall time per MoE layer."""
+        error vs a single-process dense reference (hidden states, or logits of the live model), and wall
+        time per MoE layer. With --model every rank holds the dense parts and only its slots' experts, routes
+        its own tokens live, and predictions come from the routing the run recorded (gloo on CPU)."""
         from placement.dataset import open_trace
         from placement.ep_dispatch import EPError
         from placement.ep_launch import ep_bench
@@ -69,18 +115,31 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             if mode not in RUN_MODES:
                 raise EPError(f"--mode {mode!r}: use one of {', '.join(RUN_MODES)}")
+            if bool(trace) == bool(model):
+                raise EPError("pass exactly one of --trace TRACE (replay) and --model MODEL (live prompts)")
+            modes = ("home", "follow") if mode == "both" else (mode,)
             if tokens < 1:
                 raise EPError(f"--tokens {tokens}: must be >= 1")
+        if model:
+            with user_errors():
+                live = _run_live(model, plan, ranks, modes, prompts, limit, max_len, repeats)
+            if as_json:
+                echo_json({"plan": str(plan), "model": model, "reports": [r.to_dict() for r in live]})
+            else:
+                typer.echo("\n".join(f"{_text_report(r.job)}\n{_live_lines(r)}" for r in live))
+            if not all(r.job.bytes_equal for r in live):
+                raise fail("measured bytes differ from the evaluator's prediction (a runtime or evaluator bug)")
+            return
+        with user_errors():
             p = Plan.load(plan)
             tr = open_trace(trace)
             p.check_trace(tr.meta, where=str(plan))
             routes = tr.read_all(with_gates=True)
             n = min(tokens, routes.num_tokens)
             sub = routes.take(np.arange(n))
-            model = ModelSpec(hidden=hidden, ffn=ffn or max(1, hidden // 2), seed=seed)
-            modes = ("home", "follow") if mode == "both" else (mode,)
+            spec = ModelSpec(hidden=hidden, ffn=ffn or max(1, hidden // 2), seed=seed)
             jobs = [EPJob(m, p, m, sub.expert_ids_TLK, sub.gate_weights_TLK) for m in modes]
-            reports = ep_bench(jobs, ranks, model, backend=backend, repeats=repeats)
+            reports = ep_bench(jobs, ranks, spec, backend=backend, repeats=repeats)
         if as_json:
             echo_json(
                 {

@@ -10,6 +10,10 @@ torch import: 4 ranks start in well under a second instead of ~15 s on a 2-core 
 the single-process dense reference (max relative error per token) and with ``metrics.traffic`` (tokens per
 layer, phase and rank pair; bytes = tokens x hidden x 4).
 
+``live_bench`` does the same for a live model (placement/ep_model.py: every rank runs ``run_live_rank``, passed
+to ``launch`` as ``rank_fn``): plan vs model checked first, logits compared with the single-process model, and
+predictions computed from the routing the ranks recorded. Gloo on CPU only (the model stays on the CPU).
+
 Dimension key: L MoE layers, G ranks, T tokens, D hidden.
 """
 
@@ -58,9 +62,7 @@ def pick_backend(requested: str, world: int) -> str:
 RankFn = Callable[[DistExchanger, Any], Any]  # (exchanger, task) -> that rank's results
 
 
-def _worker(
-    rank: int, world: int, port: int, backend: str, task: Any, out: Any, threads: int, rank_fn: RankFn
-) -> None:
+def _worker(rank: int, world: int, port: int, backend: str, task: Any, out: Any, threads: int, rank_fn: RankFn) -> None:
     """Body of one spawned rank: join the group, run ``rank_fn``, put (rank, results) on ``out``."""
     import torch.distributed as dist
 
@@ -360,9 +362,8 @@ def live_bench(
     """Run ``prompts`` through ``model_spec`` (``profiler.api.load_model``) on ``world`` gloo ranks under each
     ``ep_model.LiveJob``; compare logits and routing with the single-process model and bytes with the evaluator.
     Every check runs before any process starts."""
-    from placement.ep_model import LiveTask, make_batches, model_logits, moe_blocks, run_live_rank
+    from placement.ep_model import LiveTask, make_batches, moe_blocks, reference_run, run_live_rank
     from profiler.api import load_model
-    from profiler.capture import RoutingRecorder
 
     if repeats < 1 or batch_size < 1 or max_len < 1:
         raise EPError(f"repeats={repeats}, batch_size={batch_size}, max_len={max_len}: all must be >= 1")
@@ -377,12 +378,8 @@ def live_bench(
     if not batches:
         raise EPError(f"the {len(prompts)} prompts encode to no tokens; pass non-empty prompts")
     results = launch(LiveTask(model_spec, tuple(batches), tuple(jobs), repeats), world, "gloo", rank_fn=run_live_rank)
-    logits, ids, _ = [], [], []
-    with torch_threads(1), RoutingRecorder(loaded.module, loaded.adapter) as rec:
-        for b in batches:
-            logits.append(model_logits(loaded.module, b).numpy())
-            ids.append(rec.pop(torch.from_numpy(b.real_BS.reshape(-1)))[0])
-    ref_TV, ref_TLK = np.concatenate(logits), np.concatenate(ids).astype(np.int64)
+    with torch_threads(1):
+        ref_TV, ref_TLK = reference_run(loaded, batches)
     hidden = int(refs[0].expert(0)[0].shape[1])
     return [
         _assemble_live(job, [results[r][j] for r in range(world)], ref_TV, ref_TLK, hidden, len(prompts))

@@ -44,7 +44,6 @@ from placement.ep_dispatch import (
     sent_off_rank,
 )
 from placement.ep_runtime import ExpertW, LayerStats, LocalExperts, grouped_ffn
-from placement.metrics import MODES
 from placement.plan import Plan
 
 LIVE_PHASES = ("dispatch", "compute", "combine", "gather")
@@ -87,7 +86,9 @@ def moe_blocks(module: nn.Module) -> list[MoEBlockRef]:
     from profiler.model import DemoMoE, MoEFeedForward
 
     if isinstance(module, DemoMoE):
-        return [MoEBlockRef(i, b, "ffn", "demo") for i, b in enumerate(module.blocks) if isinstance(b.ffn, MoEFeedForward)]
+        return [
+            MoEBlockRef(i, b, "ffn", "demo") for i, b in enumerate(module.blocks) if isinstance(b.ffn, MoEFeedForward)
+        ]
     refs = []
     for name, sub in module.named_modules():
         if name.split(".")[-2:-1] != ["layers"] or not hasattr(sub, "mlp"):
@@ -162,6 +163,19 @@ def model_logits(module: nn.Module, batch: Batch) -> torch.Tensor:
             mask = torch.from_numpy(batch.real_BS.astype(np.int64))
             logits_BSV = module(input_ids=ids, attention_mask=mask, use_cache=False).logits
     return logits_BSV.reshape(-1, logits_BSV.shape[-1])[torch.from_numpy(batch.real_BS.reshape(-1))].float()
+
+
+def reference_run(loaded: Any, batches: Sequence[Batch]) -> tuple[np.ndarray, np.ndarray]:
+    """The single-process model (a ``profiler.api.LoadedModel``) on ``batches``: (logits_TV float32, routing
+    ids_TLK int64 captured by the profiler's router hooks), tokens in global order."""
+    from profiler.capture import RoutingRecorder
+
+    logits, ids = [], []
+    with RoutingRecorder(loaded.module, loaded.adapter) as rec:
+        for b in batches:
+            logits.append(model_logits(loaded.module, b).numpy())
+            ids.append(rec.pop(torch.from_numpy(b.real_BS.reshape(-1)))[0])
+    return np.concatenate(logits), np.concatenate(ids).astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------------------ per rank

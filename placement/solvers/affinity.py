@@ -28,11 +28,11 @@ from placement.graph import RoutingGraph
 from placement.plan import PlanError
 from placement.solvers.anneal import anneal, neighbour_weights
 from placement.solvers.base import PlanSpec, SolveResult, topology_cost
+from placement.solvers.baselines import balanced_packing
 from placement.solvers.replicate import add_replicas, replica_counts
 from placement.solvers.robust import LoadModel
 
 _BIG = 1e18
-LAGRANGE_ROUNDS = 1
 
 
 def assign_layer(
@@ -43,35 +43,45 @@ def assign_layer(
     allowed_EB: np.ndarray | None = None,
     base_B: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Best bin of each expert at layer l: maximise sum w[e, bin(e)] with E/B experts per bin, then repair
-    balance (``repair_balance``). ``allowed_EB`` restricts experts to some bins; ``base_B`` is load share
-    already on each bin. Returns int64 [E]."""
+    """Best bin of each expert at layer l: maximise sum w[e, bin(e)] with E/B experts per bin (exact linear
+    assignment), then repair balance (``repair_balance``). If the repair cannot reach ``limit``, fall back to a
+    load-balanced packing whose bins are renamed to fit the neighbours best, when that is better balanced.
+    ``allowed_EB`` restricts experts to some bins; ``base_B`` is load share already on each bin. int64 [E]."""
     E, B = w_EB.shape
     cap = E // B
-    p_E = lm.share_LE[l]
-    lam_B = np.zeros(B)
-    step = float(w_EB.sum()) / max(E, 1) * E * 0.5
-    best_E, best = None, -np.inf
-    for _ in range(LAGRANGE_ROUNDS):
-        # Lagrangian price on each bin's load share (subgradient steps), then exact assignment.
-        cost_ES = -np.repeat(w_EB - p_E[:, None] * lam_B[None, :], cap, axis=1)
-        if allowed_EB is not None:
-            cost_ES = np.where(np.repeat(allowed_EB, cap, axis=1), cost_ES, _BIG)
-        _, slot_E = linear_sum_assignment(cost_ES)
-        raw_E = slot_E // cap
-        X_EB = np.zeros((E, B))
-        X_EB[np.arange(E), raw_E] = 1.0
-        ratio_B = lm.bin_ratio(l, X_EB) + (0.0 if base_B is None else B * base_B)
-        bin_E = repair_balance(raw_E, w_EB, lm, l, limit, allowed_EB, base_B)
-        score = float(w_EB[np.arange(E), bin_E].sum())
-        if score > best:
-            best_E, best = bin_E, score
-        if ratio_B.max() <= limit + 1e-12:
-            break
-        lam_B = np.maximum(0.0, lam_B + step * (ratio_B - limit))
-    if best_E is None:  # pragma: no cover - the loop runs at least once
-        raise RuntimeError("assign_layer: no round ran")
-    return best_E
+    cost_ES = -np.repeat(w_EB, cap, axis=1)
+    if allowed_EB is not None:
+        cost_ES = np.where(np.repeat(allowed_EB, cap, axis=1), cost_ES, _BIG)
+    _, slot_E = linear_sum_assignment(cost_ES)
+    bin_E = repair_balance(slot_E // cap, w_EB, lm, l, limit, allowed_EB, base_B)
+    worst = _worst_ratio(bin_E, lm, l, base_B, B)
+    if worst <= limit + 1e-9 or base_B is not None:
+        return bin_E
+    packed_E = repair_balance(_packed_layer(w_EB, lm.share_LE[l], allowed_EB), w_EB, lm, l, limit, allowed_EB)
+    return packed_E if _worst_ratio(packed_E, lm, l, None, B) < worst - 1e-9 else bin_E
+
+
+def _packed_layer(w_EB: np.ndarray, share_E: np.ndarray, allowed_EB: np.ndarray | None) -> np.ndarray:
+    """Load-balanced packing (heaviest first into the lightest bin) of each group of experts allowed on the same
+    bins (all experts, or those of one node), with packs renamed to the bins that fit the neighbours best."""
+    E, B = w_EB.shape
+    allowed = np.ones((E, B), dtype=bool) if allowed_EB is None else allowed_EB
+    rows_GB, group_E = np.unique(allowed, axis=0, return_inverse=True)
+    bin_E = np.zeros(E, dtype=np.int64)
+    for k, row_B in enumerate(rows_GB):
+        e_X, b_Y = np.flatnonzero(group_E.reshape(-1) == k), np.flatnonzero(row_B)
+        pack_X = balanced_packing(share_E[e_X][None, :], b_Y.size)[0][0]
+        onehot_XY = np.zeros((e_X.size, b_Y.size))
+        onehot_XY[np.arange(e_X.size), pack_X] = 1.0
+        _, name_Y = linear_sum_assignment(-(onehot_XY.T @ w_EB[np.ix_(e_X, b_Y)]))
+        bin_E[e_X] = b_Y[name_Y[pack_X]]
+    return bin_E
+
+
+def _worst_ratio(bin_E: np.ndarray, lm: LoadModel, l: int, base_B: np.ndarray | None, B: int) -> float:
+    X_EB = np.zeros((bin_E.size, B))
+    X_EB[np.arange(bin_E.size), bin_E] = 1.0
+    return float((lm.bin_ratio(l, X_EB) + (0.0 if base_B is None else B * base_B)).max())
 
 
 def repair_balance(
@@ -244,7 +254,9 @@ def place_gpus(
     info: dict[str, Any] = {"kappa": lm.kappa}
     allowed = None
     if N > 1:
-        node_LE = _best_of_restarts(trans, lm, N, limit, t0 + (deadline - t0) * 0.25, rng, None, info, "node")
+        # Nodes get half the tolerance, so that their GPUs can still be balanced within the full one.
+        node_limit = 1.0 + 0.5 * (limit - 1.0)
+        node_LE = _best_of_restarts(trans, lm, N, node_limit, t0 + (deadline - t0) * 0.25, rng, None, info, "node")
         allowed = (np.arange(G)[None, None, :] // (G // N)) == node_LE[:, :, None]
     gpu_LE = _best_of_restarts(trans, lm, G, limit, t0 + (deadline - t0) * 0.6, rng, allowed, info, "gpu")
     info["bcd_colocated"] = colocated(gpu_LE, trans) / max(float(trans.sum()), 1.0)
