@@ -269,7 +269,8 @@ class RankState:
 
     def moe(self, layer: int, router: nn.Module, style: str, x_RD: torch.Tensor) -> torch.Tensor:
         """float [R, D]: the MoE block's output for every padded position R (zero on padding)."""
-        assert self.local is not None and self.table is not None, "RankState.moe before a job was set"
+        if self.local is None or self.table is None:
+            raise EPError(f"rank {self.ex.rank}: MoE layer {layer} ran before a job was set (RankState.local)")
         first = self.batch.first
         x_HD = x_RD[self.pos_T[torch.from_numpy(self.tok_H - first)]]
         out = router(x_HD)
