@@ -240,12 +240,23 @@ class ParquetTrace:
         return rows // self.meta.num_layers
 
     def iter_batches(
-        self, batch_tokens: int = 65536, *, with_gates: bool = False, with_ids: bool = True
+        self,
+        batch_tokens: int = 65536,
+        *,
+        with_gates: bool = False,
+        with_ids: bool = True,
+        with_pos: bool = True,
     ) -> Iterator[RouteArrays]:
-        """Stream whole tokens, at most ``batch_tokens`` at a time (rows of one shard never mix with another)."""
+        """Stream whole tokens, at most ``batch_tokens`` at a time (rows of one shard never mix with another).
+
+        Columns not asked for (ids: seq_id and token_pos; pos: token_pos; gates) are not decoded (zeros / None)."""
         L, K = self.meta.num_layers, self.meta.top_k
         layers_L = np.asarray(self.meta.layers, dtype=np.int16)
-        columns = ["layer", "expert_ids"] + (["seq_id", "token_pos"] if with_ids else [])
+        columns = (
+            ["layer", "expert_ids"]
+            + (["seq_id"] if with_ids else [])
+            + (["token_pos"] if with_ids and with_pos else [])
+        )
         columns += ["gate_weights"] if with_gates else []
         for shard in self.shards:
             pf = _open_shard(shard, self.meta)
@@ -258,7 +269,7 @@ class ParquetTrace:
                     whole = (rb.num_rows // L) * L
                     carry = rb.slice(whole) if whole < rb.num_rows else None
                     if whole:
-                        yield _batch_to_routes(rb.slice(0, whole), L, K, layers_L, shard, with_ids, with_gates)
+                        yield _batch_to_routes(rb.slice(0, whole), L, K, layers_L, shard, with_gates)
             except (OSError, pa.ArrowException) as exc:
                 raise TraceError(
                     f"{shard}: cannot read Parquet data ({exc}); the file is damaged or truncated"
@@ -280,7 +291,6 @@ def _batch_to_routes(
     K: int,
     layers_L: np.ndarray,
     shard: Path,
-    with_ids: bool,
     with_gates: bool,
 ) -> RouteArrays:
     R = rb.num_rows
@@ -292,12 +302,11 @@ def _batch_to_routes(
             "write traces with moeplace's TraceWriter"
         )
     ids_TLK = _list_values(rb.column("expert_ids"), K, str(shard)).reshape(T, L, K)
-    if with_ids:
-        seq_T = rb.column("seq_id").to_numpy(zero_copy_only=False)[::L]
-        pos_T = rb.column("token_pos").to_numpy(zero_copy_only=False)[::L]
-    else:
-        seq_T = np.zeros(T, dtype=np.int64)
-        pos_T = np.zeros(T, dtype=np.int32)
+    names = rb.schema.names
+    seq_T = rb.column("seq_id").to_numpy(zero_copy_only=False)[::L] if "seq_id" in names else np.zeros(T, np.int64)
+    pos_T = (
+        rb.column("token_pos").to_numpy(zero_copy_only=False)[::L] if "token_pos" in names else np.zeros(T, np.int32)
+    )
     gates = None
     if with_gates:
         col = rb.column("gate_weights")
@@ -388,7 +397,7 @@ class ArrayTrace:
         return self.routes.num_tokens
 
     def iter_batches(
-        self, batch_tokens: int = 65536, *, with_gates: bool = False, with_ids: bool = True
+        self, batch_tokens: int = 65536, *, with_gates: bool = False, with_ids: bool = True, with_pos: bool = True
     ) -> Iterator[RouteArrays]:
         for a in range(0, self.routes.num_tokens, batch_tokens):
             yield self.routes.take(np.arange(a, min(a + batch_tokens, self.routes.num_tokens)))

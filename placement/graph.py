@@ -29,69 +29,59 @@ if TYPE_CHECKING:
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _accumulate(
-    ids_TLK: np.ndarray, load_LE: np.ndarray, trans_LEE: np.ndarray, coact_LEE: np.ndarray, with_coact: bool
-) -> None:  # pragma: no cover - compiled
+def _layer_major_sets(ids_TLK: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """int [L, T, K]: the ids layer-major, each repeated id of a token's list replaced by -1 (sets S_l(t))."""
     T, L, K = ids_TLK.shape
+    out = np.empty((L, T, K), dtype=ids_TLK.dtype)
     for l in numba.prange(L):
-        a = np.empty(K, dtype=np.int64)
-        b = np.empty(K, dtype=np.int64)
         for t in range(T):
-            n = 0
             for k in range(K):
                 e = ids_TLK[t, l, k]
-                if e < 0:
-                    continue
-                seen = False
-                for q in range(n):
-                    if a[q] == e:
-                        seen = True
+                for q in range(k):
+                    if ids_TLK[t, l, q] == e:
+                        e = -1
                         break
-                if not seen:
-                    a[n] = e
-                    n += 1
-            for q in range(n):
-                load_LE[l, a[q]] += 1
-            if with_coact:
-                for q in range(n):
-                    for r in range(n):
-                        if q != r:
-                            coact_LEE[l, a[q], a[r]] += 1
-            if l + 1 < L:
-                m = 0
-                for k in range(K):
-                    e = ids_TLK[t, l + 1, k]
-                    if e < 0:
-                        continue
-                    seen = False
-                    for q in range(m):
-                        if b[q] == e:
-                            seen = True
-                            break
-                    if not seen:
-                        b[m] = e
-                        m += 1
-                for q in range(n):
-                    for r in range(m):
-                        trans_LEE[l, a[q], b[r]] += 1
+                out[l, t, k] = e
+    return out
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _accumulate_folds(ids_TLK: np.ndarray, fold_T: np.ndarray, fold_load_SLE: np.ndarray) -> None:  # pragma: no cover
-    T, L, K = ids_TLK.shape
+def _accumulate(
+    sets_LTK: np.ndarray,
+    fold_T: np.ndarray,
+    load_SLE: np.ndarray,
+    trans_LEE: np.ndarray,
+    coact_LEE: np.ndarray,
+    with_coact: bool,
+) -> None:  # pragma: no cover - compiled
+    """Count loads (per fold), transitions and co-activations of layer-major sets (-1 = absent), in parallel
+    over layers."""
+    L, T, K = sets_LTK.shape
     for l in numba.prange(L):
+        a = sets_LTK[l]
         for t in range(T):
-            for k in range(K):
-                e = ids_TLK[t, l, k]
-                if e < 0:
-                    continue
-                first = True
-                for q in range(k):
-                    if ids_TLK[t, l, q] == e:
-                        first = False
-                        break
-                if first:
-                    fold_load_SLE[fold_T[t], l, e] += 1
+            s = fold_T[t]
+            for q in range(K):
+                e = a[t, q]
+                if e >= 0:
+                    load_SLE[s, l, e] += 1
+                    if with_coact:
+                        row_c = coact_LEE[l, e]
+                        for r in range(K):
+                            f = a[t, r]
+                            if r != q and f >= 0:
+                                row_c[f] += 1
+            if l + 1 < L:
+                b = sets_LTK[l + 1]
+                for q in range(K):
+                    i = a[t, q]
+                    if i < 0:
+                        continue
+                    row = trans_LEE[l, i]
+                    for r in range(K):
+                        j = b[t, r]
+                        if j >= 0:
+                            row[j] += 1
 
 
 def fold_of_seq(seq_ids_T: np.ndarray, num_folds: int) -> np.ndarray:
@@ -171,20 +161,21 @@ class GraphAccumulator:
     """Streaming builder: ``add`` batches of token-major routes, then ``result()``.
 
     The kernel counts into int32 tables (half the cache footprint of int64: a 256 x 256 layer pair fits L2),
-    flushed into the int64 totals before any count could overflow.
+    flushed into the int64 totals before any count could overflow. Loads are counted per prompt fold (fold 0
+    only without folds) in the same pass; ``load_LE`` is their sum.
     """
 
     def __init__(self, meta: TraceMeta, with_coact: bool = True, num_folds: int = 8) -> None:
         L, E, K = meta.num_layers, meta.num_experts, meta.top_k
         self.meta = meta
-        self.num_folds = num_folds
-        self.fold_load_SLE: np.ndarray | None = np.zeros((num_folds, L, E), np.int64) if num_folds > 1 else None
+        self.num_folds = max(1, num_folds)
+        self.with_folds = num_folds > 1
         self.with_coact = with_coact
         self.num_tokens = 0
-        self.load_LE = np.zeros((L, E), dtype=np.int64)
+        self.fold_load_SLE = np.zeros((self.num_folds, L, E), dtype=np.int64)
         self.trans_LEE = np.zeros((max(L - 1, 0), E, E), dtype=np.int64)
         self.coact_LEE = np.zeros((L, E, E) if with_coact else (1, 1, 1), dtype=np.int64)
-        self._load32 = np.zeros((L, E), dtype=np.int32)
+        self._fold32 = np.zeros(self.fold_load_SLE.shape, dtype=np.int32)
         self._trans32 = np.zeros((max(L - 1, 1), E, E) if L > 1 else (1, 1, 1), dtype=np.int32)
         self._coact32 = np.zeros(self.coact_LEE.shape, dtype=np.int32)
         self._pending = 0
@@ -193,12 +184,12 @@ class GraphAccumulator:
     def _flush(self) -> None:
         if not self._pending:
             return
-        self.load_LE += self._load32
+        self.fold_load_SLE += self._fold32
         if self.trans_LEE.shape[0]:
             self.trans_LEE += self._trans32
         if self.with_coact:
             self.coact_LEE += self._coact32
-        for buf in (self._load32, self._trans32, self._coact32):
+        for buf in (self._fold32, self._trans32, self._coact32):
             buf.fill(0)
         self._pending = 0
 
@@ -208,17 +199,19 @@ class GraphAccumulator:
         if ids.dtype not in (np.int16, np.int32, np.int64):
             ids = ids.astype(np.int32)
         T = int(ids.shape[0])
+        if seq_ids_T is None:
+            self.with_folds = False
+            folds_T = np.zeros(T, dtype=np.int64)
+        else:
+            folds_T = fold_of_seq(seq_ids_T, self.num_folds) if self.with_folds else np.zeros(T, dtype=np.int64)
         for a in range(0, T, self._max_pending):
             part = ids[a : a + self._max_pending]
             if self._pending + part.shape[0] > self._max_pending:
                 self._flush()
-            _accumulate(part, self._load32, self._trans32, self._coact32, self.with_coact)
+            sets_LTK = _layer_major_sets(part)
+            fold_T = folds_T[a : a + self._max_pending]
+            _accumulate(sets_LTK, fold_T, self._fold32, self._trans32, self._coact32, self.with_coact)
             self._pending += int(part.shape[0])
-        if T:
-            if self.fold_load_SLE is not None and seq_ids_T is not None:
-                _accumulate_folds(ids, fold_of_seq(seq_ids_T, self.num_folds), self.fold_load_SLE)
-            elif seq_ids_T is None:
-                self.fold_load_SLE = None
         self.num_tokens += T
 
     def result(self) -> RoutingGraph:
@@ -226,10 +219,10 @@ class GraphAccumulator:
         return RoutingGraph(
             self.meta,
             self.num_tokens,
-            self.load_LE,
+            self.fold_load_SLE.sum(axis=0),
             self.trans_LEE,
             self.coact_LEE if self.with_coact else None,
-            self.fold_load_SLE,
+            self.fold_load_SLE if self.with_folds else None,
         )
 
 
@@ -259,7 +252,8 @@ def build_graph(
 
     ``num_folds`` > 1 also counts loads per prompt fold (reads the seq_id column) for robust balancing."""
     acc = GraphAccumulator(trace.meta, with_coact, num_folds)
-    batches: Iterable[RouteArrays] = _prefetched(trace.iter_batches(batch_tokens, with_ids=num_folds > 1))
+    stream = trace.iter_batches(batch_tokens, with_ids=num_folds > 1, with_pos=False)
+    batches: Iterable[RouteArrays] = _prefetched(stream)
     for batch in batches:
         acc.add(batch.expert_ids_TLK, batch.seq_ids_T if num_folds > 1 else None)
         if on_progress is not None:

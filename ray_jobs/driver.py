@@ -62,6 +62,7 @@ class JobConfig:
     max_restarts: int = 3
     group_restarts: int = 2
     placement_timeout_s: float = 60.0
+    start_timeout_s: float = 300.0
 
     @property
     def prompts_per_shard(self) -> int:
@@ -121,7 +122,7 @@ def validate(cfg: JobConfig) -> None:
 def _probe(address: str, timeout_s: float = 5.0) -> None:
     """Fail fast on an unreachable ``host:port`` (``ray.init`` retries for minutes)."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or "://" in address:
+    if address == "auto" or not sep or not port.isdigit() or "://" in address:
         return
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
@@ -132,12 +133,20 @@ def _probe(address: str, timeout_s: float = 5.0) -> None:
         ) from exc
 
 
+def _address(cfg: JobConfig) -> str | None:
+    return cfg.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def connect(cfg: JobConfig) -> str:
-    """Connect to the cluster (or start an embedded one); returns a description."""
+    """Connect to the cluster (or start an embedded one); returns a description.
+
+    ``run_job`` calls it unless the process is already connected (``ray.is_initialized()``): a library caller
+    or a test may connect once with this function and run several jobs on that connection.
+    """
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = cfg.address or os.environ.get("RAY_ADDRESS") or None
+    address = _address(cfg)
     if address is None:  # "local": always a new cluster, never one that another user started on this machine
         ray.init(
             address="local",
@@ -148,8 +157,7 @@ def connect(cfg: JobConfig) -> str:
             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
         )
         return f"local Ray ({cfg.num_cpus} CPUs)"
-    if address != "auto":
-        _probe(address)
+    _probe(address)
     try:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -208,7 +216,12 @@ def run_job(cfg: JobConfig, on_progress: ProgressFn | None = None, on_pids: Pids
     from ray.util.placement_group import remove_placement_group
 
     t0 = time.perf_counter()
-    connect(cfg)
+    address = _address(cfg)
+    if address is not None:
+        _probe(address)  # fail fast even when a connection is reused
+    owns = not ray.is_initialized()
+    if owns:
+        connect(cfg)
     connect_s = time.perf_counter() - t0
     pg = None
     manifest: Manifest | None = None
@@ -223,7 +236,8 @@ def run_job(cfg: JobConfig, on_progress: ProgressFn | None = None, on_pids: Pids
             remove_unlisted(out, manifest.listed_files())
         if pg is not None:
             remove_placement_group(pg)
-        ray.shutdown()
+        if owns:
+            ray.shutdown()
     rows = sum(int(v["tokens"]) for v in manifest.completed.values()) * meta.num_layers
     return JobResult(out, len(shards), len(todo), tokens, rows, seconds, startup - t0, tuple(pids), connect_s)
 
@@ -287,16 +301,16 @@ def _run_data(
         ).remote(*_args(cfg, out))
         for w in range(cfg.workers)
     ]
-    pids = ray.get([w.pid.remote() for w in workers])
-    startup = time.perf_counter()
-    if on_pids is not None:
-        on_pids(pids)
-    tracker = _Tracker(out, manifest, on_progress)
-    pending = {
-        workers[n % len(workers)].run_shard.remote(i, shards[i], [texts[p] for p in shards[i]]): i
-        for n, i in enumerate(todo)
-    }
     try:
+        pids = ray.get([w.pid.remote() for w in workers], timeout=cfg.start_timeout_s)
+        startup = time.perf_counter()
+        if on_pids is not None:
+            on_pids(pids)
+        tracker = _Tracker(out, manifest, on_progress)
+        pending = {
+            workers[n % len(workers)].run_shard.remote(i, shards[i], [texts[p] for p in shards[i]]): i
+            for n, i in enumerate(todo)
+        }
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             shard = pending.pop(ready[0])
@@ -307,6 +321,8 @@ def _run_data(
                     f"shard {shard} failed after {cfg.max_restarts} retries ({_fail_line(exc)}); "
                     "rerun the same command to resume"
                 ) from exc
+    except ray.exceptions.GetTimeoutError as exc:
+        raise RayJobError(f"workers were not ready within {cfg.start_timeout_s:g} s; check 'ray status'") from exc
     finally:
         for w in workers:
             ray.kill(w)
@@ -325,12 +341,22 @@ def _start_group(cfg: JobConfig, pg: Any, out: Path) -> tuple[list[Any], list[in
         ).remote(*_args(cfg, out))
         for r in range(cfg.workers)
     ]
-    ips = ray.get([r.node_ip.remote() for r in ranks])
-    local = len(set(ips)) == 1 and ips[0] == ray.util.get_node_ip_address()
-    addr = "127.0.0.1" if local else ips[0]
-    port = free_port() if local else ray.get(ranks[0].free_port.remote())
-    ray.get([r.join.remote(i, cfg.workers, addr, port, "gloo") for i, r in enumerate(ranks)])
-    return ranks, ray.get([r.pid.remote() for r in ranks])
+    try:
+        ips = ray.get([r.node_ip.remote() for r in ranks], timeout=cfg.start_timeout_s)
+        local = len(set(ips)) == 1 and ips[0] == ray.util.get_node_ip_address()
+        addr = "127.0.0.1" if local else ips[0]
+        port = free_port() if local else ray.get(ranks[0].free_port.remote())
+        joins = [r.join.remote(i, cfg.workers, addr, port, "gloo") for i, r in enumerate(ranks)]
+        ray.get(joins, timeout=cfg.start_timeout_s)
+        return ranks, ray.get([r.pid.remote() for r in ranks], timeout=cfg.start_timeout_s)
+    except BaseException as exc:
+        for r in ranks:
+            ray.kill(r)
+        if isinstance(exc, ray.exceptions.GetTimeoutError):
+            raise RayJobError(
+                f"expert-parallel group did not form within {cfg.start_timeout_s:g} s; check 'ray status'"
+            ) from exc
+        raise
 
 
 def _run_expert(

@@ -70,7 +70,8 @@ def import_trace(
             acc.add(b.expert_ids_TLK)
             if on_progress is not None:
                 on_progress(b.num_tokens)
-        LoadTrace(meta.model_name, meta.layers, acc.load_LE, acc.num_tokens, meta.source).save(out_p)
+        g = acc.result()
+        LoadTrace(meta.model_name, meta.layers, g.load_LE, g.num_tokens, meta.source).save(out_p)
         return meta.num_layers
     return write_staged(out_p, meta, batches, writer_id=writer_id, on_progress=on_progress)
 
