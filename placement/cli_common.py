@@ -11,7 +11,7 @@ from typing import Any
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from placement.plan import PlanError
+from placement.plan import PlanError, json_default
 from placement.trace import TraceError
 
 
@@ -56,17 +56,5 @@ def progress(transient: bool = True) -> Progress:
 
 
 def echo_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, default=_default)
+    json.dump(obj, sys.stdout, indent=2, default=json_default)
     sys.stdout.write("\n")
-
-
-def _default(o: object) -> object:
-    import numpy as np
-
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -34,16 +34,11 @@ import torch
 from torch import nn
 
 from placement.ep_dispatch import (
-    META_FIXED,
     EPError,
     Exchanger,
     ReplicaTable,
-    build_dispatch,
-    choose_ranks,
-    combine_ranks,
-    sent_off_rank,
 )
-from placement.ep_runtime import ExpertW, LayerStats, LocalExperts, grouped_ffn
+from placement.ep_runtime import ExpertW, LocalExperts, moe_exchange
 from placement.plan import Plan
 
 LIVE_PHASES = ("dispatch", "compute", "combine", "gather")
@@ -181,55 +176,6 @@ def reference_run(loaded: Any, batches: Sequence[Batch]) -> tuple[np.ndarray, np
 # ------------------------------------------------------------------------------------------------ per rank
 
 
-def ep_moe(
-    ex: Exchanger,
-    local: LocalExperts,
-    table: ReplicaTable,
-    layer: int,
-    mode: str,
-    tok_H: np.ndarray,
-    x_HD: torch.Tensor,
-    ids_HK: np.ndarray,
-    gates_HK: np.ndarray,
-) -> tuple[np.ndarray, torch.Tensor, LayerStats]:
-    """One MoE layer's experts on one rank: held tokens (sorted ids, inputs, routing) in -> (tokens held after
-    the combine, sorted; their summed expert outputs) out. Dispatch and combine as ``ep_runtime.ep_layer``."""
-    r, G, dev = ex.rank, ex.world, ex.device
-    t0 = time.perf_counter()
-    at_H = np.full(tok_H.size, r, dtype=np.int64)
-    rank_HK = choose_ranks(table, layer, tok_H, at_H, ids_HK)
-    combine_H = combine_ranks(rank_HK, at_H, mode)
-    d = build_dispatch(tok_H, ids_HK, gates_HK, rank_HK, combine_H, G)
-    recv_G = ex.counts(d.send_counts_G)
-    meta_t, gate_t = torch.from_numpy(d.meta_NM).to(dev), torch.from_numpy(d.gate_NK).to(dev)
-    xsend_ND = x_HD[torch.from_numpy(d.row_T_N).to(dev)]
-    meta_MM = ex.rows(meta_t, d.send_counts_G, recv_G).cpu().numpy()
-    gate_MK = ex.rows(gate_t, d.send_counts_G, recv_G)
-    xin_MD = ex.rows(xsend_ND, d.send_counts_G, recv_G)
-    t1 = time.perf_counter()
-    slot_MK = local.local_slots(layer, meta_MM[:, META_FIXED:], r)
-    part_MD = grouped_ffn(xin_MD, torch.from_numpy(slot_MK).to(dev), gate_MK, local.weights_L[layer])
-    t2 = time.perf_counter()
-    home_M = meta_MM[:, 1]
-    order_M = np.argsort(home_M, kind="stable")
-    send2_G = np.bincount(home_M, minlength=G).astype(np.int64)
-    recv2_G = ex.counts(send2_G)
-    tok_send = torch.from_numpy(np.ascontiguousarray(meta_MM[order_M, 0])).to(dev)
-    tok_Q = ex.rows(tok_send, send2_G, recv2_G).cpu().numpy()
-    part_QD = ex.rows(part_MD[torch.from_numpy(order_M).to(dev)], send2_G, recv2_G)
-    held_H = np.union1d(tok_H[combine_H == r], tok_Q)  # follow: tokens arrive with their combine rows
-    pos_Q = torch.from_numpy(np.searchsorted(held_H, tok_Q)).to(dev)
-    y_HD = x_HD.new_zeros((held_H.size, x_HD.shape[1])).index_add_(0, pos_Q, part_QD)
-    t3 = time.perf_counter()
-    sent_2G = np.stack([sent_off_rank(d.send_counts_G, r), sent_off_rank(send2_G, r)])
-    recv_2G = np.stack([sent_off_rank(recv_G, r), sent_off_rank(recv2_G, r)])
-    row_bytes = x_HD.shape[1] * x_HD.element_size()
-    meta_row = (META_FIXED + ids_HK.shape[1]) * 8 + ids_HK.shape[1] * 4
-    meta_bytes = int(sent_2G[0].sum()) * meta_row + int(sent_2G[1].sum()) * 8 + 2 * (G - 1) * 8
-    stats = LayerStats(sent_2G, recv_2G, sent_2G * row_bytes, meta_bytes, np.array([t1 - t0, t2 - t1, t3 - t2]))
-    return held_H, y_HD, stats
-
-
 def gather_rows(ex: Exchanger, tok_H: np.ndarray, y_HD: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, int]:
     """All-gather (token ids, rows) from every rank with ``all_to_all_single`` (each rank sends its rows to
     all); returns (tok_A, y_AD, bytes this rank sent to other ranks)."""
@@ -278,7 +224,9 @@ class RankState:
         ids_HK = ids.cpu().numpy().astype(np.int64)
         gates_HK = gates.float().cpu().numpy()
         self.routes.append((layer, self.tok_H, ids_HK, gates_HK))
-        held_H, y_HD, st = ep_moe(self.ex, self.local, self.table, layer, self.mode, self.tok_H, x_HD, ids_HK, gates_HK)
+        held_H, _, y_HD, st = moe_exchange(
+            self.ex, self.local, self.table, layer, self.mode, self.tok_H, x_HD, ids_HK, gates_HK
+        )
         t0 = time.perf_counter()
         tok_A, y_AD, nbytes = gather_rows(self.ex, held_H, y_HD)
         y_RD = torch.zeros_like(x_RD)

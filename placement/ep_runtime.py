@@ -244,7 +244,7 @@ def _nbytes_per_row(t: torch.Tensor) -> int:
     return int(np.prod(t.shape[1:])) * t.element_size()
 
 
-def ep_layer(
+def moe_exchange(
     ex: Exchanger,
     local: LocalExperts,
     table: ReplicaTable,
@@ -252,18 +252,19 @@ def ep_layer(
     mode: str,
     tok_T: np.ndarray,
     x_TD: torch.Tensor,
-    ids_TLK: np.ndarray,
-    gates_TLK: np.ndarray,
-) -> tuple[np.ndarray, torch.Tensor, LayerStats]:
-    """One MoE layer on one rank: (token ids, states) in -> (token ids, states) out, sorted by token id."""
+    ids_TK: np.ndarray,
+    gates_TK: np.ndarray,
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, LayerStats]:
+    """One MoE layer's experts on one rank: held tokens (sorted ids, states, routing) in -> (tokens held after
+    the combine, sorted; their input states; their summed expert outputs; stats) out."""
     r, G, dev = ex.rank, ex.world, ex.device
     t0 = time.perf_counter()
     # Dispatch: a row per (token, destination rank), with meta (token, combine rank, expert ids) and gates.
-    ids_TK = ids_TLK[tok_T, layer].astype(np.int64)
+    ids_TK = ids_TK.astype(np.int64)
     at_T = np.full(tok_T.size, r, dtype=np.int64)
     rank_TK = choose_ranks(table, layer, tok_T, at_T, ids_TK)
     combine_T = combine_ranks(rank_TK, at_T, mode)
-    d = build_dispatch(tok_T, ids_TK, gates_TLK[tok_T, layer], rank_TK, combine_T, G)
+    d = build_dispatch(tok_T, ids_TK, gates_TK, rank_TK, combine_T, G)
     recv_G = ex.counts(d.send_counts_G)
     meta_t = torch.from_numpy(d.meta_NM).to(dev)
     gate_t = torch.from_numpy(d.gate_NK).to(dev)
@@ -298,7 +299,6 @@ def ep_layer(
     if tok_Q.size and (pos_Q.max() >= new_tok.size or (new_tok[pos_Q] != tok_Q).any()):
         raise EPError(f"rank {r} got a combine row for a token it does not hold at layer {layer}")
     y_TD = torch.zeros_like(new_x).index_add_(0, torch.from_numpy(pos_Q).to(dev), part_QD)
-    x_next = between_layers(new_x, y_TD)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t3 = time.perf_counter()
@@ -309,7 +309,26 @@ def ep_layer(
     meta_bytes = int(sent_2G[0].sum()) * meta_row + int(sent_2G[1].sum()) * _nbytes_per_row(tok_send)
     meta_bytes += 2 * (G - 1) * 8  # the two count exchanges
     stats = LayerStats(sent_2G, recv_2G, sent_bytes_2G, meta_bytes, np.array([t1 - t0, t2 - t1, t3 - t2]))
-    return new_tok, x_next, stats
+    return new_tok, new_x, y_TD, stats
+
+
+def ep_layer(
+    ex: Exchanger,
+    local: LocalExperts,
+    table: ReplicaTable,
+    layer: int,
+    mode: str,
+    tok_T: np.ndarray,
+    x_TD: torch.Tensor,
+    ids_TLK: np.ndarray,
+    gates_TLK: np.ndarray,
+) -> tuple[np.ndarray, torch.Tensor, LayerStats]:
+    """One MoE layer of the replayed stack on one rank: (token ids, states) in -> (token ids, states) out,
+    sorted by token id; the next layer's input is ``between_layers(x, y)``."""
+    new_tok, new_x, y_TD, stats = moe_exchange(
+        ex, local, table, layer, mode, tok_T, x_TD, ids_TLK[tok_T, layer], gates_TLK[tok_T, layer]
+    )
+    return new_tok, between_layers(new_x, y_TD), stats
 
 
 def _forward(

@@ -140,7 +140,7 @@ class Plan:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"), default=_json_default)
+        return json.dumps(self.to_dict(), separators=(",", ":"), default=json_default)
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str = "plan") -> Plan:
@@ -190,7 +190,8 @@ def _layers_str(layers: tuple[int, ...]) -> str:
     return f"[{layers[0]}..{layers[-1]}]" if len(layers) > 3 else str(list(layers))
 
 
-def _json_default(o: object) -> object:
+def json_default(o: object) -> object:
+    """``json.dumps(default=...)`` for numpy scalars and arrays."""
     if isinstance(o, np.integer):
         return int(o)
     if isinstance(o, np.floating):

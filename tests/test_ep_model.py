@@ -167,9 +167,9 @@ def test_cli_ep_bench_model(tmp_path: Path) -> None:
 
 def test_a_wrong_expert_output_is_detected(monkeypatch: pytest.MonkeyPatch) -> None:
     """The logits check is not vacuous: ranks whose experts are off by 0.1% (forked ranks inherit the patch)."""
-    from placement import ep_model
+    from placement import ep_runtime
 
-    real = ep_model.grouped_ffn
-    monkeypatch.setattr(ep_model, "grouped_ffn", lambda *a: real(*a) * 1.001)
+    real = ep_runtime.grouped_ffn
+    monkeypatch.setattr(ep_runtime, "grouped_ffn", lambda *a: real(*a) * 1.001)
     (rep,) = live_bench("builtin", [LiveJob("off", plans(2)["affinity"], "home")], 2, ["hello world"], max_len=16)
     assert rep.job.max_rel_error > 1e-5 and rep.job.bytes_equal
