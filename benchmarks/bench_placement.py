@@ -134,7 +134,7 @@ def synthetic(
         rows.append(run_case(name, meta, fit, test, PlanSpec(G, N, R, 0.1, time_limit=budget), solver, traffic))
         print_row(rows[-1])
     eps = max(rows[-1]["fit_imb"] - 1.0, 0.0)
-    spec = PlanSpec(G, N, R, eps, time_limit=budget, options={"affinity_budget": budget})
+    spec = PlanSpec(G, N, R, eps, time_limit=budget)
     rows.append(run_case(name, meta, fit, test, spec, "affinity", traffic))
     print_row(rows[-1])
     return rows

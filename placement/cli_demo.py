@@ -67,6 +67,10 @@ def demo_cmd(
     for col in ("GPUs", "solver", "status", "gap", "solve s", "colocation", "imbalance max", "home B/tok"):
         t.add_column(col, justify="right")
     for r in res.rows:
+        if r["status"] == "no plan":
+            t.add_row(str(r["gpus"]), r["solver"], "no plan", "-", "-", "-", "-", "-")
+            console.print(f"{r['solver']} for {r['gpus']} GPUs: {r['error']}")
+            continue
         t.add_row(
             str(r["gpus"]),
             r["solver"],

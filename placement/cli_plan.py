@@ -55,7 +55,9 @@ def plan_cmd(
     solver: Annotated[
         str, typer.Option("--solver", help="auto, contiguous, round_robin, eplb, ilp, affinity.")
     ] = "auto",
-    time_limit: Annotated[float, typer.Option("--time-limit", help="Solver time limit in seconds.")] = 60.0,
+    time_limit: Annotated[
+        float, typer.Option("--time-limit", help="Solver time limit in seconds (affinity uses all of it).")
+    ] = 30.0,
     seed: Annotated[int, typer.Option("--seed", help="Solver random seed.")] = 0,
     backend: Annotated[str, typer.Option("--ilp-backend", help="ILP backend: cpsat, pulp (CBC) or highs.")] = "cpsat",
     robust: Annotated[

@@ -13,7 +13,7 @@ from typing import Any
 from placement.dataset import TraceWriter, open_trace
 from placement.graph import graph_from_routes, graph_stats
 from placement.metrics import evaluate
-from placement.plan import Plan
+from placement.plan import Plan, PlanError
 from placement.planner import make_plan
 from placement.solvers.base import PlanSpec
 from placement.trace import split_by_prompt
@@ -83,7 +83,11 @@ def run_demo(
         for solver in solvers:
             step(f"planning {solver} for {G} GPUs")
             spec = PlanSpec(num_gpus=G, balance_eps=0.1, time_limit=time_limit, seed=0)
-            plan = make_plan(g_train, spec, solver)
+            try:
+                plan = make_plan(g_train, spec, solver)
+            except PlanError as exc:  # e.g. the balance cannot be reached with 2 experts per GPU
+                rows.append({"gpus": G, "solver": solver, "status": "no plan", "error": str(exc)})
+                continue
             ev = evaluate(plan, g_test, test)
             plans[f"{solver}-g{G}"] = plan
             rows.append(

@@ -12,6 +12,7 @@ rank fails the driver kills the group and starts a new one (``group_restarts`` t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -359,6 +360,15 @@ def _start_group(cfg: JobConfig, pg: Any, out: Path) -> tuple[list[Any], list[in
         raise
 
 
+def _drain(refs: list[Any]) -> None:
+    """Collect the outcome of every ref of a killed group, so Ray does not report them as unhandled errors."""
+    import ray
+
+    for ref in refs:
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.get(ref, timeout=30)
+
+
 def _run_expert(
     cfg: JobConfig,
     pg: Any,
@@ -400,6 +410,7 @@ def _run_expert(
         finally:
             for r in ranks:
                 ray.kill(r)
+            _drain([ref for refs in pending.values() for ref in refs])
         remove_unlisted(out, manifest.listed_files())
     if tracker is None:
         return 0, 0.0, time.perf_counter(), all_pids

@@ -109,11 +109,12 @@ def test_demo_runs_offline(cli, tmp_path: Path) -> None:  # type: ignore[no-unty
     code, stdout, stderr = cli("demo", "--out", tmp_path / "demo", "--gpus", "4", "--time-limit", 2, "--json")
     assert code == 0, stderr
     res = json.loads(stdout)
-    solvers = {r["solver"] for r in res["rows"]}
+    solvers = {r["solver"] for r in res["rows"] if r["status"] != "no plan"}
     assert {"contiguous", "eplb", "affinity"} <= solvers
     best = max(r["colocation"] for r in res["rows"] if r["solver"] == "affinity")
     base = max(r["colocation"] for r in res["rows"] if r["solver"] == "contiguous")
     assert best > base
     assert res["stats"]["concentration_mean"] > 1.5 * res["stats"]["independent_mean"]
     assert (tmp_path / "demo" / "report.html").exists()
-    assert len(list((tmp_path / "demo" / "plans").glob("*.json"))) == len(res["rows"])
+    planned = [r for r in res["rows"] if r["status"] != "no plan"]
+    assert len(list((tmp_path / "demo" / "plans").glob("*.json"))) == len(planned)

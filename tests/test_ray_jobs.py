@@ -145,14 +145,16 @@ def ray_head():  # type: ignore[no-untyped-def]
     ``ray start`` runs in a new session, so the head's processes form one process group that teardown ends
     (``ray stop --force`` would also stop other users' clusters on a shared machine).
     """
-    port, dash = _free_port(), _free_port()
+    port, dash, agent = _free_port(), _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     bin_dir = Path(sys.executable).parent
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    # The job API needs the head's dashboard agent; its default port (52365) is taken by any other Ray on
+    # this machine (the embedded one of these tests, other users'), so give it a free one.
     start = [
         str(bin_dir / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
         "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
+        f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
     ]  # fmt: skip
     head = subprocess.Popen(start, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

@@ -132,3 +132,9 @@ def test_affinity_on_deepseek_v2_lite_held_out(traces_dir: Path) -> None:
     plan8 = make_plan(fit, PlanSpec(8, 1, 8, 0.03, time_limit=10.0), "affinity")
     assert evaluate(plan8, fit)["imbalance_max"] <= 1.03 + 1e-9
     assert evaluate(plan8, test)["colocation"] >= 0.32
+
+
+def test_affinity_says_when_the_balance_is_not_reachable(small_trace) -> None:  # type: ignore[no-untyped-def]
+    _, fit, _ = small_trace
+    with pytest.raises(PlanError, match=r"--balance 0 was not reached.*eplb reaches"):
+        make_plan(fit, PlanSpec(4, 1, 0, 0.0, time_limit=1.0), "affinity")

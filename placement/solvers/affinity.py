@@ -288,19 +288,43 @@ def place_gpus(
     return gpu_LE, info
 
 
+def check_balance_reached(phy2log_LP: np.ndarray, graph: RoutingGraph, spec: PlanSpec) -> None:
+    """Raise PlanError when the plan's busiest GPU is over (1 + eps) * mean in some layer of the fitted trace,
+    naming the tolerance that was reached (and EPLB's, a pure balancer) so the user can choose --balance."""
+    from placement.metrics import imbalance
+    from placement.plan import Plan
+    from placement.solvers.baselines import eplb_phy2log
+
+    def worst(phy: np.ndarray) -> float:
+        plan = Plan(spec.num_gpus, spec.num_nodes, graph.num_experts, graph.meta.layers, phy)
+        return imbalance(plan, graph)[1]
+
+    reached = worst(phy2log_LP)
+    if reached <= 1.0 + spec.balance_eps + 1e-9:
+        return
+    P = graph.num_experts + spec.num_redundant
+    eplb = worst(eplb_phy2log(graph.load_LE.astype(np.float64), P, spec.num_gpus, spec.num_nodes))
+    raise PlanError(
+        f"--balance {spec.balance_eps:g} was not reached: the affinity plan keeps GPUs within "
+        f"{reached - 1:.3f} of the mean (eplb reaches {eplb - 1:.3f}); raise --balance"
+        + (" or add --redundant slots" if spec.num_redundant == 0 else "")
+    )
+
+
 def solve_affinity(graph: RoutingGraph, spec: PlanSpec) -> SolveResult:
     """Affinity placement; see the module docstring. Replicas fill ``spec.num_redundant`` slots."""
     t0 = time.perf_counter()
     E, G = graph.num_experts, spec.num_gpus
     if E % G:
         raise PlanError(f"affinity needs E={E} divisible by --gpus {G} (replicas go on top of E/G per GPU)")
-    budget = float(spec.options.get("affinity_budget", min(spec.time_limit, 10.0)))
+    budget = float(spec.time_limit)
     kappa = float(spec.options.get("kappa", 0.0))
     copies_LE = replica_counts(graph, spec)
     holdout = float(spec.options.get("holdout_ratio", 1.0))
     lm = LoadModel.from_graph(graph, kappa=kappa, holdout_ratio=holdout, copies_LE=copies_LE)
     gpu_LE, info = place_gpus(graph, spec, lm, t0 + 0.85 * budget)
     phy2log_LP = add_replicas(gpu_LE, graph, spec, copies_LE, lm)
+    check_balance_reached(phy2log_LP, graph, spec)
     obj = topology_cost(phy2log_LP, graph, spec)
     return SolveResult(
         phy2log_LP, "affinity", "heuristic", objective=obj, solve_seconds=time.perf_counter() - t0, info=info
