@@ -138,3 +138,37 @@ def test_affinity_says_when_the_balance_is_not_reachable(small_trace) -> None:  
     _, fit, _ = small_trace
     with pytest.raises(PlanError, match=r"--balance 0 was not reached.*eplb reaches"):
         make_plan(fit, PlanSpec(4, 1, 0, 0.0, time_limit=1.0), "affinity")
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_capacity_bound_is_below_the_brute_force_optimum(nodes: int) -> None:
+    import itertools
+
+    from placement.solvers.base import capacity_lower_bound
+    from placement.trace import TraceMeta
+
+    rng = np.random.default_rng(nodes)
+    L, E, G = 3, 6, 3
+    meta = TraceMeta("t", E, 2, tuple(range(L)))
+    g = graph_from_routes(rng.integers(0, E, size=(300, L, 2)).astype(np.int16), meta, with_coact=False)
+    spec = PlanSpec(G, nodes, 0, 10.0)
+    node_G = np.arange(G) // (G // nodes)
+    dist_GG = np.where(np.eye(G, dtype=bool), 0.0, np.where(node_G[:, None] == node_G[None, :], 1.0, 4.0))
+    # GPU of each expert for every ordered layout of 6 experts as 3 pairs
+    gpus = {tuple(np.argsort(p) // 2) for p in itertools.permutations(range(E))}
+    ordered = [np.array(x) for x in sorted(gpus)]
+    canonical = [x for x in ordered if list(dict.fromkeys(x.tolist())) == list(range(G))]
+
+    def pair_cost(x_E: np.ndarray, y_E: np.ndarray, trans_EE: np.ndarray) -> float:
+        return float((trans_EE * dist_GG[x_E][:, y_E]).sum())
+
+    # GPUs are interchangeable: fix the labels of the middle layer, enumerate the outer ones.
+    best = min(
+        min(pair_cost(a, b, g.trans_LEE[0]) for a in ordered) + min(pair_cost(b, c, g.trans_LEE[1]) for c in ordered)
+        for b in canonical
+    )
+    lb = capacity_lower_bound(g, spec)
+    assert 0 <= lb <= best + 1e-9
+    aff = make_plan(g, PlanSpec(G, nodes, 0, 10.0, time_limit=1.0), "affinity")
+    assert aff.provenance["bound"] == pytest.approx(lb) and 0 <= aff.provenance["gap"] <= 1
+    assert aff.provenance["topology_cost"] >= best - 1e-9

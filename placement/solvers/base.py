@@ -98,22 +98,38 @@ def topology_cost(phy2log_LP: np.ndarray, graph: RoutingGraph, spec: PlanSpec) -
 def capacity_lower_bound(graph: RoutingGraph, spec: PlanSpec) -> float:
     """A lower bound on ``topology_cost`` valid for every plan of ``spec`` (the capacity bound).
 
-    Expert i at layer l has at most c = min(G, 1 + R) copies, so it can share a GPU with at most c * P/G experts
-    of layer l+1 and a node with at most min(E, c * P/N): at best its heaviest such successors are the
-    co-located ones, the next ones cost 1 and the rest ``inter_node_cost``.
+    Expert i at layer l with c copies can share a GPU with at most c * P/G experts of layer l+1 (and a node with
+    at most c * P/N), so at best its heaviest such successors are co-located. Copies are limited to R extra
+    per layer: the bound gives them where they co-locate the most (the gains are concave in c, so taking the
+    R largest marginal gains is optimal). cost = c_inter * total - (c_inter - 1) * node_colocated
+    - gpu_colocated, bounded with both co-located totals at their maxima.
     """
     if graph.trans_LEE.shape[0] == 0:
         return 0.0
     G, N, E, R = spec.num_gpus, spec.num_nodes, graph.num_experts, spec.num_redundant
     P = E + R
-    copies = min(G, 1 + R)
-    on_gpu = min(E, copies * (P // G))
-    on_node = min(E, copies * (P // N))
     srt_XEE = -np.sort(-graph.trans_LEE.astype(np.float64), axis=2)
-    cum_XEE = np.cumsum(srt_XEE, axis=2)
-    total_XE = cum_XEE[:, :, -1]
-    gpu_XE = cum_XEE[:, :, on_gpu - 1]
-    node_XE = cum_XEE[:, :, on_node - 1]
+    cum_XEE = np.concatenate([np.zeros((*srt_XEE.shape[:2], 1)), np.cumsum(srt_XEE, axis=2)], axis=2)
+    total = float(cum_XEE[:, :, -1].sum())
+    gpu_best = _best_colocated(cum_XEE, P // G, R, G)
     if N == 1:
-        return float((total_XE - gpu_XE).sum())
-    return float(((node_XE - gpu_XE) + spec.inter_node_cost * (total_XE - node_XE)).sum())
+        return max(0.0, total - gpu_best)
+    node_best = _best_colocated(cum_XEE, P // N, R, N)
+    c = spec.inter_node_cost
+    return max(0.0, c * total - (c - 1.0) * node_best - gpu_best)
+
+
+def _best_colocated(cum_XEK: np.ndarray, per_bin: int, extra: int, bins: int) -> float:
+    """Upper bound on co-located pairs with ``per_bin`` successors per copy and ``extra`` copies per layer."""
+    X, _, K1 = cum_XEK.shape
+    cap = K1 - 1
+    copies = 1 + min(extra, bins - 1)
+    reach_C = np.minimum(np.arange(1, copies + 1) * per_bin, cap)
+    top_XEC = cum_XEK[:, :, reach_C]
+    base = float(top_XEC[:, :, 0].sum())
+    if copies == 1 or extra == 0:
+        return base
+    gain_XEM = np.diff(top_XEC, axis=2).reshape(X, -1)  # marginal gain of the 2nd, 3rd, ... copy
+    k = min(extra, gain_XEM.shape[1])
+    best_XK = -np.partition(-gain_XEM, k - 1, axis=1)[:, :k]
+    return base + float(best_XK.sum())
