@@ -76,18 +76,20 @@ def profile(
         texts = load_prompts(prompts)
         if limit is not None:
             texts = texts[:limit]
+        loaded = load_model(model)
+        # Opening the writer first refuses an --out that holds another model's trace.
+        writer = TraceWriter(out, loaded.trace_meta(), max_rows_buffered=200_000)
         done = completed_prompt_ids(out)
         todo = [i for i in range(len(texts)) if i not in done]
         if not todo:
             print(f"all {len(texts)} prompts already traced in {out}", file=sys.stderr)
             return
-        loaded = load_model(model)
         cap = max_len if loaded.max_positions is None else min(max_len, loaded.max_positions)
         expected = sum(min(len(loaded.tokenizer(texts[i])), cap) for i in todo)
         skipped = f" (skipping {len(texts) - len(todo)} already traced)" if done else ""
         print(f"profiling {len(todo)} prompts, {expected:,} tokens{skipped} -> {out}", file=sys.stderr)
         with (
-            TraceWriter(out, loaded.trace_meta(), max_rows_buffered=200_000) as writer,
+            writer,
             Progress(*Progress.get_default_columns(), _TokensPerSecond(), transient=False) as bar,
         ):
             task = bar.add_task("tokens", total=expected)

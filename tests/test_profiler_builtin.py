@@ -260,3 +260,23 @@ def test_cli_profile_resumes_and_reports_errors(tmp_path: Path) -> None:
     assert failed.stderr.startswith("error: ") and "bad.txt" in failed.stderr
     help_ = runner.invoke(app, ["profile", "--help"])
     assert help_.exit_code == 0 and "Trace the expert routing" in help_.output
+
+
+def test_profile_refuses_a_dataset_of_another_model(tmp_path: Path) -> None:
+    """Even when every prompt id looks traced already, another model's dataset is refused, untouched."""
+
+    from placement.cli import build_app
+    from placement.dataset import write_trace
+    from placement.synthetic import synthetic_trace
+
+    meta, routes = synthetic_trace(2, 8, 2, 64, tokens_per_prompt=8, seed=0, model_name="other-moe")
+    out = tmp_path / "ds"
+    write_trace(out, meta, routes)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    res = CliRunner().invoke(
+        build_app(), ["profile", "--model", "builtin", "--prompts", "builtin", "--limit", "2", "--out", str(out)]
+    )
+    assert res.exit_code == 1
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "another model" in lines[0]
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
