@@ -9,6 +9,7 @@ Dimension key: T tokens, L MoE layers, K top-k, R rows (= T * L).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -31,6 +32,7 @@ from placement.trace import (
 )
 
 DATASET_JSON = "dataset.json"
+MANIFEST_JSON = "manifest.json"
 SHARD_GLOB = "part-*.parquet"
 _WRITER_ID_RE = re.compile(r"^[A-Za-z0-9_.=-]{1,64}$")
 
@@ -364,6 +366,7 @@ def open_parquet_trace(path: str | os.PathLike[str]) -> ParquetTrace:
             meta = _meta_of_shard(shards[0])
         else:
             raise TraceError(f"{p}: not a trace dataset (no {DATASET_JSON} and no {SHARD_GLOB} files)")
+        shards = _manifest_listed(p, shards)
         if not shards:
             raise TraceError(f"{p}: the dataset has no shards yet ({SHARD_GLOB}); profile or import into it first")
     elif p.is_file():
@@ -374,6 +377,19 @@ def open_parquet_trace(path: str | os.PathLike[str]) -> ParquetTrace:
     for s in shards:
         _open_shard(s, meta)
     return ParquetTrace(p, meta, shards)
+
+
+def _manifest_listed(path: Path, shards: tuple[Path, ...]) -> tuple[Path, ...]:
+    """With a job manifest (``manifest.json``, written by ray_jobs), only the shards it lists as completed count:
+    a file left by a worker that died after writing but before being recorded is not part of the trace."""
+    mpath = path / MANIFEST_JSON
+    if not mpath.exists():
+        return shards
+    try:
+        listed = {str(f) for v in json.loads(mpath.read_text())["completed"].values() for f in v["files"]}
+    except (OSError, KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise TraceError(f"{mpath}: unreadable job manifest ({exc!r}); resume or re-run the profiling job") from exc
+    return tuple(s for s in shards if s.name in listed)
 
 
 def _meta_of_shard(path: Path) -> TraceMeta:
