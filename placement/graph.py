@@ -10,9 +10,7 @@ Dimension key: T tokens, L MoE layers, K top-k, E experts.
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -252,38 +250,14 @@ def build_graph(
 
     ``num_folds`` > 1 also counts loads per prompt fold (reads the seq_id column) for robust balancing."""
     acc = GraphAccumulator(trace.meta, with_coact, num_folds)
-    stream = trace.iter_batches(batch_tokens, with_ids=num_folds > 1, with_pos=False)
-    batches: Iterable[RouteArrays] = _prefetched(stream)
+    # Decoding on a second thread was measured slower: the kernels already use both cores.
+    batches: Iterable[RouteArrays] = trace.iter_batches(batch_tokens, with_ids=num_folds > 1, with_pos=False)
     for batch in batches:
         acc.add(batch.expert_ids_TLK, batch.seq_ids_T if num_folds > 1 else None)
         if on_progress is not None:
             on_progress(batch.num_tokens)
     g = acc.result()
     return g.keep_top_pairs(keep_top) if keep_top else g
-
-
-def _prefetched(batches: Iterator[RouteArrays], depth: int = 2) -> Iterator[RouteArrays]:
-    """Decode the next record batches on a background thread while the (GIL-free) kernel counts this one."""
-    q: queue.Queue[object] = queue.Queue(maxsize=depth)
-    done = object()
-    errors: list[BaseException] = []
-
-    def produce() -> None:
-        try:
-            for b in batches:
-                q.put(b)
-        except BaseException as exc:  # handed to the consumer below
-            errors.append(exc)
-        finally:
-            q.put(done)
-
-    thread = threading.Thread(target=produce, name="moeplace-decode", daemon=True)
-    thread.start()
-    while (item := q.get()) is not done:
-        yield item  # type: ignore[misc]
-    thread.join()
-    if errors:
-        raise errors[0]
 
 
 # ------------------------------------------------------------------------------------------------ statistics
