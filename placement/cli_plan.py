@@ -22,7 +22,7 @@ SplitSeedOpt = Annotated[int, typer.Option("--split-seed", help="Seed of the tra
 
 
 def load_graph_and_routes(
-    trace: str, prompts: str, train_fraction: float, split_seed: int, need_routes: bool
+    trace: str, prompts: str, train_fraction: float, split_seed: int, need_routes: bool, num_folds: int = 8
 ) -> tuple[object, object]:
     """(RoutingGraph, RouteArrays | None) of the chosen prompts of a trace."""
     from placement.dataset import open_trace
@@ -35,7 +35,7 @@ def load_graph_and_routes(
     if prompts == "all" and not need_routes:
         with progress() as bar:
             task = bar.add_task("graph", total=tr.num_tokens, rate="")
-            g = build_graph(tr, with_coact=False, on_progress=lambda n: bar.advance(task, n))
+            g = build_graph(tr, with_coact=False, num_folds=num_folds, on_progress=lambda n: bar.advance(task, n))
         return g, None
     routes = tr.read_all(with_gates=False)
     if prompts != "all":
@@ -89,7 +89,8 @@ def plan_cmd(
         from placement.dataset import open_trace
 
         spec.validate(open_trace(trace).meta.num_experts)
-        g, _ = load_graph_and_routes(trace, prompts, train_fraction, split_seed, need_routes=False)
+        folds = 8 if robust > 0 else 0  # prompt-fold loads feed the robust balance only
+        g, _ = load_graph_and_routes(trace, prompts, train_fraction, split_seed, need_routes=False, num_folds=folds)
         plan = make_plan(g, spec, solver)  # type: ignore[arg-type]
         plan.save(out)
     pv = plan.provenance
