@@ -53,9 +53,7 @@ def write_dataset(out: Path, rows: int, seed: int = 0) -> float:
     with TraceWriter(out, meta, "bench") as w:
         for a in range(0, T_total, T_batch):
             T = min(T_batch, T_total - a)
-            w.write(
-                synth_batch(rng, T, pop_E, next_LE), np.arange(a, a + T) // 512, np.arange(a, a + T) % 512
-            )
+            w.write(synth_batch(rng, T, pop_E, next_LE), np.arange(a, a + T) // 512, np.arange(a, a + T) % 512)
     return time.perf_counter() - t0
 
 
@@ -139,10 +137,7 @@ def main() -> None:
                 f"{r['rss_peak_mb'] - r['rss_base_mb']:>9.0f}"
             )
         p = profile(str(ds))
-        print(
-            f"profile (all rows, no coact): Parquet read+convert {p['read_s']:.2f} s, "
-            f"kernel {p['kernel_s']:.2f} s"
-        )
+        print(f"profile (all rows, no coact): Parquet read+convert {p['read_s']:.2f} s, kernel {p['kernel_s']:.2f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -17,16 +17,12 @@ def export_cmd(
     format: Annotated[str, typer.Option("--format", help="sglang, vllm, deepseek or permute-checkpoint.")],
     out: Annotated[
         Path,
-        typer.Option(
-            help="Output: .json/.pt file (sglang), directory (vllm, permute-checkpoint), .pt (deepseek)."
-        ),
+        typer.Option(help="Output: .json/.pt file (sglang), directory (vllm, permute-checkpoint), .pt (deepseek)."),
     ],
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     num_model_layers: Annotated[
         int | None,
-        typer.Option(
-            min=1, help="sglang: the model's layer count incl. dense layers (default: last MoE layer + 1)."
-        ),
+        typer.Option(min=1, help="sglang: the model's layer count incl. dense layers (default: last MoE layer + 1)."),
     ] = None,
     checkpoint: Annotated[
         Path | None,
@@ -40,9 +36,7 @@ def export_cmd(
     with user_errors():
         try:
             p = Plan.load(plan)
-            res = export(
-                p, format, out, force=force, num_model_layers=num_model_layers, checkpoint=checkpoint
-            )
+            res = export(p, format, out, force=force, num_model_layers=num_model_layers, checkpoint=checkpoint)
         except ExportError as exc:
             raise UserError(str(exc)) from None
     for w in res.warnings:
@@ -57,12 +51,8 @@ def export_cmd(
 
 def report_cmd(
     trace: Annotated[str, typer.Option(help="Trace dataset directory, shard, or .npz.")],
-    out: Annotated[Path, typer.Option(help="HTML file to write; PNGs are written next to it.")] = Path(
-        "report.html"
-    ),
-    plan: Annotated[
-        list[Path] | None, typer.Option(help="Plan JSON to compare (repeat for several).")
-    ] = None,
+    out: Annotated[Path, typer.Option(help="HTML file to write; PNGs are written next to it.")] = Path("report.html"),
+    plan: Annotated[list[Path] | None, typer.Option(help="Plan JSON to compare (repeat for several).")] = None,
     title: Annotated[str | None, typer.Option(help="Page title.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing report.")] = False,
 ) -> None:

@@ -53,22 +53,16 @@ def _counter() -> Any:
 
 def import_cmd(
     src: Annotated[str, typer.Argument(help="Source: a file, FILE.npz:ARRAY, or a directory of rank dumps.")],
-    fmt: Annotated[
-        str, typer.Option("--format", "-f", help="Source format: npz, npy, sglang, megatron, popularity.")
-    ],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="Source format: npz, npy, sglang, megatron, popularity.")],
     out: Annotated[
         Path,
         typer.Option("--out", "-o", help="Output Parquet dataset directory (a JSON file with --loads-only)."),
     ],
-    num_experts: Annotated[
-        int | None, typer.Option(help="Number of experts E (default: from the source).")
-    ] = None,
+    num_experts: Annotated[int | None, typer.Option(help="Number of experts E (default: from the source).")] = None,
     model_name: Annotated[str | None, typer.Option(help="Model name stored in the trace metadata.")] = None,
     moe_layers: Annotated[
         str | None,
-        typer.Option(
-            help="sglang: comma-separated model layer ids of the MoE layers (default: layers with routing)."
-        ),
+        typer.Option(help="sglang: comma-separated model layer ids of the MoE layers (default: layers with routing)."),
     ] = None,
     loads_only: Annotated[
         bool,
@@ -107,9 +101,7 @@ def stats_cmd(
     top_m: Annotated[
         int | None, typer.Option(help="Top-m next experts for transition concentration (default E/8).")
     ] = None,
-    num_experts: Annotated[
-        int | None, typer.Option(help="Number of experts for an .npz without num_experts.")
-    ] = None,
+    num_experts: Annotated[int | None, typer.Option(help="Number of experts for an .npz without num_experts.")] = None,
 ) -> None:
     """Routing statistics: per-layer load skew, transition concentration vs. independence, entropy."""
     from placement.graph import graph_stats
@@ -133,9 +125,8 @@ def _print_table(s: dict[str, Any]) -> None:
     from rich.table import Table
 
     loads_only = s.get("loads_only", False)
-    title = (
-        f"{s['model']}: {s['num_tokens']:,} tokens, {s['num_layers']} MoE layers x {s['num_experts']} experts"
-        + ("" if loads_only else f", top-{s['top_k']}")
+    title = f"{s['model']}: {s['num_tokens']:,} tokens, {s['num_layers']} MoE layers x {s['num_experts']} experts" + (
+        "" if loads_only else f", top-{s['top_k']}"
     )
     t = Table(title=title)
     for col in ("layer", "load skew", "entropy bits"):
@@ -175,12 +166,8 @@ def graph_cmd(
     trace: Annotated[str, typer.Argument(help=TRACE_HELP)],
     graphml: Annotated[Path, typer.Option("--graphml", help="Output GraphML file (written atomically).")],
     min_weight: Annotated[int, typer.Option(help="Keep only transition edges with at least this count.")] = 1,
-    keep_top: Annotated[
-        int | None, typer.Option(help="Keep only each expert's heaviest next-layer partners.")
-    ] = None,
-    num_experts: Annotated[
-        int | None, typer.Option(help="Number of experts for an .npz without num_experts.")
-    ] = None,
+    keep_top: Annotated[int | None, typer.Option(help="Keep only each expert's heaviest next-layer partners.")] = None,
+    num_experts: Annotated[int | None, typer.Option(help="Number of experts for an .npz without num_experts.")] = None,
 ) -> None:
     """Export the routing-dependency graph: nodes (layer, expert) with load, edges l -> l+1 with counts."""
     with user_errors():

@@ -182,8 +182,7 @@ def vllm_ascend_map(plan: Plan) -> dict[str, Any]:
                 "layer_id": l,
                 "device_count": plan.num_gpus,
                 "device_list": [
-                    {"device_id": g, "device_expert": [int(e) for e in phy2log_LGS[l, g]]}
-                    for g in range(plan.num_gpus)
+                    {"device_id": g, "device_expert": [int(e) for e in phy2log_LGS[l, g]]} for g in range(plan.num_gpus)
                 ],
             }
             for l in range(plan.num_layers)
@@ -205,8 +204,7 @@ def vllm_flags(plan: Plan, out_dir: Path) -> tuple[str, ...]:
         {"eplb_config": {"expert_map_path": str(out_dir / VLLM_ASCEND_MAP), "num_redundant_experts": R}}
     )
     return (
-        "vllm (initial expert map proposal): --enable-expert-parallel --enable-eplb "
-        f"--eplb-config '{initial}'",
+        f"vllm (initial expert map proposal): --enable-expert-parallel --enable-eplb --eplb-config '{initial}'",
         f"vllm-ascend: --enable-expert-parallel --additional-config '{ascend}'",
     )
 
@@ -242,9 +240,7 @@ def plan_from_vllm(out_dir: str | os.PathLike[str]) -> Plan:
         ascend = json.loads((d / VLLM_ASCEND_MAP).read_text())
         info = json.loads((d / VLLM_INFO).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ExportError(
-            f"{d}: not a readable vllm export ({exc}); export again with --format vllm"
-        ) from exc
+        raise ExportError(f"{d}: not a readable vllm export ({exc}); export again with --format vllm") from exc
     phy2log_LP = np.asarray(initial, dtype=np.int64)
     if phy2log_LP.ndim == 1:  # one map shared by all MoE layers
         phy2log_LP = np.tile(phy2log_LP, (len(info["layers"]), 1))
@@ -327,9 +323,7 @@ def _permute(plan: Plan, checkpoint: str | os.PathLike[str] | None, out: Path, f
     from placement.permute_checkpoint import permute_checkpoint
 
     if checkpoint is None:
-        raise ExportError(
-            "--format permute-checkpoint needs --checkpoint DIR (a Hugging Face safetensors model)"
-        )
+        raise ExportError("--format permute-checkpoint needs --checkpoint DIR (a Hugging Face safetensors model)")
     return permute_checkpoint(plan, Path(checkpoint), out, force=force)
 
 

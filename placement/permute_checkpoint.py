@@ -42,9 +42,7 @@ from placement.plan import Plan
 INDEX_NAME = "model.safetensors.index.json"
 PERMUTATION_NAME = "moeplace_permutation.json"
 _EXPERT_RE = re.compile(r"^(?P<block>.*?\blayers\.(?P<layer>\d+)\..*?)\.experts\.(?P<idx>\d+)\.(?P<rest>.+)$")
-_FUSED_RE = re.compile(
-    r"^(?P<block>.*?\blayers\.(?P<layer>\d+)\..*?)\.experts\.(?P<rest>[A-Za-z_][^.]*(\..+)?)$"
-)
+_FUSED_RE = re.compile(r"^(?P<block>.*?\blayers\.(?P<layer>\d+)\..*?)\.experts\.(?P<rest>[A-Za-z_][^.]*(\..+)?)$")
 _ROUTER_RE = re.compile(r"^(?P<block>.*?\blayers\.(?P<layer>\d+)\..*?)\.(gate|router)\.(?P<rest>.+)$")
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
@@ -87,15 +85,11 @@ def read_checkpoint(path: Path) -> CheckpointInfo:
         try:
             weight_map = dict(json.loads(index_path.read_text())["weight_map"])
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ExportError(
-                f"{index_path}: no readable weight_map ({exc}); re-save the checkpoint"
-            ) from exc
+            raise ExportError(f"{index_path}: no readable weight_map ({exc}); re-save the checkpoint") from exc
         shards = tuple(sorted(set(weight_map.values())))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
-            raise ExportError(
-                f"{index_path}: names shard {missing[0]} that is not in {path}; copy all shards"
-            )
+            raise ExportError(f"{index_path}: names shard {missing[0]} that is not in {path}; copy all shards")
     else:
         shards = tuple(sorted(p.name for p in path.glob("*.safetensors")))
         if not shards:
@@ -115,17 +109,11 @@ def read_checkpoint(path: Path) -> CheckpointInfo:
             continue
         layer, block = int(m["layer"]), m["block"]
         if blocks.setdefault(layer, block) != block:
-            raise ExportError(
-                f"{path}: layer {layer} has two expert blocks ({blocks[layer]}, {block}); unsupported"
-            )
+            raise ExportError(f"{path}: layer {layer} has two expert blocks ({blocks[layer]}, {block}); unsupported")
     if not blocks:
-        raise ExportError(
-            f"{path}: no expert tensors (*.layers.N.*.experts.*) found; is this an MoE checkpoint?"
-        )
+        raise ExportError(f"{path}: no expert tensors (*.layers.N.*.experts.*) found; is this an MoE checkpoint?")
     if not num_experts:
-        raise ExportError(
-            f"{cfg_path}: no expert count ({' / '.join(_EXPERT_COUNT_KEYS)}); is this an MoE model?"
-        )
+        raise ExportError(f"{cfg_path}: no expert count ({' / '.join(_EXPERT_COUNT_KEYS)}); is this an MoE model?")
     n_group = int(cfg.get("n_group") or 1)
     topk_group = int(cfg.get("topk_group") or n_group)
     nhl = cfg.get("num_hidden_layers")
@@ -148,11 +136,7 @@ def check_plan(plan: Plan, ck: CheckpointInfo) -> tuple[int, ...]:
             "plan with a trace of this checkpoint's model"
         )
     extra = tuple(
-        sorted(
-            l
-            for l in ck.blocks
-            if l not in plan.layers and ck.num_hidden_layers and l >= ck.num_hidden_layers
-        )
+        sorted(l for l in ck.blocks if l not in plan.layers and ck.num_hidden_layers and l >= ck.num_hidden_layers)
     )
     moe = tuple(sorted(l for l in ck.blocks if l not in extra))
     if moe != tuple(sorted(plan.layers)):
@@ -244,9 +228,7 @@ def permute_checkpoint(plan: Plan, checkpoint: Path, out: Path, *, force: bool =
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (tmp / PERMUTATION_NAME).write_text(json.dumps(permutation_record(plan, unchanged), indent=1) + "\n")
     warnings = (
-        [f"MoE layers {list(unchanged)} (beyond num_hidden_layers, e.g. MTP) copied unchanged"]
-        if unchanged
-        else []
+        [f"MoE layers {list(unchanged)} (beyond num_hidden_layers, e.g. MTP) copied unchanged"] if unchanged else []
     )
     warnings.append(
         f"expert ids change: new expert k of a layer is old expert new_to_old[k] ({PERMUTATION_NAME}); "

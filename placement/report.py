@@ -268,9 +268,7 @@ def render_html(
         parts += ["<h2>Layer-to-layer transitions</h2>", _img("transitions", pngs["transitions"])]
     if plans:
         parts += ["<h2>Plan comparison</h2>", plan_table(plans, evals)]
-        parts.append(
-            "<p class='muted'>↑ higher is better, ↓ lower is better; traffic per docs/metrics.md.</p>"
-        )
+        parts.append("<p class='muted'>↑ higher is better, ↓ lower is better; traffic per docs/metrics.md.</p>")
         for name in plans:
             parts.append(f"<h2>Plan {html.escape(name)}</h2>")
             parts += [_img(k, pngs[k]) for k in (f"gpu_load_{name}", f"gpu_traffic_{name}") if k in pngs]
@@ -306,7 +304,5 @@ def build_report(
     routes = tr.read_all(with_gates=False) if plans else None
     evals = {name: evaluate(plan, g, routes) for name, plan in plans.items()}
     pngs = figures(g, plans, evals)
-    page = render_html(
-        g, graph_stats(g), plans, evals, pngs, title or f"moeplace report: {g.meta.model_name}"
-    )
+    page = render_html(g, graph_stats(g), plans, evals, pngs, title or f"moeplace report: {g.meta.model_name}")
     return Report(page, pngs)

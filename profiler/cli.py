@@ -30,18 +30,12 @@ def _fail(message: str) -> typer.Exit:
 
 def profile(
     model: Annotated[str, typer.Option(help="'builtin', 'hf:<dir>' or 'hf-config:<name>'.")] = "builtin",
-    prompts: Annotated[
-        str, typer.Option(help="'builtin', a text file (one prompt per line) or .jsonl.")
-    ] = "builtin",
+    prompts: Annotated[str, typer.Option(help="'builtin', a text file (one prompt per line) or .jsonl.")] = "builtin",
     out: Annotated[Path, typer.Option(help="Trace dataset directory (created or resumed).")] = Path("trace"),
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward pass.")] = 8,
-    max_len: Annotated[
-        int, typer.Option(min=1, help="Tokens per prompt kept (longer prompts are cut).")
-    ] = 256,
+    max_len: Annotated[int, typer.Option(min=1, help="Tokens per prompt kept (longer prompts are cut).")] = 256,
     limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N prompts.")] = None,
-    threads: Annotated[
-        int | None, typer.Option(min=1, help="torch CPU threads (default: torch's choice).")
-    ] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's choice).")] = None,
     ray: Annotated[bool, typer.Option("--ray", help="Run as a Ray job (see docs/ray.md).")] = False,
     address: Annotated[
         str | None, typer.Option(help="With --ray: head host:port or 'auto' (default: RAY_ADDRESS or local Ray).")
@@ -56,9 +50,18 @@ def profile(
         from ray_jobs.driver import JobConfig
         from ray_jobs.profile import run_cli
 
-        cfg = JobConfig(out=out, model=model, prompts=prompts, limit=limit, workers=workers, mode=mode,
-                        address=address, batch_size=batch_size, max_len=max_len,
-                        threads=threads or 1)
+        cfg = JobConfig(
+            out=out,
+            model=model,
+            prompts=prompts,
+            limit=limit,
+            workers=workers,
+            mode=mode,
+            address=address,
+            batch_size=batch_size,
+            max_len=max_len,
+            threads=threads or 1,
+        )
         code = run_cli(cfg)
         if code:
             raise typer.Exit(code)

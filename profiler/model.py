@@ -106,9 +106,7 @@ class MoEConfig:
             raise ModelConfigError("model config JSON must be an object")
         version = raw.pop("schema_version", None)
         if version != CONFIG_SCHEMA_VERSION:
-            raise ModelConfigError(
-                f"model config schema_version={version!r}, expected {CONFIG_SCHEMA_VERSION}"
-            )
+            raise ModelConfigError(f"model config schema_version={version!r}, expected {CONFIG_SCHEMA_VERSION}")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -155,9 +153,7 @@ class GroupedExperts(nn.Module):
         self.w_up_EDF = nn.Parameter(torch.randn(n_experts, d_model, ffn_dim) * scale_in)
         self.w_down_EFD = nn.Parameter(torch.randn(n_experts, ffn_dim, d_model) * scale_out)
 
-    def forward(
-        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
         n_experts = self.w_gate_EDF.shape[0]
         top_k = topk_ids_TK.shape[1]
         flat_ids = topk_ids_TK.reshape(-1)
@@ -222,9 +218,7 @@ class Block(nn.Module):
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(self.attn_norm(x_BSD)).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)
         # Causal attention only: sequences are right-padded, so real positions never see padding.
-        a = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-        )
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         x_BSD = x_BSD + self.attn_out(a.transpose(1, 2).reshape(B, S, D))
         y_TD, aux = self.ffn(self.ffn_norm(x_BSD).reshape(B * S, D))
         return x_BSD + y_TD.view(B, S, D), aux
@@ -259,11 +253,7 @@ class DemoMoE(nn.Module):
 
     def routers(self) -> list[tuple[int, Router]]:
         """``(moe_layer_id, router)`` for each MoE block, layer id = transformer block index."""
-        return [
-            (i, block.ffn.router)
-            for i, block in enumerate(self.blocks)
-            if isinstance(block.ffn, MoEFeedForward)
-        ]
+        return [(i, block.ffn.router) for i, block in enumerate(self.blocks) if isinstance(block.ffn, MoEFeedForward)]
 
 
 def save_demo_model(model: DemoMoE, weights_path: Path, config_path: Path, dtype: torch.dtype) -> None:

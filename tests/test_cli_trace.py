@@ -106,9 +106,7 @@ def test_bad_inputs_one_error_line_nothing_left(cli, tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"x": [1]}), tmp_path / "wrong" / "part-a-000000.parquet")
-    assert "column 'run_id' is missing" in _one_error(
-        cli, "graph", tmp_path / "wrong", "--graphml", out / "g.graphml"
-    )
+    assert "column 'run_id' is missing" in _one_error(cli, "graph", tmp_path / "wrong", "--graphml", out / "g.graphml")
     # an .npz without routes
     np.savez(tmp_path / "noroutes.npz", x=np.zeros(3))
     assert "noroutes.npz: no array 'routes'" in _one_error(

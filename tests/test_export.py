@@ -33,9 +33,7 @@ def _plan(layers: tuple[int, ...], G: int = 4, redundant: int = 0, seed: int = 0
         row = list(rng.permutation(E))
         row += list(rng.choice(E, redundant, replace=False))
         rows.append(rng.permutation(row) if redundant else row)
-    return Plan(
-        num_gpus=G, num_nodes=1, num_experts=E, layers=layers, phy2log=np.asarray(rows), model_name="t"
-    )
+    return Plan(num_gpus=G, num_nodes=1, num_experts=E, layers=layers, phy2log=np.asarray(rows), model_name="t")
 
 
 @pytest.fixture()
@@ -179,9 +177,7 @@ def _check_same_function(src: Path, dst: Path) -> None:
     torch.testing.assert_close(_logits(dst, ids), _logits(src, ids), rtol=1e-5, atol=1e-5)
 
 
-def test_permuted_mixtral_same_logits_and_contiguous_placement_is_the_plan(
-    mixtral: Path, tmp_path: Path
-) -> None:
+def test_permuted_mixtral_same_logits_and_contiguous_placement_is_the_plan(mixtral: Path, tmp_path: Path) -> None:
     plan = _plan((0, 1, 2), G=4, seed=5)
     out = tmp_path / "perm"
     res = export(plan, "permute-checkpoint", out, checkpoint=mixtral)
@@ -265,9 +261,7 @@ def test_cli_refuses_plan_for_another_model(
     assert not (tmp_path / "perm").exists() and not _leftovers(tmp_path)
 
 
-def test_cli_refuses_existing_output_unless_force_and_unknown_format(
-    app: typer.Typer, tmp_path: Path
-) -> None:
+def test_cli_refuses_existing_output_unless_force_and_unknown_format(app: typer.Typer, tmp_path: Path) -> None:
     plan = _plan((0, 1), G=2, redundant=2)
     plan.save(tmp_path / "plan.json")
     (tmp_path / "v").mkdir()
@@ -280,20 +274,14 @@ def test_cli_refuses_existing_output_unless_force_and_unknown_format(
     assert code == 0, err
     assert "--additional-config" in out and not (tmp_path / "v" / "keep").exists()
     assert plan_from_vllm(tmp_path / "v") == plan
-    code, _, err = _run(
-        app, "export", "--plan", tmp_path / "plan.json", "--out", tmp_path / "x", "--format", "onnx"
-    )
+    code, _, err = _run(app, "export", "--plan", tmp_path / "plan.json", "--out", tmp_path / "x", "--format", "onnx")
     assert code == 1 and "unknown format 'onnx'" in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists() and not _leftovers(tmp_path)
-    code, _, err = _run(
-        app, "export", "--plan", tmp_path / "nope.json", "--out", tmp_path / "y", "--format", "sglang"
-    )
+    code, _, err = _run(app, "export", "--plan", tmp_path / "nope.json", "--out", tmp_path / "y", "--format", "sglang")
     assert code == 1 and err.startswith("error: ") and "no such plan file" in err
 
 
-def test_failed_permutation_leaves_nothing(
-    mixtral: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failed_permutation_leaves_nothing(mixtral: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import safetensors.torch
 
     calls = []

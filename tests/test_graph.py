@@ -88,9 +88,7 @@ def test_keep_top_pairs_and_networkx(tmp_path):
     g = graph_from_routes(ids, _meta(3, 8, 2))
     kept = g.keep_top_pairs(2)
     assert ((kept.trans_LEE > 0).sum(axis=2) <= 2).all()
-    np.testing.assert_array_equal(
-        np.sort(kept.trans_LEE, axis=2)[:, :, -2:], np.sort(g.trans_LEE, axis=2)[:, :, -2:]
-    )
+    np.testing.assert_array_equal(np.sort(kept.trans_LEE, axis=2)[:, :, -2:], np.sort(g.trans_LEE, axis=2)[:, :, -2:])
     dg = g.to_networkx()
     assert dg.number_of_nodes() == 24
     assert sum(w for _, _, w in dg.edges(data="weight")) == g.trans_LEE.sum()

@@ -111,9 +111,7 @@ def test_sglang_directory_and_moe_layers(tmp_path):
 def test_sglang_stat_is_loads_only(tmp_path):
     count = torch.zeros(3, A, 8, dtype=torch.int32)
     count[:, 1:] = torch.randint(0, 50, (3, A - 1, 8), dtype=torch.int32)
-    torch.save(
-        {"rank": 0, "logical_count": count, "average_utilization_rate_over_window": None}, tmp_path / "s.pt"
-    )
+    torch.save({"rank": 0, "logical_count": count, "average_utilization_rate_over_window": None}, tmp_path / "s.pt")
     with pytest.raises(TraceError, match=r"per-expert loads only.*--loads-only"):
         import_trace(str(tmp_path / "s.pt"), "sglang", tmp_path / "ds")
     assert not (tmp_path / "ds").exists()

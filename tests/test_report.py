@@ -64,9 +64,7 @@ def _app() -> typer.Typer:
     return app
 
 
-def test_report_is_self_contained_with_table_and_figures(
-    inputs: tuple[Path, list[Path]], tmp_path: Path
-) -> None:
+def test_report_is_self_contained_with_table_and_figures(inputs: tuple[Path, list[Path]], tmp_path: Path) -> None:
     trace, plans = inputs
     rep = build_report(trace, [str(p) for p in plans])
     names = set(rep.pngs)
@@ -110,9 +108,7 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.skipif(
-    _chromium() is None, reason="headless Chromium not installed (CI: apt-get install -y chromium)"
-)
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium not installed (CI: apt-get install -y chromium)")
 def test_report_renders_in_headless_chromium(inputs: tuple[Path, list[Path]], tmp_path: Path) -> None:
     from matplotlib.image import imread
 

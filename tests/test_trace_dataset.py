@@ -92,9 +92,7 @@ def test_truncated_shard(tmp_path):
 def test_wrong_schema(tmp_path):
     d = tmp_path / "ds"
     d.mkdir()
-    pq.write_table(
-        pa.table({"layer": pa.array([1], pa.int16()), "experts": [[1, 2, 3]]}), d / "part-x-000000.parquet"
-    )
+    pq.write_table(pa.table({"layer": pa.array([1], pa.int16()), "experts": [[1, 2, 3]]}), d / "part-x-000000.parquet")
     with pytest.raises(TraceError, match="column 'run_id' is missing"):
         open_trace(d)
 

@@ -97,9 +97,7 @@ def _read_source(
     if fmt == "sglang":
         from placement.importers.sglang import read_sglang, sglang_paths
 
-        res = read_sglang(
-            sglang_paths(path), model_name=model_name, num_experts=num_experts, moe_layers=moe_layers
-        )
+        res = read_sglang(sglang_paths(path), model_name=model_name, num_experts=num_experts, moe_layers=moe_layers)
         return res if isinstance(res, LoadTrace) else (res.meta, res.iter_batches())
     if fmt == "megatron":
         from placement.importers.megatron import megatron_paths, read_megatron
@@ -144,9 +142,7 @@ def write_staged(
                     on_progress(b.num_tokens)
         out.mkdir(parents=True, exist_ok=True)
         _check_dataset_meta(out, meta)
-        n = 1 + max(
-            (int(p.stem.rsplit("-", 1)[1]) for p in out.glob(f"part-{writer_id}-*.parquet")), default=-1
-        )
+        n = 1 + max((int(p.stem.rsplit("-", 1)[1]) for p in out.glob(f"part-{writer_id}-*.parquet")), default=-1)
         for shard in w.shards_written:
             while True:
                 target = out / f"part-{writer_id}-{n:06d}.parquet"

@@ -94,19 +94,13 @@ def _iter_groups(paths: list[Path]) -> Iterator[_Group]:
             try:
                 ids = np.asarray(rec["top_indices"], dtype=np.int64)
             except (TypeError, ValueError) as exc:
-                raise TraceError(
-                    f"{where}: top_indices is not a [num_tokens, topk] integer list ({exc})"
-                ) from exc
+                raise TraceError(f"{where}: top_indices is not a [num_tokens, topk] integer list ({exc})") from exc
             if ids.size == 0:
                 ids = ids.reshape(0, K)
             if ids.ndim != 2 or ids.shape[1] != K:
-                raise TraceError(
-                    f"{where}: top_indices has shape {list(ids.shape)}, expected [num_tokens, {K}]"
-                )
+                raise TraceError(f"{where}: top_indices has shape {list(ids.shape)}, expected [num_tokens, {K}]")
             if "num_tokens" in rec and int(rec["num_tokens"]) != ids.shape[0]:
-                raise TraceError(
-                    f"{where}: num_tokens={rec['num_tokens']} but top_indices has {ids.shape[0]} rows"
-                )
+                raise TraceError(f"{where}: num_tokens={rec['num_tokens']} but top_indices has {ids.shape[0]} rows")
             parts.setdefault(int(rec["layer"]), []).append(ids)
         if step is not None:
             yield _close(path, step, parts)
@@ -148,9 +142,7 @@ class MegatronRoutes:
                 raise TraceError(f"{g.where}: expert id {int(ids_TLK.max())} does not fit int16")
             ids_TLK = ids_TLK.astype(np.int16)
             if ids_TLK.shape[2] != self.meta.top_k:
-                raise TraceError(
-                    f"{g.where}: mixed top-k: topk={ids_TLK.shape[2]} here, {self.meta.top_k} before"
-                )
+                raise TraceError(f"{g.where}: mixed top-k: topk={ids_TLK.shape[2]} here, {self.meta.top_k} before")
             validate_routes(ids_TLK, self.meta, g.where)
             T = ids_TLK.shape[0]
             yield RouteArrays(ids_TLK, np.full(T, seq, np.int64), np.arange(T, dtype=np.int32))

@@ -114,9 +114,7 @@ def _moe_layers(used_A: np.ndarray, moe_layers: Sequence[int] | None, where: str
         return idx
     idx = np.flatnonzero(used_A)
     if idx.size == 0:
-        raise TraceError(
-            f"{where}: no layer has any recorded expert (all ids -1 / counts 0); nothing to import"
-        )
+        raise TraceError(f"{where}: no layer has any recorded expert (all ids -1 / counts 0); nothing to import")
     return idx
 
 
@@ -140,9 +138,7 @@ def read_sglang(
         else:
             kinds.update(_check_record(r, f"{p}: records[{i}]") for i, r in enumerate(d["records"]))
     if len(kinds) > 1:
-        raise TraceError(
-            f"{where}: mixes dump kinds {sorted(kinds)}; import per_token, per_pass and stat apart"
-        )
+        raise TraceError(f"{where}: mixes dump kinds {sorted(kinds)}; import per_token, per_pass and stat apart")
     kind = kinds.pop() if kinds else "token"
     if kind == "stat":
         return _stat_loads(dumps, where, name, moe_layers)
@@ -160,9 +156,7 @@ def _stat_loads(
         if count.ndim == 2:
             count = count[None]
         if count.ndim != 3 or not np.issubdtype(count.dtype, np.integer):
-            raise TraceError(
-                f"{p}: logical_count must be int [steps, L_all, E], got {count.dtype} {count.shape}"
-            )
+            raise TraceError(f"{p}: logical_count must be int [steps, L_all, E], got {count.dtype} {count.shape}")
         count_AE = count.astype(np.int64).sum(axis=0)
         if total_AE is not None and total_AE.shape != count_AE.shape:
             raise TraceError(f"{p}: logical_count shape {count_AE.shape} differs from the first dump's")
@@ -177,23 +171,17 @@ def _pass_loads(
 ) -> LoadTrace:
     total_AE: np.ndarray | None = None
     for p, d in dumps:
-        phy2log_AP = _np(d["last_physical_to_logical_map"], p, "last_physical_to_logical_map").astype(
-            np.int64
-        )
+        phy2log_AP = _np(d["last_physical_to_logical_map"], p, "last_physical_to_logical_map").astype(np.int64)
         A, P = phy2log_AP.shape
         E = int(phy2log_AP.max()) + 1
         phys_AP = np.zeros((A, P), np.int64)
         for i, rec in enumerate(d["records"]):
             c = _np(rec["global_physical_count"], p, f"records[{i}].global_physical_count")
             if c.shape != (A, P):
-                raise TraceError(
-                    f"{p}: records[{i}].global_physical_count has shape {c.shape}, map has {(A, P)}"
-                )
+                raise TraceError(f"{p}: records[{i}].global_physical_count has shape {c.shape}, map has {(A, P)}")
             phys_AP += c.astype(np.int64)
         flat = (np.arange(A)[:, None] * E + phy2log_AP).reshape(-1)
-        count_AE = (
-            np.bincount(flat, weights=phys_AP.reshape(-1), minlength=A * E).astype(np.int64).reshape(A, E)
-        )
+        count_AE = np.bincount(flat, weights=phys_AP.reshape(-1), minlength=A * E).astype(np.int64).reshape(A, E)
         if total_AE is not None and total_AE.shape != count_AE.shape:
             raise TraceError(f"{p}: {A} layers x {E} experts differs from the first dump's {total_AE.shape}")
         total_AE = count_AE if total_AE is None else total_AE + count_AE
@@ -217,9 +205,7 @@ def _token_routes(
     for p, d in dumps:
         phy2log_AP = _np(d["last_physical_to_logical_map"], p, "last_physical_to_logical_map")
         if phy2log_AP.ndim != 2 or not np.issubdtype(phy2log_AP.dtype, np.integer) or phy2log_AP.min() < 0:
-            raise TraceError(
-                f"{p}: last_physical_to_logical_map must be int >= 0 [L_all, P], got {phy2log_AP.shape}"
-            )
+            raise TraceError(f"{p}: last_physical_to_logical_map must be int >= 0 [L_all, P], got {phy2log_AP.shape}")
         if A < 0:
             A = phy2log_AP.shape[0]
             used_A = np.zeros(A, bool)
@@ -230,8 +216,7 @@ def _token_routes(
             ids = _np(rec["topk_ids_of_layer"], p, f"records[{i}].topk_ids_of_layer")
             if ids.ndim != 3 or ids.shape[0] != A or not np.issubdtype(ids.dtype, np.integer):
                 raise TraceError(
-                    f"{p}: records[{i}].topk_ids_of_layer must be int [L_all={A}, T, K], "
-                    f"got {ids.dtype} {ids.shape}"
+                    f"{p}: records[{i}].topk_ids_of_layer must be int [L_all={A}, T, K], got {ids.dtype} {ids.shape}"
                 )
             valid = ids >= 0
             used_A |= valid.any(axis=(1, 2))
@@ -240,12 +225,8 @@ def _token_routes(
     K = int(np.flatnonzero(used_K)[-1]) + 1 if used_K.any() else 1
     E = max_logical + 1 if num_experts is None else int(num_experts)
     if E <= max_logical:
-        raise TraceError(
-            f"{where}: --num-experts {E} but the physical-to-logical map names expert {max_logical}"
-        )
-    meta = TraceMeta(
-        name, E, K, tuple(idx.tolist()), source="sglang-per_token", extra={"sglang_num_layers": A}
-    )
+        raise TraceError(f"{where}: --num-experts {E} but the physical-to-logical map names expert {max_logical}")
+    meta = TraceMeta(name, E, K, tuple(idx.tolist()), source="sglang-per_token", extra={"sglang_num_layers": A})
     return SGLangRoutes(meta, tuple(dumps), idx)
 
 
@@ -269,9 +250,7 @@ def _record_routes(
     if hi >= P:
         raise TraceError(f"{where}: physical expert id {hi} >= {P} slots of last_physical_to_logical_map")
     valid = ids_LTK >= 0
-    log_LTK = np.where(
-        valid, phy2log_AP[idx_L][np.arange(idx_L.size)[:, None, None], np.maximum(ids_LTK, 0)], -1
-    )
+    log_LTK = np.where(valid, phy2log_AP[idx_L][np.arange(idx_L.size)[:, None, None], np.maximum(ids_LTK, 0)], -1)
     ids_TLK = np.ascontiguousarray(log_LTK.transpose(1, 0, 2)).astype(np.int16)
     validate_routes(ids_TLK, meta, where)
     T = ids_TLK.shape[0]
