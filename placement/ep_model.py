@@ -38,7 +38,7 @@ from placement.ep_dispatch import (
     Exchanger,
     ReplicaTable,
 )
-from placement.ep_runtime import ExpertW, LocalExperts, moe_exchange
+from placement.ep_runtime import ExpertW, LocalExperts, moe_exchange, slot_maps
 from placement.plan import Plan
 
 LIVE_PHASES = ("dispatch", "compute", "combine", "gather")
@@ -103,12 +103,7 @@ def moe_blocks(module: nn.Module) -> list[MoEBlockRef]:
 
 def local_experts(plan: Plan, rank: int, refs: Sequence[MoEBlockRef]) -> LocalExperts:
     """The experts of ``rank``'s plan slots, copied out of the model's blocks (replicas are copies)."""
-    S = plan.slots_per_gpu
-    slot_expert_LS = plan.phy2log[:, rank * S : (rank + 1) * S]
-    L = slot_expert_LS.shape[0]
-    slot_of_LE = np.full((L, plan.num_experts), -1, dtype=np.int64)
-    for s in range(S - 1, -1, -1):  # lowest slot wins
-        slot_of_LE[np.arange(L), slot_expert_LS[:, s]] = s
+    slot_expert_LS, slot_of_LE = slot_maps(plan, rank)
     weights = []
     with torch.no_grad():
         for l, ref in enumerate(refs):

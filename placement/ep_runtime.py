@@ -210,12 +210,8 @@ class LocalExperts:
         device: torch.device,
         cache: dict[tuple[int, int], ExpertW] | None = None,
     ) -> LocalExperts:
-        S = plan.slots_per_gpu
-        slot_expert_LS = plan.phy2log[:, rank * S : (rank + 1) * S]
+        slot_expert_LS, slot_of_LE = slot_maps(plan, rank)
         L = slot_expert_LS.shape[0]
-        slot_of_LE = np.full((L, plan.num_experts), -1, dtype=np.int64)
-        for s in range(S - 1, -1, -1):  # lowest slot wins
-            slot_of_LE[np.arange(L), slot_expert_LS[:, s]] = s
         weights = tuple(stacked_weights(spec, l, slot_expert_LS[l].tolist(), device, cache) for l in range(L))
         return cls(slot_expert_LS, slot_of_LE, weights)
 
@@ -242,6 +238,17 @@ class LayerStats:
 
 def _nbytes_per_row(t: torch.Tensor) -> int:
     return int(np.prod(t.shape[1:])) * t.element_size()
+
+
+def slot_maps(plan: Plan, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(slot_expert_LS: expert of each of ``rank``'s S slots, slot_of_LE: its first local slot of expert e or -1)."""
+    S = plan.slots_per_gpu
+    slot_expert_LS = plan.phy2log[:, rank * S : (rank + 1) * S]
+    L = slot_expert_LS.shape[0]
+    slot_of_LE = np.full((L, plan.num_experts), -1, dtype=np.int64)
+    for s in range(S - 1, -1, -1):  # lowest slot wins
+        slot_of_LE[np.arange(L), slot_expert_LS[:, s]] = s
+    return slot_expert_LS, slot_of_LE
 
 
 def moe_exchange(
