@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from placement.cli_common import echo_json, progress, user_errors
+
+if TYPE_CHECKING:
+    from placement.dataset import Trace
 
 TraceArg = Annotated[str, typer.Option("--trace", help="Trace: Parquet dataset dir/file or .npz[:ARRAY].")]
 SplitOpt = Annotated[
@@ -22,16 +25,14 @@ SplitSeedOpt = Annotated[int, typer.Option("--split-seed", help="Seed of the tra
 
 
 def load_graph_and_routes(
-    trace: str, prompts: str, train_fraction: float, split_seed: int, need_routes: bool, num_folds: int = 8
+    tr: Trace, prompts: str, train_fraction: float, split_seed: int, need_routes: bool, num_folds: int = 8
 ) -> tuple[object, object]:
-    """(RoutingGraph, RouteArrays | None) of the chosen prompts of a trace."""
-    from placement.dataset import open_trace
+    """(RoutingGraph, RouteArrays | None) of the chosen prompts of an opened trace."""
     from placement.graph import build_graph, graph_from_routes
     from placement.trace import TraceError, split_by_prompt
 
     if prompts not in ("all", "train", "test"):
         raise TraceError(f"--prompts {prompts!r}: use all, train or test")
-    tr = open_trace(trace)
     if prompts == "all" and not need_routes:
         with progress() as bar:
             task = bar.add_task("graph", total=tr.num_tokens, rate="")
@@ -88,9 +89,10 @@ def plan_cmd(
         )
         from placement.dataset import open_trace
 
-        spec.validate(open_trace(trace).meta.num_experts)
+        tr = open_trace(trace)
+        spec.validate(tr.meta.num_experts)
         folds = 8 if robust > 0 else 0  # prompt-fold loads feed the robust balance only
-        g, _ = load_graph_and_routes(trace, prompts, train_fraction, split_seed, need_routes=False, num_folds=folds)
+        g, _ = load_graph_and_routes(tr, prompts, train_fraction, split_seed, need_routes=False, num_folds=folds)
         plan = make_plan(g, spec, solver)  # type: ignore[arg-type]
         plan.save(out)
     pv = plan.provenance
@@ -121,8 +123,9 @@ def eval_cmd(
         p = Plan.load(plan)
         from placement.dataset import open_trace
 
-        p.check_trace(open_trace(trace).meta, where=str(plan))
-        g, routes = load_graph_and_routes(trace, prompts, train_fraction, split_seed, need_routes=True)
+        tr = open_trace(trace)
+        p.check_trace(tr.meta, where=str(plan))
+        g, routes = load_graph_and_routes(tr, prompts, train_fraction, split_seed, need_routes=True)
         topo = Topology(intra_node_bw=intra_bw, inter_node_bw=inter_bw, token_bytes=hidden * dtype_bytes)
         res = evaluate(p, g, routes, topo)  # type: ignore[arg-type]
     if as_json:
