@@ -5,13 +5,16 @@
 Instances (../shared/traces is read in place, never copied):
 - ds-v2-lite: DeepSeek-V2-Lite-Chat dev trace (26 x 64, top-6), fitted on a seeded half of the prompts,
   evaluated on the other half; G = 4, 8, 16; redundant 0 and 8 (16 for G = 16, since slots must divide over GPUs).
-- ds-v2-lite-cv: the same, fitted on 80% of the prompts and evaluated on the other 20%, 5 seeds (the closest to
+- ds-v2-lite-seeds: G = 8, R = 0, half splits with 10 seeds: eplb, affinity and affinity --robust 1; spread of
+  held-out colocation and imbalance, and coverage of the plan's unseen-imbalance forecast.
+- ds-v2-lite-cv: as ds-v2-lite, fitted on 80% of the prompts and evaluated on the other 20%, 5 seeds (the closest to
   "fitted on the whole dev file, evaluated on unseen prompts").
 - mixtral: Mixtral-8x7B (32 x 8, top-2), fitted on the prefill tokens, evaluated on the decode tokens; G = 4.
 - dsv3: synthetic DeepSeek-V3 shape (58 x 256, top-8), 32 GPUs on 4 nodes, 32 redundant slots.
 - kimi-k2: synthetic Kimi-K2 shape (60 x 384, top-8), 64 GPUs on 8 nodes.
 For the synthetic shapes affinity gets --balance equal to what eplb achieves, so it is compared at equal or
 better imbalance. Columns: colocation and imbalance_max (../shared/METRICS.md) on the fit and held-out tokens,
+the plan's forecast of held-out imbalance_max (median / 90th percentile, from the fitted prompts alone),
 home-model all-to-all bytes per held-out token (hidden 4096, bf16), solve seconds, status, gap.
 """
 
@@ -51,6 +54,7 @@ def run_case(
     a = evaluate(plan, g_fit)
     b = evaluate(plan, g_test, test if traffic else None)
     pv = plan.provenance
+    fc = pv.get("unseen_imbalance") or {}
     return {
         "instance": name,
         "G": spec.num_gpus,
@@ -62,6 +66,9 @@ def run_case(
         "fit_imb": a["imbalance_max"],
         "test_coloc": b["colocation"],
         "test_imb": b["imbalance_max"],
+        "fcst_p10": fc.get("p10"),
+        "fcst_p50": fc.get("p50"),
+        "fcst_p90": fc.get("p90"),
         "home_B_tok": b["home"]["bytes_per_token"] if traffic else None,
         "solve_s": pv["solve_seconds"],
         "status": pv["status"],
@@ -86,6 +93,34 @@ def ds_v2_lite(quick: bool) -> list[dict[str, Any]]:
         spec = PlanSpec(8, 1, 0, 0.1, time_limit=30.0, options={"ilp_backend": "cpsat"})
         rows.append(run_case("ds-v2-lite", tr.meta, fit, test, spec, "ilp"))
         print_row(rows[-1])
+    return rows
+
+
+def ds_v2_lite_seeds(quick: bool) -> list[dict[str, Any]]:
+    """Half splits over many seeds, G = 8, R = 0: how held-out colocation and imbalance vary with the prompts
+    drawn, and whether the plan's unseen-imbalance forecast (p10-p90) brackets what happens."""
+    tr = open_trace(SHARED / "deepseek-v2-lite-chat.dev.npz")
+    r = tr.read_all(with_gates=False)
+    cases: tuple[tuple[str, dict[str, float]], ...] = (("eplb", {}), ("affinity", {}), ("affinity", {"kappa": 1.0}))
+    rows: list[dict[str, Any]] = []
+    for seed in range(3 if quick else 10):
+        m = split_by_prompt(r.seq_ids_T, 0.5, seed=seed)
+        for solver, opts in cases:
+            spec = PlanSpec(8, 1, 0, 0.1, time_limit=10.0, seed=0, options=opts)
+            rows.append(run_case(f"ds-v2-lite-s{seed}", tr.meta, r.take(m), r.take(~m), spec, solver, False))
+            rows[-1]["kappa"] = opts.get("kappa", 0.0)
+            print_row(rows[-1])
+    for solver, opts in cases:
+        sel = [x for x in rows if x["solver"] == solver and x["kappa"] == opts.get("kappa", 0.0)]
+        imb = np.array([x["test_imb"] for x in sel])
+        inside = np.mean([x["fcst_p10"] <= x["test_imb"] <= x["fcst_p90"] for x in sel])
+        below = np.mean([x["test_imb"] <= x["fcst_p50"] for x in sel])
+        print(
+            f"  {solver} kappa={opts.get('kappa', 0.0):g} over {len(sel)} splits: test colocation "
+            f"{np.mean([x['test_coloc'] for x in sel]):.4f} (min {min(x['test_coloc'] for x in sel):.4f}), "
+            f"test imbalance median {np.median(imb):.3f}, <= 1.10 in {np.mean(imb <= 1.10):.0%}; "
+            f"forecast p10-p90 holds it in {inside:.0%}, p50 above it in {below:.0%}"
+        )
     return rows
 
 
@@ -142,16 +177,17 @@ def synthetic(
 
 HEADER = (
     f"{'instance':<18}{'G':>4}{'N':>3}{'R':>4}{'eps':>6} {'solver':<12}{'fit col':>8}{'fit imb':>8}"
-    f"{'test col':>9}{'test imb':>9}{'home B/tok':>12}{'solve s':>9} {'status':<10}{'gap':>7}"
+    f"{'test col':>9}{'test imb':>9}{'fcst p50/p90':>13}{'home B/tok':>12}{'solve s':>9} {'status':<10}{'gap':>7}"
 )
 
 
 def print_row(r: dict[str, Any]) -> None:
     home = "-" if r["home_B_tok"] is None else f"{r['home_B_tok']:,.0f}"
     gap = "-" if r["gap"] is None else f"{r['gap']:.3f}"
+    fcst = "-" if r.get("fcst_p50") is None else f"{r['fcst_p50']:.3f}/{r['fcst_p90']:.3f}"
     print(
         f"{r['instance']:<18}{r['G']:>4}{r['N']:>3}{r['R']:>4}{r['eps']:>6.3f} {r['solver']:<12}"
-        f"{r['fit_coloc']:>8.4f}{r['fit_imb']:>8.3f}{r['test_coloc']:>9.4f}{r['test_imb']:>9.3f}{home:>12}"
+        f"{r['fit_coloc']:>8.4f}{r['fit_imb']:>8.3f}{r['test_coloc']:>9.4f}{r['test_imb']:>9.3f}{fcst:>13}{home:>12}"
         f"{r['solve_s']:>9.2f} {r['status']:<10}{gap:>7}",
         flush=True,
     )
@@ -168,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = {
         "ds-v2-lite": lambda: ds_v2_lite(args.quick),
         "ds-v2-lite-cv": lambda: ds_v2_lite_cv(args.quick),
+        "ds-v2-lite-seeds": lambda: ds_v2_lite_seeds(args.quick),
         "mixtral": lambda: mixtral(args.quick),
         "dsv3": lambda: synthetic("dsv3", 58, 256, 32, 4, 32, 16384 if args.quick else 65536, 60.0, True),
         "kimi-k2": lambda: synthetic("kimi-k2", 60, 384, 64, 8, 0, 16384 if args.quick else 49152, 60.0, False),

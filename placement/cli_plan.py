@@ -25,7 +25,7 @@ SplitSeedOpt = Annotated[int, typer.Option("--split-seed", help="Seed of the tra
 
 
 def load_graph_and_routes(
-    tr: Trace, prompts: str, train_fraction: float, split_seed: int, need_routes: bool, num_folds: int = 8
+    tr: Trace, prompts: str, train_fraction: float, split_seed: int, need_routes: bool, num_folds: int = 0
 ) -> tuple[object, object]:
     """(RoutingGraph, RouteArrays | None) of the chosen prompts of an opened trace."""
     from placement.graph import build_graph, graph_from_routes
@@ -42,7 +42,9 @@ def load_graph_and_routes(
     if prompts != "all":
         mask_T = split_by_prompt(routes.seq_ids_T, train_fraction, split_seed)
         routes = routes.take(mask_T if prompts == "train" else ~mask_T)
-    g = graph_from_routes(routes.expert_ids_TLK, tr.meta, with_coact=False, seq_ids_T=routes.seq_ids_T)
+    g = graph_from_routes(
+        routes.expert_ids_TLK, tr.meta, with_coact=False, seq_ids_T=routes.seq_ids_T, num_folds=max(num_folds, 1)
+    )
     return g, routes
 
 
@@ -70,6 +72,7 @@ def plan_cmd(
     split_seed: SplitSeedOpt = 0,
 ) -> None:
     """Solve expert placement for a trace and write the plan."""
+    from placement.graph import PROMPT_FOLDS
     from placement.plan import PlanError
     from placement.planner import SOLVER_NAMES, make_plan
     from placement.solvers.base import PlanSpec
@@ -91,8 +94,8 @@ def plan_cmd(
 
         tr = open_trace(trace)
         spec.validate(tr.meta.num_experts)
-        folds = 8 if robust > 0 else 0  # prompt-fold loads feed the robust balance only
-        g, _ = load_graph_and_routes(tr, prompts, train_fraction, split_seed, need_routes=False, num_folds=folds)
+        # prompt-fold loads feed the robust balance and the unseen-imbalance forecast
+        g, _ = load_graph_and_routes(tr, prompts, train_fraction, split_seed, need_routes=False, num_folds=PROMPT_FOLDS)
         plan = make_plan(g, spec, solver)  # type: ignore[arg-type]
         plan.save(out)
     pv = plan.provenance
@@ -101,6 +104,12 @@ def plan_cmd(
         f"wrote {out}: solver={pv['solver']} status={pv['status']} G={gpus} N={nodes} P={plan.num_slots} "
         f"time={pv['solve_seconds']:.2f}s cost={pv['topology_cost']:.0f} gap={gap}"
     )
+    fc = pv.get("unseen_imbalance")
+    if fc:
+        typer.echo(
+            f"imbalance_max forecast on as many unseen prompts: median {fc['p50']:.3f}, "
+            f"80% range {fc['p10']:.3f}-{fc['p90']:.3f} (bootstrap over {fc['folds']} prompt folds)"
+        )
 
 
 def eval_cmd(

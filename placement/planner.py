@@ -13,6 +13,7 @@ from dataclasses import replace
 from placement.graph import RoutingGraph
 from placement.plan import Plan, PlanError
 from placement.solvers.base import PlanSpec, SolveResult, capacity_lower_bound, relative_gap, topology_cost
+from placement.solvers.robust import predict_unseen_imbalance
 
 SolverFn = Callable[[RoutingGraph, PlanSpec], SolveResult]
 
@@ -75,6 +76,10 @@ def make_plan(graph: RoutingGraph, spec: PlanSpec, solver: str = "auto") -> Plan
             **spec.options,
         },
         "info": res.info,
+        # forecast of imbalance_max on unseen prompts as many as the fitted ones (None without prompt folds)
+        "unseen_imbalance": predict_unseen_imbalance(
+            res.phy2log_LP, spec.num_gpus, graph.load_LE, graph.fold_load_SLE, seed=spec.seed
+        ),
     }
     return Plan(
         num_gpus=spec.num_gpus,

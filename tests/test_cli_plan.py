@@ -28,7 +28,7 @@ def _one_error(stderr: str) -> str:
 
 
 @pytest.mark.parametrize("solver", ["contiguous", "round_robin", "eplb", "affinity", "auto"])
-def test_plan_then_eval(cli, dataset: Path, tmp_path: Path, solver: str) -> None:  # type: ignore[no-untyped-def]
+def test_plan_then_eval(cli, dataset: Path, tmp_path: Path, solver: str) -> None:
     out = tmp_path / "plan.json"
     code, stdout, stderr = cli(
         "plan",
@@ -55,7 +55,7 @@ def test_plan_then_eval(cli, dataset: Path, tmp_path: Path, solver: str) -> None
     assert res["home"]["bytes_total"] == res["home"]["bytes_intra_node"]
 
 
-def test_plan_bad_inputs_leave_nothing(cli, dataset: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_plan_bad_inputs_leave_nothing(cli, dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "plan.json"
     out.write_text("keep me")
     for args, needle in [
@@ -71,7 +71,7 @@ def test_plan_bad_inputs_leave_nothing(cli, dataset: Path, tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
 
 
-def test_plan_infeasible_balance_for_ilp(cli, dataset: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_plan_infeasible_balance_for_ilp(cli, dataset: Path, tmp_path: Path) -> None:
     code, _, stderr = cli(
         "plan", "--trace", dataset, "--gpus", 4, "--solver", "ilp", "--balance", 0, "--out", tmp_path / "p.json"
     )
@@ -79,7 +79,7 @@ def test_plan_infeasible_balance_for_ilp(cli, dataset: Path, tmp_path: Path) -> 
     assert not (tmp_path / "p.json").exists()
 
 
-def test_eval_bad_plans(cli, dataset: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_eval_bad_plans(cli, dataset: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     code, _, stderr = cli("eval", "--plan", bad, "--trace", dataset)
@@ -92,7 +92,7 @@ def test_eval_bad_plans(cli, dataset: Path, tmp_path: Path) -> None:  # type: ig
     assert code != 0 and "no such plan" in _one_error(stderr)
 
 
-def test_every_command_has_help(cli) -> None:  # type: ignore[no-untyped-def]
+def test_every_command_has_help(cli) -> None:
     from placement.cli import build_app
 
     app = build_app()
@@ -105,7 +105,7 @@ def test_every_command_has_help(cli) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.slow
-def test_demo_runs_offline(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_demo_runs_offline(cli, tmp_path: Path) -> None:
     code, stdout, stderr = cli("demo", "--out", tmp_path / "demo", "--gpus", "4", "--time-limit", 2, "--json")
     assert code == 0, stderr
     res = json.loads(stdout)

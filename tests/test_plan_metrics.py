@@ -131,7 +131,7 @@ def traffic_by_definition(plan: Plan, ids_TLK: np.ndarray, mode: str) -> np.ndar
         at = t % G
         for l in range(L):
             dest = set()
-            chosen = {}
+            chosen: dict[int, int] = {}
             for e in [int(x) for x in ids_TLK[t, l] if x >= 0]:
                 holders = sorted({p // per for p in range(plan.num_slots) if plan.phy2log[l, p] == e})
                 cands = [at] if at in holders else [h for h in holders if node[h] == node[at]] or holders

@@ -63,7 +63,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def local_ray(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def local_ray(tmp_path_factory: pytest.TempPathFactory):
     """One embedded local Ray (2 CPUs) for the module: jobs reuse the connection (one ``ray.init`` per process)."""
     import ray
 
@@ -96,7 +96,7 @@ def _rows_expected(ref: Path) -> int:
 @pytest.mark.parametrize("mode", ["data", "expert"])
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_workers_match_single_process(tmp_path: Path, reference: Path, mode: str, local_ray) -> None:  # type: ignore[no-untyped-def]
+def test_two_workers_match_single_process(tmp_path: Path, reference: Path, mode: str, local_ray) -> None:
     out = tmp_path / "trace"
     seen: list[JobProgress] = []
     res = run_job(JobConfig(out=out, limit=N_PROMPTS, workers=2, mode=mode), on_progress=seen.append)
@@ -118,7 +118,7 @@ def test_two_workers_match_single_process(tmp_path: Path, reference: Path, mode:
 @pytest.mark.parametrize("mode", ["data", "expert"])
 @pytest.mark.ray
 @pytest.mark.slow
-def test_killed_worker_job_finishes_exactly_once(tmp_path: Path, reference: Path, mode: str, local_ray) -> None:  # type: ignore[no-untyped-def]
+def test_killed_worker_job_finishes_exactly_once(tmp_path: Path, reference: Path, mode: str, local_ray) -> None:
     """SIGKILL one worker after the first shard: data mode restarts it and retries its shards, expert mode
     rebuilds the process group; the dataset is complete, each prompt once."""
     out = tmp_path / "trace"
@@ -139,7 +139,7 @@ def test_killed_worker_job_finishes_exactly_once(tmp_path: Path, reference: Path
 
 
 @pytest.fixture(scope="module")
-def ray_head():  # type: ignore[no-untyped-def]
+def ray_head():
     """A loopback Ray head (2 CPUs, job API on a free port, token auth off), stopped afterwards.
 
     ``ray start`` runs in a new session, so the head's processes form one process group that teardown ends
@@ -171,7 +171,7 @@ def ray_head():  # type: ignore[no-untyped-def]
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_job_submit_runs_entry_point(tmp_path: Path, reference: Path, ray_head) -> None:  # type: ignore[no-untyped-def]
+def test_ray_job_submit_runs_entry_point(tmp_path: Path, reference: Path, ray_head) -> None:
     _, dashboard, env = ray_head
     out = tmp_path / "trace"
     cmd = [
@@ -205,7 +205,7 @@ def test_ray_job_submit_runs_entry_point(tmp_path: Path, reference: Path, ray_he
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_too_many_workers_for_the_cluster(tmp_path: Path, ray_head) -> None:  # type: ignore[no-untyped-def]
+def test_too_many_workers_for_the_cluster(tmp_path: Path, ray_head) -> None:
     address, _, env = ray_head
     out = tmp_path / "trace"
     proc = subprocess.run(
@@ -237,7 +237,7 @@ def test_too_many_workers_for_the_cluster(tmp_path: Path, ray_head) -> None:  # 
 # ------------------------------------------------------------------------------ bad input, no Ray needed
 
 
-def test_unreachable_address_is_one_error_line(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+def test_unreachable_address_is_one_error_line(tmp_path: Path, cli) -> None:
     out = tmp_path / "trace"
     code, _, err = cli("profile", "--ray", "--address", f"127.0.0.1:{_free_port()}", "--out", out, "--limit", 4)
     assert code == 1
@@ -246,7 +246,7 @@ def test_unreachable_address_is_one_error_line(tmp_path: Path, cli) -> None:  # 
     assert not out.exists()
 
 
-def test_other_models_trace_is_refused_untouched(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+def test_other_models_trace_is_refused_untouched(tmp_path: Path, cli) -> None:
     out = tmp_path / "trace"
     other = TraceMeta(model_name="other-moe", num_experts=8, top_k=2, layers=(0, 1))
     with TraceWriter(out, other) as w:
@@ -273,7 +273,7 @@ def _meta() -> TraceMeta:
     return TraceMeta(model_name="m", num_experts=4, top_k=1, layers=(1,))
 
 
-def _write_tokens(n: int, seq: int):  # type: ignore[no-untyped-def]
+def _write_tokens(n: int, seq: int):
     def write(w: TraceWriter) -> int:
         w.write(np.zeros((n, 1, 1), np.int16), np.full(n, seq, np.int64), np.arange(n, dtype=np.int32))
         return n

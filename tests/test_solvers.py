@@ -18,7 +18,7 @@ from placement.trace import split_by_prompt
 
 
 @pytest.fixture(scope="module")
-def small_trace():  # type: ignore[no-untyped-def]
+def small_trace():
     meta, r = synthetic_trace(6, 16, 2, 6000, tokens_per_prompt=30, num_preferred=2, num_topics=8, seed=1)
     m = split_by_prompt(r.seq_ids_T, 0.5, seed=0)
     fit = graph_from_routes(r.expert_ids_TLK[m], meta, seq_ids_T=r.seq_ids_T[m])
@@ -48,7 +48,7 @@ def test_replicate_hottest_gives_copies_to_the_heaviest() -> None:
 
 @pytest.mark.parametrize("nodes", [1, 2])
 @pytest.mark.parametrize("redundant", [0, 4])
-def test_eplb_plan_is_valid_and_balances(small_trace, nodes: int, redundant: int) -> None:  # type: ignore[no-untyped-def]
+def test_eplb_plan_is_valid_and_balances(small_trace, nodes: int, redundant: int) -> None:
     _, fit, _ = small_trace
     plan = make_plan(fit, PlanSpec(4, nodes, redundant), "eplb")
     assert plan.num_slots == 16 + redundant
@@ -57,7 +57,7 @@ def test_eplb_plan_is_valid_and_balances(small_trace, nodes: int, redundant: int
     assert imbalance(plan, fit)[1] <= imbalance(contiguous, fit)[1] + 1e-9
 
 
-def test_contiguous_and_round_robin_layouts(small_trace) -> None:  # type: ignore[no-untyped-def]
+def test_contiguous_and_round_robin_layouts(small_trace) -> None:
     _, fit, _ = small_trace
     c = make_plan(fit, PlanSpec(4), "contiguous")
     assert (c.holders_LEG.argmax(axis=2) == np.arange(16) // 4).all()
@@ -74,7 +74,7 @@ def test_eplb_vectorised_large_shape() -> None:
 
 
 @pytest.mark.parametrize("redundant", [0, 4])
-def test_affinity_beats_eplb_at_the_balance_asked(small_trace, redundant: int) -> None:  # type: ignore[no-untyped-def]
+def test_affinity_beats_eplb_at_the_balance_asked(small_trace, redundant: int) -> None:
     _, fit, test = small_trace
     eps = 0.1
     spec = PlanSpec(4, 1, redundant, eps, time_limit=3.0, seed=0)
@@ -86,7 +86,7 @@ def test_affinity_beats_eplb_at_the_balance_asked(small_trace, redundant: int) -
     assert aff.provenance["topology_cost"] == pytest.approx(topology_cost(aff.phy2log, fit, spec))
 
 
-def test_affinity_two_nodes_keeps_traffic_inside_nodes(small_trace) -> None:  # type: ignore[no-untyped-def]
+def test_affinity_two_nodes_keeps_traffic_inside_nodes(small_trace) -> None:
     _, fit, _ = small_trace
     spec = PlanSpec(4, 2, 0, 0.15, time_limit=3.0, inter_node_cost=4.0)
     aff = make_plan(fit, spec, "affinity")
@@ -104,13 +104,13 @@ def test_affinity_two_nodes_keeps_traffic_inside_nodes(small_trace) -> None:  # 
         (PlanSpec(4, balance_eps=-1), "--balance"),
     ],
 )
-def test_planner_rejects_bad_specs(small_trace, spec: PlanSpec, needle: str) -> None:  # type: ignore[no-untyped-def]
+def test_planner_rejects_bad_specs(small_trace, spec: PlanSpec, needle: str) -> None:
     _, fit, _ = small_trace
     with pytest.raises(PlanError, match=needle):
         make_plan(fit, spec, "eplb")
 
 
-def test_unknown_solver(small_trace) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_solver(small_trace) -> None:
     _, fit, _ = small_trace
     with pytest.raises(PlanError, match="unknown solver"):
         make_plan(fit, PlanSpec(4), "magic")
@@ -134,7 +134,7 @@ def test_affinity_on_deepseek_v2_lite_held_out(traces_dir: Path) -> None:
     assert evaluate(plan8, test)["colocation"] >= 0.32
 
 
-def test_affinity_says_when_the_balance_is_not_reachable(small_trace) -> None:  # type: ignore[no-untyped-def]
+def test_affinity_says_when_the_balance_is_not_reachable(small_trace) -> None:
     _, fit, _ = small_trace
     with pytest.raises(PlanError, match=r"--balance 0 was not reached.*eplb reaches"):
         make_plan(fit, PlanSpec(4, 1, 0, 0.0, time_limit=1.0), "affinity")
@@ -174,7 +174,7 @@ def test_capacity_bound_is_below_the_brute_force_optimum(nodes: int) -> None:
     assert aff.provenance["topology_cost"] >= best - 1e-9
 
 
-def test_ilp_skips_models_too_large_to_stop_on_time(small_trace) -> None:  # type: ignore[no-untyped-def]
+def test_ilp_skips_models_too_large_to_stop_on_time(small_trace) -> None:
     _, fit, _ = small_trace
     spec = PlanSpec(4, 1, 0, 0.5, time_limit=5.0, options={"ilp_max_vars": 10})
     plan = make_plan(fit, spec, "ilp")

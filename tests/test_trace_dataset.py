@@ -45,7 +45,8 @@ def test_readable_by_pandas_duckdb_polars(tmp_path):
     df = pd.read_parquet(tmp_path / "ds" / "part-w0-000000.parquet")
     assert len(df) == 150 and list(df["layer"][:3]) == [1, 2, 5]
     assert len(df["expert_ids"][0]) == 3
-    rows = duckdb.sql(f"select count(*), max(len(expert_ids)) from read_parquet('{glob}')").fetchall()
+    rel = duckdb.sql(f"select count(*), max(len(expert_ids)) from read_parquet('{glob}')")
+    rows = rel.fetchall() if rel is not None else None
     assert rows == [(150, 3)]
     pf = pl.read_parquet(glob)
     assert pf.height == 150 and pf.schema["expert_ids"] == pl.List(pl.Int16)
