@@ -48,6 +48,9 @@ def test_plan_then_eval(cli, dataset: Path, tmp_path: Path, solver: str) -> None
     assert code == 0, stderr
     plan = Plan.load(out)
     assert plan.num_gpus == 4 and plan.num_experts == 8
+    fc = plan.provenance["unseen_imbalance"]  # the trace has prompt ids: the plan forecasts unseen imbalance
+    assert 1.0 <= fc["p10"] <= fc["p50"] <= fc["p90"] and fc["folds"] >= 8
+    assert f"median {fc['p50']:.3f}" in stdout
     code, stdout, stderr = cli("eval", "--plan", out, "--trace", dataset, "--prompts", "test", "--json")
     assert code == 0, stderr
     res = json.loads(stdout)
