@@ -5,7 +5,7 @@
 Instances (../shared/traces is read in place, never copied):
 - ds-v2-lite: DeepSeek-V2-Lite-Chat dev trace (26 x 64, top-6), fitted on a seeded half of the prompts,
   evaluated on the other half; G = 4, 8, 16; redundant 0 and 8 (16 for G = 16, since slots must divide over GPUs).
-- ds-v2-lite-seeds: G = 8, R = 0, half splits with 10 seeds: eplb, affinity and affinity --robust 1; spread of
+- ds-v2-lite-seeds: G = 8, R = 0, half splits with 10 seeds: eplb, affinity, --robust 1 and --unseen; spread of
   held-out colocation and imbalance, and coverage of the plan's unseen-imbalance forecast.
 - ds-v2-lite-cv: as ds-v2-lite, fitted on 80% of the prompts and evaluated on the other 20%, 5 seeds (the closest to
   "fitted on the whole dev file, evaluated on unseen prompts").
@@ -101,22 +101,27 @@ def ds_v2_lite_seeds(quick: bool) -> list[dict[str, Any]]:
     drawn, and whether the plan's unseen-imbalance forecast (p10-p90) brackets what happens."""
     tr = open_trace(SHARED / "deepseek-v2-lite-chat.dev.npz")
     r = tr.read_all(with_gates=False)
-    cases: tuple[tuple[str, dict[str, float]], ...] = (("eplb", {}), ("affinity", {}), ("affinity", {"kappa": 1.0}))
+    cases: tuple[tuple[str, str, dict[str, Any], float], ...] = (
+        ("eplb", "eplb", {}, 10.0),
+        ("affinity", "affinity", {}, 10.0),
+        ("affinity --robust 1", "affinity", {"kappa": 1.0}, 10.0),
+        ("affinity --unseen", "affinity", {"unseen": True}, 25.0),
+    )
     rows: list[dict[str, Any]] = []
     for seed in range(3 if quick else 10):
         m = split_by_prompt(r.seq_ids_T, 0.5, seed=seed)
-        for solver, opts in cases:
-            spec = PlanSpec(8, 1, 0, 0.1, time_limit=10.0, seed=0, options=opts)
+        for label, solver, opts, limit in cases:
+            spec = PlanSpec(8, 1, 0, 0.1, time_limit=limit, seed=0, options=opts)
             rows.append(run_case(f"ds-v2-lite-s{seed}", tr.meta, r.take(m), r.take(~m), spec, solver, False))
-            rows[-1]["kappa"] = opts.get("kappa", 0.0)
+            rows[-1]["label"] = label
             print_row(rows[-1])
-    for solver, opts in cases:
-        sel = [x for x in rows if x["solver"] == solver and x["kappa"] == opts.get("kappa", 0.0)]
+    for label, *_ in cases:
+        sel = [x for x in rows if x["label"] == label]
         imb = np.array([x["test_imb"] for x in sel])
         inside = np.mean([x["fcst_p10"] <= x["test_imb"] <= x["fcst_p90"] for x in sel])
         below = np.mean([x["test_imb"] <= x["fcst_p50"] for x in sel])
         print(
-            f"  {solver} kappa={opts.get('kappa', 0.0):g} over {len(sel)} splits: test colocation "
+            f"  {label} over {len(sel)} splits: test colocation "
             f"{np.mean([x['test_coloc'] for x in sel]):.4f} (min {min(x['test_coloc'] for x in sel):.4f}), "
             f"test imbalance median {np.median(imb):.3f}, <= 1.10 in {np.mean(imb <= 1.10):.0%}; "
             f"forecast p10-p90 holds it in {inside:.0%}, p50 above it in {below:.0%}"

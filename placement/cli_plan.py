@@ -66,6 +66,13 @@ def plan_cmd(
     robust: Annotated[
         float, typer.Option("--robust", help="affinity: kappa, std-devs of unseen-prompt load kept within --balance.")
     ] = 0.0,
+    unseen: Annotated[
+        bool,
+        typer.Option(
+            "--unseen",
+            help="affinity: apply --balance to the forecast median imbalance on unseen prompts (searches --robust).",
+        ),
+    ] = False,
     inter_node_cost: Annotated[float, typer.Option("--inter-node-cost", help="Cost of a cross-node pair.")] = 4.0,
     prompts: SplitOpt = "all",
     train_fraction: FractionOpt = 0.5,
@@ -80,6 +87,8 @@ def plan_cmd(
     with user_errors():
         if solver not in SOLVER_NAMES:
             raise PlanError(f"unknown --solver {solver!r}; choose one of {', '.join(SOLVER_NAMES)}")
+        if unseen and solver not in ("auto", "affinity"):
+            raise PlanError(f"--unseen works with --solver affinity (or auto), not {solver!r}")
         spec = PlanSpec(
             num_gpus=gpus,
             num_nodes=nodes,
@@ -88,7 +97,7 @@ def plan_cmd(
             time_limit=time_limit,
             seed=seed,
             inter_node_cost=inter_node_cost,
-            options={"ilp_backend": backend, "kappa": robust},
+            options={"ilp_backend": backend, "kappa": robust, "unseen": unseen},
         )
         from placement.dataset import open_trace
 

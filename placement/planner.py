@@ -38,7 +38,10 @@ def get_solver(name: str) -> SolverFn:
 
 
 def pick_solver(graph: RoutingGraph, spec: PlanSpec) -> str:
-    """``auto``: the exact ILP where it is known to prove optimality quickly (Mixtral size), else affinity."""
+    """``auto``: the exact ILP where it is known to prove optimality quickly (Mixtral size), else affinity
+    (always affinity when the balance is asked for unseen prompts)."""
+    if spec.options.get("unseen"):
+        return "affinity"  # the only solver that balances for unseen prompts
     small = graph.num_experts <= 16 and spec.num_redundant == 0 and spec.num_nodes == 1
     return "ilp" if small else "affinity"
 

@@ -121,3 +121,40 @@ def test_demo_runs_offline(cli, tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "report.html").exists()
     planned = [r for r in res["rows"] if r["status"] != "no plan"]
     assert len(list((tmp_path / "demo" / "plans").glob("*.json"))) == len(planned)
+
+
+@pytest.fixture(scope="module")
+def topic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    meta, r = synthetic_trace(6, 16, 2, 40000, tokens_per_prompt=20, num_preferred=3, num_topics=4, seed=0)
+    out = tmp_path_factory.mktemp("topics") / "trace"
+    write_trace(out, meta, r)
+    return out
+
+
+def test_unseen_balance_holds_on_held_out_prompts(cli, topic_dataset: Path, tmp_path: Path) -> None:
+    """--unseen balances for the forecast of unseen prompts: the forecast meets --balance, and on the held-out
+    prompts the plan is better balanced than the plan balanced on the fitted prompts only."""
+    imb = {}
+    for flag in ([], ["--unseen"]):
+        out = tmp_path / f"plan{len(flag)}.json"
+        args = ["--trace", topic_dataset, "--gpus", 4, "--balance", 0.05, "--time-limit", 3, "--prompts", "train"]
+        code, stdout, stderr = cli("plan", *args, *flag, "--out", out)
+        assert code == 0, stderr
+        fc = Plan.load(out).provenance["unseen_imbalance"]
+        code, stdout, stderr = cli("eval", "--plan", out, "--trace", topic_dataset, "--prompts", "test", "--json")
+        assert code == 0, stderr
+        imb[bool(flag)] = (fc["p50"], json.loads(stdout)["imbalance_max"])
+    assert imb[False][0] > 1.05 >= imb[True][0]  # plain: forecast over the tolerance; --unseen: within it
+    assert imb[True][1] < imb[False][1]  # and so it is on the prompts it never saw
+    assert imb[True][1] < 1.06
+
+
+def test_unseen_balance_refuses_what_it_cannot_reach(cli, topic_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    out.write_text("keep me")
+    base = ["plan", "--trace", topic_dataset, "--gpus", 4, "--time-limit", 2, "--unseen", "--out", out]
+    code, _, stderr = cli(*base, "--balance", 0.005)
+    assert code != 0 and "unseen prompts was not reached" in _one_error(stderr)
+    code, _, stderr = cli(*base, "--solver", "eplb")
+    assert code != 0 and "--unseen works with --solver affinity" in _one_error(stderr)
+    assert out.read_text() == "keep me"

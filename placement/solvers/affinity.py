@@ -19,6 +19,7 @@ Dimension key: L layers, X layer pairs (L-1), E experts, B bins (GPUs or nodes),
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from placement.solvers.anneal import anneal, neighbour_weights
 from placement.solvers.base import PlanSpec, SolveResult
 from placement.solvers.baselines import balanced_packing
 from placement.solvers.replicate import add_replicas, replica_counts
-from placement.solvers.robust import LoadModel
+from placement.solvers.robust import LoadModel, predict_unseen_imbalance
 
 _BIG = 1e18
 
@@ -313,12 +314,19 @@ def check_balance_reached(phy2log_LP: np.ndarray, graph: RoutingGraph, spec: Pla
 
 def solve_affinity(graph: RoutingGraph, spec: PlanSpec) -> SolveResult:
     """Affinity placement; see the module docstring. Replicas fill ``spec.num_redundant`` slots. The planner
-    fills in the topology cost and the gap to the capacity bound."""
+    fills in the topology cost and the gap to the capacity bound. With ``options["unseen"]`` the balance
+    tolerance applies to the forecast of unseen prompts (``solve_for_unseen``)."""
+    if spec.options.get("unseen"):
+        return solve_for_unseen(graph, spec)
+    return _solve(graph, spec, time.perf_counter() + float(spec.time_limit))
+
+
+def _solve(graph: RoutingGraph, spec: PlanSpec, deadline: float) -> SolveResult:
     t0 = time.perf_counter()
     E, G = graph.num_experts, spec.num_gpus
     if E % G:
         raise PlanError(f"affinity needs E={E} divisible by --gpus {G} (replicas go on top of E/G per GPU)")
-    budget = float(spec.time_limit)
+    budget = max(deadline - t0, 1e-3)
     kappa = float(spec.options.get("kappa", 0.0))
     copies_LE = replica_counts(graph, spec)
     holdout = float(spec.options.get("holdout_ratio", 1.0))
@@ -327,3 +335,47 @@ def solve_affinity(graph: RoutingGraph, spec: PlanSpec) -> SolveResult:
     phy2log_LP = add_replicas(gpu_LE, graph, spec, copies_LE, lm)
     check_balance_reached(phy2log_LP, graph, spec)
     return SolveResult(phy2log_LP, "affinity", "heuristic", solve_seconds=time.perf_counter() - t0, info=info)
+
+
+def solve_for_unseen(graph: RoutingGraph, spec: PlanSpec, kappa_max: float = 4.0, steps: int = 5) -> SolveResult:
+    """Most co-located plan whose forecast imbalance_max on unseen prompts (median, placement/solvers/robust.py)
+    is <= 1 + eps: bisection on the robustness kappa, ``steps`` solves sharing the time limit. Raises PlanError
+    when even ``kappa_max`` misses the target, naming the forecast reached."""
+    if graph.fold_load_SLE is None:
+        raise PlanError("--unseen needs prompt ids in the trace (seq_id) to forecast unseen prompts")
+    t0 = time.perf_counter()
+    target = 1.0 + spec.balance_eps
+    per_solve = float(spec.time_limit) / steps
+    tried: list[tuple[float, float, SolveResult]] = []
+
+    def attempt(kappa: float) -> float:
+        sub = replace(spec, options={**spec.options, "unseen": False, "kappa": kappa})
+        try:
+            res = _solve(graph, sub, time.perf_counter() + per_solve)
+        except PlanError:  # not even the fitted prompts could be balanced this tightly
+            return float("inf")
+        fc = predict_unseen_imbalance(res.phy2log_LP, spec.num_gpus, graph.load_LE, graph.fold_load_SLE)
+        if fc is None:
+            raise PlanError("--unseen needs at least 8 prompt folds (more prompts in the trace)")
+        tried.append((kappa, fc["p50"], res))
+        return float(fc["p50"])
+
+    lo, hi = 0.0, kappa_max
+    if attempt(lo) > target:
+        if attempt(hi) > target:
+            reached = f"{min(t[1] for t in tried):.3f}" if tried else "none (the fitted prompts miss it already)"
+            raise PlanError(
+                f"--balance {spec.balance_eps:g} on unseen prompts was not reached: forecast median imbalance "
+                f"{reached} at robustness up to {kappa_max:g}; raise --balance"
+                + (" or add --redundant slots" if spec.num_redundant == 0 else "")
+            )
+        for _ in range(steps - 2):
+            mid = 0.5 * (lo + hi)
+            if attempt(mid) > target:
+                lo = mid
+            else:
+                hi = mid
+    kappa, p50, best = max((t for t in tried if t[1] <= target), key=lambda t: t[2].info["colocated_fit"])
+    info = {**best.info, "unseen_target": target, "unseen_p50": p50, "kappa_tried": [[k, p] for k, p, _ in tried]}
+    info["kappa"] = kappa
+    return replace(best, solve_seconds=time.perf_counter() - t0, info=info)
