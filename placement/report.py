@@ -197,7 +197,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
 def plan_table(plans: dict[str, Plan], evals: dict[str, dict[str, Any]]) -> str:
     head = (
         "<tr><th>plan</th><th>solver</th><th>GPUs</th><th>slots</th><th>colocation ↑</th>"
-        "<th>imbalance max ↓</th>"
+        "<th>imbalance max ↓</th><th>forecast unseen imbalance p50 (p10–p90)</th>"
         "<th>imbalance mean ↓</th><th>home bytes/token ↓</th><th>home inter-node GB</th>"
         "<th>follow bytes/token ↓</th><th>a2a time home (ms)</th></tr>"
     )
@@ -207,6 +207,8 @@ def plan_table(plans: dict[str, Plan], evals: dict[str, dict[str, Any]]) -> str:
         home, follow = ev.get("home", {}), ev.get("follow", {})
         inter = home.get("bytes_inter_node")
         secs = home.get("alltoall_seconds_total")
+        fc = plan.provenance.get("unseen_imbalance") or {}
+        forecast = f"{fc['p50']:.3f} ({fc['p10']:.3f}–{fc['p90']:.3f})" if fc else "–"
         cells = [
             html.escape(name),
             _fmt(plan.provenance.get("solver", "")),
@@ -214,6 +216,7 @@ def plan_table(plans: dict[str, Plan], evals: dict[str, dict[str, Any]]) -> str:
             _fmt(plan.num_slots),
             _fmt(ev["colocation"]),
             _fmt(ev["imbalance_max"]),
+            forecast,
             _fmt(ev["imbalance_mean"]),
             _fmt(home.get("bytes_per_token"), 0),
             _fmt(None if inter is None else inter / 1e9),

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from placement.cli_export import register
 from placement.dataset import open_trace
 from placement.graph import build_graph
+from placement.plan import Plan
 from placement.planner import make_plan
 from placement.report import build_report
 from placement.solvers.base import PlanSpec
@@ -47,7 +48,7 @@ def synthetic_trace(out: Path, tokens: int = 1500, seed: int = 0) -> Path:
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     d = tmp_path_factory.mktemp("report")
     trace = synthetic_trace(d / "trace")
-    g = build_graph(open_trace(trace))
+    g = build_graph(open_trace(trace), num_folds=16)  # prompt folds: plans carry an unseen-imbalance forecast
     plans = []
     for solver, spec in (
         ("contiguous", PlanSpec(num_gpus=4)),
@@ -76,6 +77,9 @@ def test_report_is_self_contained_with_table_and_figures(inputs: tuple[Path, lis
     assert all(base64.b64decode(b).startswith(b"\x89PNG") for b in images)
     assert not re.search(r'(src|href)="(?!data:)', rep.html)  # nothing loaded from elsewhere
     assert rep.html.count("<tr><td>") == 2 and "contiguous" in rep.html and "eplb" in rep.html
+    for p in plans:
+        fc = Plan.load(p).provenance["unseen_imbalance"]
+        assert f"<td>{fc['p50']:.3f} ({fc['p10']:.3f}–{fc['p90']:.3f})</td>" in rep.html
     paths = rep.write(tmp_path / "r.html")
     assert (tmp_path / "r_load_bars.png").read_bytes() == rep.pngs["load_bars"]
     assert len(paths) == len(names) + 1 and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
