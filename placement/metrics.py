@@ -50,11 +50,15 @@ def colocation(plan: Plan, g: RoutingGraph) -> float:
     return float((g.trans_LEE * shared_XEE).sum()) / total if total else 1.0
 
 
+def load_split(plan: Plan) -> np.ndarray:
+    """float64 [L, E, G]: share of expert e's count that GPU g serves, equal over the GPUs holding e (METRICS.md)."""
+    H_LEG = (plan.holders_LEG > 0).astype(np.float64)  # H_l(e) is a set of GPUs: two copies on one GPU count once
+    return np.asarray(H_LEG / H_LEG.sum(axis=2, keepdims=True))
+
+
 def gpu_load(plan: Plan, g: RoutingGraph) -> np.ndarray:
     """float64 [L, G]: load of each GPU, the GPUs holding an expert sharing its count equally (METRICS.md)."""
-    H_LEG = (plan.holders_LEG > 0).astype(np.float64)  # H_l(e) is a set of GPUs: two copies on one GPU count once
-    share_LEG = H_LEG / H_LEG.sum(axis=2, keepdims=True)
-    return np.einsum("le,leg->lg", g.load_LE.astype(np.float64), share_LEG)
+    return np.asarray(np.einsum("le,leg->lg", g.load_LE.astype(np.float64), load_split(plan)))
 
 
 def imbalance(plan: Plan, g: RoutingGraph) -> tuple[np.ndarray, float, float]:

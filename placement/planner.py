@@ -79,12 +79,8 @@ def make_plan(graph: RoutingGraph, spec: PlanSpec, solver: str = "auto") -> Plan
             **spec.options,
         },
         "info": res.info,
-        # forecast of imbalance_max on unseen prompts as many as the fitted ones (None without prompt folds)
-        "unseen_imbalance": predict_unseen_imbalance(
-            res.phy2log_LP, spec.num_gpus, graph.load_LE, graph.fold_load_SLE, seed=spec.seed
-        ),
     }
-    return Plan(
+    plan = Plan(
         num_gpus=spec.num_gpus,
         num_nodes=spec.num_nodes,
         num_experts=graph.num_experts,
@@ -93,3 +89,6 @@ def make_plan(graph: RoutingGraph, spec: PlanSpec, solver: str = "auto") -> Plan
         model_name=meta.model_name,
         provenance=provenance,
     )
+    # forecast of imbalance_max on unseen prompts as many as the fitted ones (None without prompt folds)
+    forecast = predict_unseen_imbalance(plan, graph.load_LE, graph.fold_load_SLE, seed=spec.seed)
+    return replace(plan, provenance={**provenance, "unseen_imbalance": forecast})

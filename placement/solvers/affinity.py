@@ -26,7 +26,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from placement.graph import RoutingGraph
-from placement.plan import PlanError
+from placement.plan import Plan, PlanError
 from placement.solvers.anneal import anneal, neighbour_weights
 from placement.solvers.base import PlanSpec, SolveResult
 from placement.solvers.baselines import balanced_packing
@@ -293,7 +293,6 @@ def check_balance_reached(phy2log_LP: np.ndarray, graph: RoutingGraph, spec: Pla
     """Raise PlanError when the plan's busiest GPU is over (1 + eps) * mean in some layer of the fitted trace,
     naming the tolerance that was reached (and EPLB's, a pure balancer) so the user can choose --balance."""
     from placement.metrics import imbalance
-    from placement.plan import Plan
     from placement.solvers.baselines import eplb_phy2log
 
     def worst(phy: np.ndarray) -> float:
@@ -354,7 +353,8 @@ def solve_for_unseen(graph: RoutingGraph, spec: PlanSpec, kappa_max: float = 4.0
             res = _solve(graph, sub, time.perf_counter() + per_solve)
         except PlanError:  # not even the fitted prompts could be balanced this tightly
             return float("inf")
-        fc = predict_unseen_imbalance(res.phy2log_LP, spec.num_gpus, graph.load_LE, graph.fold_load_SLE)
+        plan = Plan(spec.num_gpus, spec.num_nodes, graph.num_experts, graph.meta.layers, res.phy2log_LP)
+        fc = predict_unseen_imbalance(plan, graph.load_LE, graph.fold_load_SLE, seed=spec.seed)
         if fc is None:
             raise PlanError("--unseen needs at least 8 prompt folds (more prompts in the trace)")
         tried.append((kappa, fc["p50"], res))
@@ -375,7 +375,6 @@ def solve_for_unseen(graph: RoutingGraph, spec: PlanSpec, kappa_max: float = 4.0
                 lo = mid
             else:
                 hi = mid
-    kappa, p50, best = max((t for t in tried if t[1] <= target), key=lambda t: t[2].info["colocated_fit"])
-    info = {**best.info, "unseen_target": target, "unseen_p50": p50, "kappa_tried": [[k, p] for k, p, _ in tried]}
-    info["kappa"] = kappa
+    kappa, _, best = max((t for t in tried if t[1] <= target), key=lambda t: t[2].info["colocated_fit"])
+    info = {**best.info, "unseen_target": target, "kappa": kappa, "kappa_tried": [[k, p] for k, p, _ in tried]}
     return replace(best, solve_seconds=time.perf_counter() - t0, info=info)

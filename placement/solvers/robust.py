@@ -18,7 +18,7 @@ ratio-estimator variance over S disjoint prompt folds, from residual load vector
 ``predict_unseen_imbalance`` turns the same folds into a forecast of a plan's imbalance_max on unseen prompts:
 a fold bootstrap (heavy tails and cross-layer co-movement kept), deviations scaled to the unseen size.
 
-Dimension key: L layers, E experts, S prompt folds, B bins, D bootstrap draws, P slots, G GPUs.
+Dimension key: L layers, E experts, S prompt folds, B bins, D bootstrap draws, G GPUs.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from placement.graph import RoutingGraph
+from placement.plan import Plan
 
 
 def _nonempty_folds(fold_load_SLE: np.ndarray) -> np.ndarray:
@@ -94,8 +95,7 @@ class LoadModel:
 
 
 def predict_unseen_imbalance(
-    phy2log_LP: np.ndarray,
-    num_gpus: int,
+    plan: Plan,
     load_LE: np.ndarray,
     fold_load_SLE: np.ndarray | None,
     holdout_ratio: float = 1.0,
@@ -106,6 +106,8 @@ def predict_unseen_imbalance(
     the size of the one it was fitted on: quantiles over ``draws`` bootstrap resamples of the prompt folds,
     whose share deviations are scaled by sqrt(1 + 1/holdout_ratio) (training error plus unseen sampling
     error). None with fewer than 8 non-empty folds."""
+    from placement.metrics import load_split
+
     if fold_load_SLE is None:
         return None
     f_SLE = _nonempty_folds(fold_load_SLE)
@@ -113,18 +115,12 @@ def predict_unseen_imbalance(
     if S < 8:
         return None
     load_LE = np.asarray(load_LE, dtype=np.float64)
-    L, E = load_LE.shape
     share_LE = load_LE / np.maximum(load_LE.sum(axis=1, keepdims=True), 1e-12)
     w_DS = np.random.default_rng(seed).multinomial(S, np.full(S, 1.0 / S), size=draws).astype(np.float64)
     boot_DLE = np.einsum("ds,sle->dle", w_DS, f_SLE)
     boot_DLE /= np.maximum(boot_DLE.sum(axis=2, keepdims=True), 1e-12)
     sim_DLE = np.maximum(share_LE[None] + np.sqrt(1.0 + 1.0 / max(holdout_ratio, 1e-9)) * (boot_DLE - share_LE), 0)
-    phy = np.asarray(phy2log_LP, dtype=np.int64)
-    P = phy.shape[1]
-    cnt_LE = np.zeros((L, E))
-    np.add.at(cnt_LE, (np.repeat(np.arange(L), P), phy.reshape(-1)), 1.0)
-    slot_DLP = np.take_along_axis(sim_DLE, phy[None], axis=2) / np.take_along_axis(cnt_LE, phy, axis=1)[None]
-    gpu_DLG = slot_DLP.reshape(draws, L, num_gpus, P // num_gpus).sum(axis=3)
+    gpu_DLG = np.einsum("dle,leg->dlg", sim_DLE, load_split(plan))
     imb_D = (gpu_DLG.max(axis=2) / np.maximum(gpu_DLG.mean(axis=2), 1e-12)).max(axis=1)
     q10, q50, q90 = np.quantile(imb_D, [0.1, 0.5, 0.9])
     return {
