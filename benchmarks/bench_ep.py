@@ -6,7 +6,7 @@ CUDA is there) with random SwiGLU experts of reduced size (hidden 256, ffn 176 k
 ffn/hidden ratio 1408/2048). One launch runs every plan and mode; the table gives cross-rank bytes and wall
 time per layer, and their ratios optimised / contiguous. Measured bytes are checked against the evaluator.
 
-A second table runs the shipped demo model live (placement/ep_model.py): plans fitted on the routing of
+A second table runs the shipped demo model live (placement/runtime/live.py): plans fitted on the routing of
 builtin prompts N .. 3N-1, prompts 0 .. N-1 (N = ``--live-prompts``) run through the ranks with live routing;
 logits are checked against the single-process model (``--live-prompts 0``: skip).
 
@@ -23,15 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from placement.dataset import open_trace
-from placement.ep_launch import JobReport, LiveReport, ep_bench, live_bench, pick_backend, torch_threads
-from placement.ep_model import LiveJob, make_batches, reference_run
-from placement.ep_runtime import EPJob, ModelSpec
 from placement.graph import graph_from_routes
 from placement.metrics import MODES, colocation, imbalance
 from placement.planner import SOLVER_NAMES, make_plan
+from placement.runtime.launch import JobReport, LiveReport, ep_bench, live_bench, pick_backend, torch_threads
+from placement.runtime.live import LiveJob, make_batches, reference_run
+from placement.runtime.replay import EPJob, ModelSpec
 from placement.solvers.base import PlanSpec
-from placement.trace import split_by_prompt
+from placement.trace.dataset import open_trace
+from placement.trace.schema import split_by_prompt
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "deepseek-v2-lite-chat.dev.npz"
 

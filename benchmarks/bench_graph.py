@@ -40,8 +40,8 @@ def synth_batch(rng: np.random.Generator, T: int, pop_E: np.ndarray, next_LE: np
 
 
 def write_dataset(out: Path, rows: int, seed: int = 0) -> float:
-    from placement.dataset import TraceWriter
-    from placement.trace import TraceMeta
+    from placement.trace.dataset import TraceWriter
+    from placement.trace.schema import TraceMeta
 
     rng = np.random.default_rng(seed)
     pop_E = 1.0 / np.arange(1, E + 1) ** 0.6
@@ -59,8 +59,8 @@ def write_dataset(out: Path, rows: int, seed: int = 0) -> float:
 
 def child(dataset: str, fraction: float, coact: bool) -> None:
     """Run in a subprocess: build the graph of the first ``fraction`` of the shards; print JSON."""
-    from placement.dataset import ParquetTrace, open_parquet_trace
     from placement.graph import build_graph, graph_from_routes
+    from placement.trace.dataset import ParquetTrace, open_parquet_trace
 
     full = open_parquet_trace(dataset)
     n = max(1, round(len(full.shards) * fraction))
@@ -84,8 +84,8 @@ def child(dataset: str, fraction: float, coact: bool) -> None:
 
 def profile(dataset: str) -> dict[str, float]:
     """Split the time of one pass: Parquet decode + conversion vs. the numba kernel."""
-    from placement.dataset import open_parquet_trace
     from placement.graph import GraphAccumulator
+    from placement.trace.dataset import open_parquet_trace
 
     trace = open_parquet_trace(dataset)
     acc = GraphAccumulator(trace.meta, with_coact=False)

@@ -13,11 +13,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from placement.dataset import open_trace
 from placement.graph import RoutingGraph, build_graph
 from placement.planner import topology_cost
 from placement.solvers.base import PlanSpec
 from placement.solvers.ilp import solve_ilp
+from placement.trace.dataset import open_trace
 
 TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 

@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from placement.dataset import open_trace
 from placement.graph import graph_from_routes
 from placement.metrics import evaluate
 from placement.planner import make_plan
 from placement.solvers.base import PlanSpec
-from placement.synthetic import synthetic_trace
-from placement.trace import RouteArrays, TraceMeta, split_by_prompt
+from placement.trace.dataset import open_trace
+from placement.trace.schema import RouteArrays, TraceMeta, split_by_prompt
+from placement.trace.synthetic import synthetic_trace
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import ray
 import torch
 
-from placement.dataset import TraceWriter
+from placement.trace.dataset import TraceWriter
 from profiler.api import load_model, load_prompts, profile_prompts
 from ray_jobs.driver import JobConfig, connect, run_job
 

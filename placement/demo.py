@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from placement.dataset import TraceWriter, open_trace
 from placement.graph import graph_from_routes, graph_stats
 from placement.metrics import evaluate
 from placement.plan import Plan, PlanError
 from placement.planner import make_plan
 from placement.solvers.base import PlanSpec
-from placement.trace import split_by_prompt
+from placement.trace.dataset import TraceWriter, open_trace
+from placement.trace.schema import split_by_prompt
 
 DEMO_SOLVERS = ("contiguous", "round_robin", "eplb", "ilp", "affinity")
 

@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING, Any
 import numba
 import numpy as np
 
-from placement.trace import RouteArrays, TraceMeta
+from placement.trace.importers.popularity import LoadTrace
+from placement.trace.schema import RouteArrays, TraceMeta
 
 if TYPE_CHECKING:
     import networkx as nx
 
-    from placement.dataset import Trace
+    from placement.trace.dataset import Trace
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -144,7 +145,7 @@ class RoutingGraph:
         """GraphML export (node ids ``"L{layer}E{expert}"``), written atomically."""
         import networkx as nx
 
-        from placement.dataset import atomic_write_bytes
+        from placement.trace.dataset import atomic_write_bytes
 
         g = self.to_networkx(min_weight)
         g = nx.relabel_nodes(g, {n: f"L{n[0]}E{n[1]}" for n in g.nodes})
@@ -364,3 +365,17 @@ def graph_stats(g: RoutingGraph, top_m: int | None = None) -> dict[str, Any]:
             "max_entropy_bits": float(np.log2(E)),
         },
     }
+
+
+def load_stats(lt: LoadTrace) -> dict[str, Any]:
+    """The load part of ``graph_stats`` (load sums, skew, entropy) for a loads-only trace."""
+    L, E = lt.load_LE.shape
+    meta = TraceMeta(lt.model_name, E, 1, lt.layers, source=lt.source)
+    g = RoutingGraph(meta, lt.num_tokens or 0, lt.load_LE, np.zeros((max(L - 1, 0), E, E), np.int64))
+    s = graph_stats(g)
+    for key in ("top_m", "trans_sum", "concentration", "independent", "cond_entropy_bits", "top_k"):
+        s.pop(key)
+    for key in ("concentration_mean", "independent_mean"):
+        s["summary"].pop(key)
+    s["loads_only"] = True
+    return s

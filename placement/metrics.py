@@ -5,7 +5,7 @@ graph). Traffic (docs/metrics.md gives the sums) is computed per token:
 
 - replica choice: token t at layer l needs expert e and sits on rank s; it uses the replica on s if there is
   one, else one on s's node, else any: among the candidates (sorted by GPU id) it takes number t mod count.
-  The runtime (placement/ep_runtime.py) uses the same rule, so its byte counters must equal these numbers.
+  The runtime (placement/runtime/replay.py) uses the same rule, so its byte counters must equal these numbers.
 - *home* (standard EP): token t lives on rank t mod G. At each layer it is dispatched once to every other rank
   holding one of its chosen experts and each of those ranks sends one combined result back.
 - *follow* (ExFlow / MoETuner): the token starts on rank t mod G; at layer l it is dispatched from where it
@@ -26,7 +26,7 @@ import numpy as np
 
 from placement.graph import RoutingGraph
 from placement.plan import Plan
-from placement.trace import RouteArrays
+from placement.trace.schema import RouteArrays
 
 MODES = ("home", "follow")
 

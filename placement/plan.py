@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from placement.trace import TraceMeta
+from placement.trace.schema import TraceMeta
 
 PLAN_SCHEMA_VERSION = 1
 
@@ -174,7 +174,7 @@ class Plan:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically (temp file + rename)."""
-        from placement.dataset import atomic_write_bytes
+        from placement.trace.dataset import atomic_write_bytes
 
         atomic_write_bytes(Path(path), self.to_json().encode())
 

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from placement.dataset import atomic_write_bytes, open_trace
 from placement.graph import RoutingGraph, build_graph, graph_stats
 from placement.metrics import evaluate, gpu_load
 from placement.plan import Plan
+from placement.trace.dataset import atomic_write_bytes, open_trace
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from placement.dataset import TraceWriter
-from placement.trace import TraceMeta
+from placement.trace.dataset import TraceWriter
+from placement.trace.schema import TraceMeta
 from profiler.capture import DemoMoEAdapter, RouterAdapter, RoutingRecorder
 
 __all__ = [

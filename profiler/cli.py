@@ -66,8 +66,8 @@ def profile(
         if code:
             raise typer.Exit(code)
         return
-    from placement.dataset import TraceWriter
-    from placement.trace import TraceError
+    from placement.trace.dataset import TraceWriter
+    from placement.trace.schema import TraceError
     from profiler.api import ProfileError, completed_prompt_ids, load_model, load_prompts, profile_prompts
     from profiler.capture import CaptureError
 

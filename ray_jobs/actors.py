@@ -62,7 +62,7 @@ class EPWorker(_Worker):
         import torch
         import torch.distributed as dist
 
-        from placement.ep_dispatch import DistExchanger
+        from placement.runtime.dispatch import DistExchanger
         from ray_jobs.ep_forward import shard_experts
 
         if master_addr.startswith("127."):
@@ -92,7 +92,7 @@ class EPWorker(_Worker):
         )
 
     def free_port(self) -> int:
-        from placement.ep_launch import free_port
+        from placement.runtime.launch import free_port
 
         return free_port()
 

@@ -333,7 +333,7 @@ def _run_data(
 def _start_group(cfg: JobConfig, pg: Any, out: Path) -> tuple[list[Any], list[int]]:
     import ray
 
-    from placement.ep_launch import free_port
+    from placement.runtime.launch import free_port
     from ray_jobs.actors import EPWorker
 
     ranks = [

@@ -3,7 +3,7 @@
 Every rank holds the dense part of the model (embeddings, attention, routers, dense FFNs) and the experts
 ``[rank * E/G, (rank + 1) * E/G)`` of every MoE layer. Ranks run their own prompt batches (attention is
 data-parallel); at each MoE layer the local router decides, one row per (token, k) goes to the rank owning
-the chosen expert over ``all_to_all_single`` (``placement.ep_dispatch.DistExchanger``), that rank applies the
+the chosen expert over ``all_to_all_single`` (``placement.runtime.dispatch.DistExchanger``), that rank applies the
 expert and the gate, and the rows come back to be summed per token. Routing is recorded on the rank that
 owns the token, by the same hooks as the single-process profiler.
 
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from placement.dataset import TraceWriter
-from placement.ep_dispatch import Exchanger
+from placement.runtime.dispatch import Exchanger
+from placement.trace.dataset import TraceWriter
 from profiler.api import LoadedModel, ProfileError, profile_prompts
 from profiler.model import DemoMoE, GroupedExperts, MoEFeedForward
 

@@ -32,7 +32,7 @@ def _pids(pids: list[int]) -> None:
 
 def run_cli(cfg: JobConfig) -> int:
     """Run ``cfg``, print progress and a summary (or one error line); returns the exit code."""
-    from placement.trace import TraceError
+    from placement.trace.schema import TraceError
     from profiler.api import ProfileError
     from profiler.capture import CaptureError
     from ray_jobs.shards import ShardError

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from placement.dataset import DATASET_JSON, SHARD_GLOB, TraceWriter, atomic_write_bytes
-from placement.trace import TraceError, TraceMeta
+from placement.trace.dataset import DATASET_JSON, SHARD_GLOB, TraceWriter, atomic_write_bytes
+from placement.trace.schema import TraceError, TraceMeta
 
 __all__ = [
     "MANIFEST",

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from placement.dataset import write_trace
 from placement.plan import Plan
-from placement.synthetic import synthetic_trace
+from placement.trace.dataset import write_trace
+from placement.trace.synthetic import synthetic_trace
 
 
 @pytest.fixture(scope="module")

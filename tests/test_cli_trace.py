@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from placement.dataset import open_trace, write_trace
+from placement.trace.dataset import open_trace, write_trace
 from tests.conftest import SHARED_SPECS, listing, reference_graph
 from tests.test_trace_dataset import META, _routes, mixed_topk_shard
 
@@ -80,7 +80,7 @@ def test_every_command_has_help(cli):
     for cmd in ("import", "stats", "graph"):
         code, out, _ = cli(cmd, "--help")
         assert code == 0 and "Usage" in out
-    from placement.cli_trace import graph_cmd, import_cmd, stats_cmd
+    from placement.cli.trace import graph_cmd, import_cmd, stats_cmd
 
     assert all(f.__doc__ for f in (import_cmd, stats_cmd, graph_cmd))
 

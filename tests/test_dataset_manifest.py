@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from placement.dataset import TraceWriter, open_trace
-from placement.synthetic import synthetic_trace
-from placement.trace import TraceError
+from placement.trace.dataset import TraceWriter, open_trace
+from placement.trace.schema import TraceError
+from placement.trace.synthetic import synthetic_trace
 
 
 def test_only_shards_listed_in_the_manifest_are_read(tmp_path: Path) -> None:

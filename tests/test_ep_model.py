@@ -1,4 +1,4 @@
-"""A live model under a plan (placement/ep_model.py): the shipped demo MoE run on real gloo ranks, each holding
+"""A live model under a plan (placement/runtime/live.py): the shipped demo MoE run on real gloo ranks, each holding
 only its slots' experts and routing its own tokens, gives the single-process logits, and the bytes it moves
 equal ``metrics.traffic`` on the routing it recorded."""
 
@@ -14,17 +14,17 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from placement import ep_launch
-from placement.cli_runtime import register
-from placement.ep_dispatch import EPError
-from placement.ep_launch import LiveReport, live_bench
-from placement.ep_model import LiveJob, make_batches, moe_blocks, reference_run
+from placement.cli.runtime import register
 from placement.graph import graph_from_routes
 from placement.metrics import traffic
 from placement.plan import Plan
 from placement.planner import make_plan
+from placement.runtime import launch as ep_launch
+from placement.runtime.dispatch import EPError
+from placement.runtime.launch import LiveReport, live_bench
+from placement.runtime.live import LiveJob, make_batches, moe_blocks, reference_run
 from placement.solvers.base import PlanSpec
-from placement.trace import RouteArrays
+from placement.trace.schema import RouteArrays
 from profiler.api import LoadedModel, load_model, load_prompts
 
 TOL = 1e-5
@@ -167,7 +167,7 @@ def test_cli_ep_bench_model(tmp_path: Path) -> None:
 
 def test_a_wrong_expert_output_is_detected(monkeypatch: pytest.MonkeyPatch) -> None:
     """The logits check is not vacuous: ranks whose experts are off by 0.1% (forked ranks inherit the patch)."""
-    from placement import ep_runtime
+    from placement.runtime import replay as ep_runtime
 
     real = ep_runtime.grouped_ffn
     monkeypatch.setattr(ep_runtime, "grouped_ffn", lambda *a: real(*a) * 1.001)

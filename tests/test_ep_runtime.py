@@ -13,10 +13,13 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from placement import ep_launch
-from placement.cli_runtime import register
-from placement.dataset import open_trace
-from placement.ep_dispatch import (
+from placement.cli.runtime import register
+from placement.graph import graph_from_routes
+from placement.metrics import MODES, traffic
+from placement.plan import Plan
+from placement.planner import make_plan
+from placement.runtime import launch as ep_launch
+from placement.runtime.dispatch import (
     EPError,
     ReplicaTable,
     build_dispatch,
@@ -24,8 +27,8 @@ from placement.ep_dispatch import (
     combine_ranks,
     sent_off_rank,
 )
-from placement.ep_launch import JobReport, ep_bench, validate_job
-from placement.ep_runtime import (
+from placement.runtime.launch import JobReport, ep_bench, validate_job
+from placement.runtime.replay import (
     EPJob,
     EPTask,
     LocalExperts,
@@ -34,12 +37,9 @@ from placement.ep_runtime import (
     expert_weights,
     grouped_ffn,
 )
-from placement.graph import graph_from_routes
-from placement.metrics import MODES, traffic
-from placement.plan import Plan
-from placement.planner import make_plan
 from placement.solvers.base import PlanSpec
-from placement.trace import RouteArrays, TraceMeta
+from placement.trace.dataset import open_trace
+from placement.trace.schema import RouteArrays, TraceMeta
 
 DEEPSEEK = Path(__file__).resolve().parents[2] / "shared" / "traces" / "deepseek-v2-lite-chat.dev.npz"
 TOL = 1e-5

@@ -12,15 +12,15 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from placement.cli_export import register
-from placement.export import (
+from placement.cli.export import register
+from placement.deploy.checkpoint import PERMUTATION_NAME
+from placement.deploy.export import (
     ExportError,
     deepseek_triple,
     export,
     plan_from_vllm,
     sglang_map,
 )
-from placement.permute_checkpoint import PERMUTATION_NAME
 from placement.plan import Plan
 
 E = 8
@@ -228,7 +228,7 @@ def test_deepseek_group_preserving_plan_keeps_logits_and_splitting_plan_is_refus
         export(split, "permute-checkpoint", tmp_path / "bad", checkpoint=deepseek)
     assert not (tmp_path / "bad").exists()
     # the refusal is needed: written anyway, that plan changes what the model computes
-    monkeypatch.setattr("placement.permute_checkpoint.check_plan", lambda plan, ck: ())
+    monkeypatch.setattr("placement.deploy.checkpoint.check_plan", lambda plan, ck: ())
     export(split, "permute-checkpoint", tmp_path / "bad", checkpoint=deepseek)
     with pytest.raises(AssertionError):
         _check_same_function(deepseek, tmp_path / "bad")

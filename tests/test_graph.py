@@ -6,9 +6,9 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from placement.dataset import open_trace
 from placement.graph import build_graph, graph_from_routes, graph_stats
-from placement.trace import TraceMeta
+from placement.trace.dataset import open_trace
+from placement.trace.schema import TraceMeta
 from tests.conftest import SHARED_SPECS, reference_graph
 
 
@@ -74,8 +74,8 @@ def test_random_matches_reference_and_batching_is_invisible():
     load, trans = reference_graph(ids, 16)
     np.testing.assert_array_equal(g.load_LE, load)
     np.testing.assert_array_equal(g.trans_LEE, trans)
-    from placement.dataset import ArrayTrace
-    from placement.trace import RouteArrays
+    from placement.trace.dataset import ArrayTrace
+    from placement.trace.schema import RouteArrays
 
     routes = RouteArrays(ids.astype(np.int16), np.zeros(3000, np.int64), np.arange(3000, dtype=np.int32))
     g2 = build_graph(ArrayTrace(None, meta, routes), batch_tokens=7)  # type: ignore[arg-type]
@@ -97,3 +97,16 @@ def test_keep_top_pairs_and_networkx(tmp_path):
     g.write_graphml(path, min_weight=5)
     back = nx.read_graphml(path)
     assert back.number_of_edges() == int((g.trans_LEE >= 5).sum())
+
+
+def test_count_loads_matches_the_graph_build():
+    """The importers' loads-only counter and the graph kernel count the same tokens (METRICS.md rules)."""
+    from placement.graph import graph_from_routes
+    from placement.trace.importers.popularity import count_loads
+    from placement.trace.synthetic import synthetic_trace
+
+    meta, routes = synthetic_trace(3, 16, 4, 500, seed=3)
+    ids = routes.expert_ids_TLK.copy()
+    ids[::7, 1, 0] = -1  # not recorded
+    ids[::5, 2, 1] = ids[::5, 2, 0]  # a repeated id counts once
+    assert np.array_equal(count_loads(ids, 16), graph_from_routes(ids, meta).load_LE)

@@ -15,7 +15,7 @@ from placement.planner import topology_cost
 from placement.solvers.base import PlanSpec
 from placement.solvers.greedy import balance_cap_L, distance_GG, gpu_cost, phy2log_to_gpu_of
 from placement.solvers.ilp import build_model, solve_ilp
-from placement.trace import TraceMeta
+from placement.trace.schema import TraceMeta
 
 MIXTRAL = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mixtral-8x7b-instruct.humaneval0.npz"
 
@@ -134,8 +134,8 @@ def test_ilp_equals_dp_at_mixtral_width(case: tuple, backend: str) -> None:
 @pytest.mark.skipif(not MIXTRAL.exists(), reason="Mixtral trace not available")
 @pytest.mark.parametrize("backend", ["cpsat", "pulp"])
 def test_mixtral_proves_dp_optimum(backend: str) -> None:
-    from placement.dataset import open_trace
     from placement.graph import build_graph
+    from placement.trace.dataset import open_trace
 
     g = build_graph(open_trace(f"{MIXTRAL}:decode"))
     spec = PlanSpec(4, balance_eps=0.35, time_limit=30, options={"ilp_backend": backend})

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from placement.dataset import open_trace
-from placement.importers import import_trace
-from placement.importers.popularity import read_loads
-from placement.trace import TraceError
+from placement.trace.dataset import open_trace
+from placement.trace.importers import import_trace
+from placement.trace.importers.popularity import read_loads
+from placement.trace.schema import TraceError
 from tests.conftest import SHARED_SPECS, listing
 
 # ------------------------------------------------------------------------------------------------- npz

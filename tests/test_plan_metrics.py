@@ -12,7 +12,7 @@ import pytest
 from placement.graph import graph_from_routes
 from placement.metrics import Topology, colocation, evaluate, imbalance, traffic
 from placement.plan import Plan, PlanError
-from placement.trace import RouteArrays, TraceMeta
+from placement.trace.schema import RouteArrays, TraceMeta
 
 
 def _plan(phy2log: list[list[int]], G: int, N: int = 1, E: int | None = None) -> Plan:

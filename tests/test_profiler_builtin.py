@@ -13,7 +13,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from placement.dataset import TraceWriter, open_trace
+from placement.trace.dataset import TraceWriter, open_trace
 from profiler.api import (
     LoadedModel,
     ProfileError,
@@ -266,8 +266,8 @@ def test_profile_refuses_a_dataset_of_another_model(tmp_path: Path) -> None:
     """Even when every prompt id looks traced already, another model's dataset is refused, untouched."""
 
     from placement.cli import build_app
-    from placement.dataset import write_trace
-    from placement.synthetic import synthetic_trace
+    from placement.trace.dataset import write_trace
+    from placement.trace.synthetic import synthetic_trace
 
     meta, routes = synthetic_trace(2, 8, 2, 64, tokens_per_prompt=8, seed=0, model_name="other-moe")
     out = tmp_path / "ds"

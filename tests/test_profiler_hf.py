@@ -24,7 +24,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from placement.dataset import TraceWriter, open_trace
+from placement.trace.dataset import TraceWriter, open_trace
 from profiler.api import LoadedModel, ProfileError, load_model, profile_prompts
 from profiler.capture import CaptureError, RoutingRecorder
 from profiler.hf_adapters import FAMILIES, HFRouterAdapter, load_hf

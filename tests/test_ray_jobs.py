@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from placement.dataset import TraceWriter, open_parquet_trace
-from placement.trace import TraceMeta
+from placement.trace.dataset import TraceWriter, open_parquet_trace
+from placement.trace.schema import TraceMeta
 from ray_jobs.driver import JobConfig, JobProgress, RayJobError, run_job
 from ray_jobs.shards import MANIFEST, JobKey, Manifest, ShardError, ShardResult, prepare_output, trace_shard
 from tests.conftest import REPO, listing

@@ -14,21 +14,21 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from placement.cli_export import register
-from placement.dataset import open_trace
+from placement.cli.export import register
 from placement.graph import build_graph
 from placement.plan import Plan
 from placement.planner import make_plan
 from placement.report import build_report
 from placement.solvers.base import PlanSpec
-from placement.trace import RouteArrays, TraceMeta
+from placement.trace.dataset import open_trace
+from placement.trace.schema import RouteArrays, TraceMeta
 
 E, K, LAYERS = 8, 2, (1, 2, 3, 4)
 
 
 def synthetic_trace(out: Path, tokens: int = 1500, seed: int = 0) -> Path:
     """A trace whose layer l+1 expert follows layer l's (so transitions are concentrated)."""
-    from placement.dataset import write_trace
+    from placement.trace.dataset import write_trace
 
     rng = np.random.default_rng(seed)
     ids_TLK = np.zeros((tokens, len(LAYERS), K), np.int16)

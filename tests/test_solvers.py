@@ -13,8 +13,8 @@ from placement.plan import PlanError
 from placement.planner import make_plan, topology_cost
 from placement.solvers.base import PlanSpec
 from placement.solvers.baselines import balanced_packing, eplb_phy2log, replicate_hottest
-from placement.synthetic import synthetic_trace
-from placement.trace import split_by_prompt
+from placement.trace.schema import split_by_prompt
+from placement.trace.synthetic import synthetic_trace
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_unknown_solver(small_trace) -> None:
 
 @pytest.mark.slow
 def test_affinity_on_deepseek_v2_lite_held_out(traces_dir: Path) -> None:
-    from placement.dataset import open_trace
+    from placement.trace.dataset import open_trace
 
     tr = open_trace(traces_dir / "deepseek-v2-lite-chat.dev.npz")
     r = tr.read_all(with_gates=False)
@@ -145,7 +145,7 @@ def test_capacity_bound_is_below_the_brute_force_optimum(nodes: int) -> None:
     import itertools
 
     from placement.solvers.base import capacity_lower_bound
-    from placement.trace import TraceMeta
+    from placement.trace.schema import TraceMeta
 
     rng = np.random.default_rng(nodes)
     L, E, G = 3, 6, 3

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from placement.dataset import TraceWriter, open_trace, write_trace
-from placement.trace import RouteArrays, TraceError, TraceMeta
+from placement.trace.dataset import TraceWriter, open_trace, write_trace
+from placement.trace.schema import RouteArrays, TraceError, TraceMeta
 
 META = TraceMeta("toy", 16, 3, (1, 2, 5), source="test")
 
@@ -100,7 +100,7 @@ def test_wrong_schema(tmp_path):
 
 def mixed_topk_shard(path, meta=META):
     """A shard in the moeplace schema whose second row lists 2 ids at a top-3 layer."""
-    from placement.trace import arrow_schema
+    from placement.trace.schema import arrow_schema
 
     schema = arrow_schema(meta)
     ids = [[1, 2, 3], [4, 5], [6, 7, 8]]

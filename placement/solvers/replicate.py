@@ -18,6 +18,7 @@ from placement.graph import RoutingGraph
 from placement.plan import gpu_of_expert_to_phy2log
 from placement.solvers.base import PlanSpec
 from placement.solvers.baselines import replicate_hottest
+from placement.solvers.layer_assign import assign_layer, repair_balance
 from placement.solvers.robust import LoadModel
 
 
@@ -48,8 +49,6 @@ def add_replicas(
     gpu_LE: np.ndarray, graph: RoutingGraph, spec: PlanSpec, copies_LE: np.ndarray, lm: LoadModel
 ) -> np.ndarray:
     """phy2log int64 [L, P]: the primaries of gpu_LE plus the extra copies of ``copies_LE``."""
-    from placement.solvers.affinity import assign_layer
-
     L, E = gpu_LE.shape
     G, R = spec.num_gpus, spec.num_redundant
     if R == 0:
@@ -106,8 +105,6 @@ def rebalance_primaries(
 ) -> np.ndarray:
     """With the extra copies of layer l placed, swap primaries between GPUs until every GPU is within ``limit``
     (cheapest in co-located traffic first). A primary never moves onto a GPU holding a copy of its expert."""
-    from placement.solvers.affinity import repair_balance
-
     L, E, G = H_LEG.shape
     extra_EG = H_LEG[l].copy()
     extra_EG[np.arange(E), gpu_E] -= 1

@@ -9,12 +9,12 @@ import typer
 
 # Each module defines ``register(app)`` adding its commands.
 COMMAND_MODULES = (
-    "placement.cli_trace",  # import, stats, graph
-    "placement.cli_plan",  # plan, eval
+    "placement.cli.trace",  # import, stats, graph
+    "placement.cli.plan",  # plan, eval
     "profiler.cli",  # profile
-    "placement.cli_runtime",  # ep-bench
-    "placement.cli_export",  # export, report
-    "placement.cli_demo",  # demo
+    "placement.cli.runtime",  # ep-bench
+    "placement.cli.export",  # export, report
+    "placement.cli.demo",  # demo
 )
 
 

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from placement.cli_common import echo_json, progress, user_errors
+from placement.cli.common import echo_json, progress, user_errors
 
 if TYPE_CHECKING:
-    from placement.dataset import Trace
+    from placement.trace.dataset import Trace
 
 TraceArg = Annotated[str, typer.Option("--trace", help="Trace: Parquet dataset dir/file or .npz[:ARRAY].")]
 SplitOpt = Annotated[
@@ -29,7 +29,7 @@ def load_graph_and_routes(
 ) -> tuple[object, object]:
     """(RoutingGraph, RouteArrays | None) of the chosen prompts of an opened trace."""
     from placement.graph import build_graph, graph_from_routes
-    from placement.trace import TraceError, split_by_prompt
+    from placement.trace.schema import TraceError, split_by_prompt
 
     if prompts not in ("all", "train", "test"):
         raise TraceError(f"--prompts {prompts!r}: use all, train or test")
@@ -99,7 +99,7 @@ def plan_cmd(
             inter_node_cost=inter_node_cost,
             options={"ilp_backend": backend, "kappa": robust, "unseen": unseen},
         )
-        from placement.dataset import open_trace
+        from placement.trace.dataset import open_trace
 
         tr = open_trace(trace)
         spec.validate(tr.meta.num_experts)
@@ -139,7 +139,7 @@ def eval_cmd(
 
     with user_errors():
         p = Plan.load(plan)
-        from placement.dataset import open_trace
+        from placement.trace.dataset import open_trace
 
         tr = open_trace(trace)
         p.check_trace(tr.meta, where=str(plan))

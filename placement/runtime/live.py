@@ -7,7 +7,7 @@ slots (replicas included); the original blocks, with every expert, are dropped b
 - Tokens: the batch's real tokens get global ids t in (prompt, position) order -- the order of a profiled
   trace -- and token t starts on rank t mod G, the *home* rank of placement/metrics.py.
 - At each MoE layer the rank routes the tokens it holds with the layer's own router (live routing, recorded),
-  then dispatch -> grouped expert compute -> combine with the rules of placement/ep_dispatch.py, so the bytes
+  then dispatch -> grouped expert compute -> combine with the rules of placement/runtime/dispatch.py, so the bytes
   moved equal ``metrics.traffic`` on the recorded routing.
 - Attention needs every token of a sequence, so after the combine the block outputs are all-gathered (the
   *gather* phase, counted apart: the evaluator's all-to-all model leaves it out) and every rank goes on with
@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from placement.ep_dispatch import (
+from placement.plan import Plan
+from placement.runtime.dispatch import (
     EPError,
     Exchanger,
     ReplicaTable,
 )
-from placement.ep_runtime import ExpertW, LocalExperts, moe_exchange, slot_maps
-from placement.plan import Plan
+from placement.runtime.replay import ExpertW, LocalExperts, moe_exchange, slot_maps
 
 LIVE_PHASES = ("dispatch", "compute", "combine", "gather")
 HF_BLOCKS = {"MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock"}  # no shared experts
@@ -276,7 +276,7 @@ class LiveRankResult:
 
     tok_T int64: the home tokens (t mod G) whose logits_TV float32 this rank returns; route_* the routing it
     decided, one row per (layer, held token): layer_N, tok_N int64, ids_NK int64, gates_NK float32;
-    sent_rows_L2G / recv_rows_L2G / sent_bytes_L2G as ``ep_runtime.RankResult``; gather_bytes: bytes of the
+    sent_rows_L2G / recv_rows_L2G / sent_bytes_L2G as ``replay.RankResult``; gather_bytes: bytes of the
     all-gathers sent to other ranks; seconds_RL4 float64 [repeats, L, 4]: dispatch, compute, combine, gather.
     """
 
@@ -296,7 +296,7 @@ class LiveRankResult:
 
 
 def run_live_rank(ex: Exchanger, task: LiveTask) -> list[LiveRankResult]:
-    """Every job of ``task`` on this rank (a plain function; ``ep_launch.launch`` calls it in each process)."""
+    """Every job of ``task`` on this rank (a plain function; ``launch.launch`` calls it in each process)."""
     from profiler.api import load_model
 
     module = load_model(task.model).module.eval()

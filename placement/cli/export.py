@@ -1,4 +1,4 @@
-"""``moeplace export`` and ``moeplace report``: thin shells over placement.export and placement.report."""
+"""``moeplace export`` and ``moeplace report``: thin shells over placement.deploy.export and placement.report."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from placement.cli_common import UserError, user_errors
+from placement.cli.common import UserError, user_errors
 
 __all__ = ["register"]
 
@@ -30,7 +30,7 @@ def export_cmd(
     ] = None,
 ) -> None:
     """Export PLAN for a serving system (SGLang, vLLM, DeepSeek EPLB) or as a permuted checkpoint."""
-    from placement.export import ExportError, export
+    from placement.deploy.export import ExportError, export
     from placement.plan import Plan
 
     with user_errors():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from placement.trace import RouteArrays, TraceError, TraceMeta, validate_routes
+from placement.trace.schema import RouteArrays, TraceError, TraceMeta, validate_routes
 
 
 def _as_routes_TLK(arr: np.ndarray, where: str) -> np.ndarray:

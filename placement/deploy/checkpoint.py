@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from placement.export import ExportError, ExportResult, atomic_output
+from placement.deploy.common import ExportError, ExportResult, atomic_output
 from placement.plan import Plan
 
 INDEX_NAME = "model.safetensors.index.json"

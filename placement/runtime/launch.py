@@ -1,7 +1,7 @@
 """Local launcher of the EP runtime and the ``ep_bench`` driver.
 
 ``launch`` starts R processes with torch.multiprocessing, one process group over a free local port (gloo on
-CPU; nccl when every rank can have its own CUDA device), runs ``ep_runtime.run_rank`` in each and returns the
+CPU; nccl when every rank can have its own CUDA device), runs ``replay.run_rank`` in each and returns the
 ranks' results through a queue. Start method: ``fork`` for single-threaded gloo ranks on Linux (no second
 torch import: 4 ranks start in well under a second instead of ~15 s on a 2-core machine), else ``spawn``
 (CUDA needs it, and a forked child must not run OpenMP with more than one thread: it hangs).
@@ -10,7 +10,7 @@ torch import: 4 ranks start in well under a second instead of ~15 s on a 2-core 
 the single-process dense reference (max relative error per token) and with ``metrics.traffic`` (tokens per
 layer, phase and rank pair; bytes = tokens x hidden x 4).
 
-``live_bench`` does the same for a live model (placement/ep_model.py: every rank runs ``run_live_rank``, passed
+``live_bench`` does the same for a live model (placement/runtime/live.py: every rank runs ``run_live_rank``, passed
 to ``launch`` as ``rank_fn``): plan vs model checked first, logits compared with the single-process model, and
 predictions computed from the routing the ranks recorded. Gloo on CPU only (the model stays on the CPU).
 
@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from placement.ep_dispatch import DistExchanger, EPError
-from placement.ep_runtime import PHASES, EPJob, EPTask, ModelSpec, RankResult, dense_reference, run_rank
 from placement.metrics import MODES, traffic
-from placement.trace import RouteArrays
+from placement.runtime.dispatch import DistExchanger, EPError
+from placement.runtime.replay import PHASES, EPJob, EPTask, ModelSpec, RankResult, dense_reference, run_rank
+from placement.trace.schema import RouteArrays
 
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -95,7 +95,7 @@ def launch(
     rank_fn: RankFn = run_rank,
 ) -> list[Any]:
     """Run ``rank_fn(exchanger, task)`` on ``world`` local ranks; returns results[rank] (for the default
-    ``ep_runtime.run_rank``: results[rank][job]). ``start_method`` None: see above. ``rank_fn`` must be a
+    ``replay.run_rank``: results[rank][job]). ``start_method`` None: see above. ``rank_fn`` must be a
     module-level function (spawn pickles it)."""
     import torch.multiprocessing as mp
 
@@ -319,7 +319,7 @@ def ep_bench(
 
 @dataclass(frozen=True)
 class LiveReport:
-    """A live-model run (placement/ep_model.py): ``job`` holds the replay report's fields with max_rel_error
+    """A live-model run (placement/runtime/live.py): ``job`` holds the replay report's fields with max_rel_error
     the max relative error of the logits (per token, L2) against the single-process model and predictions from
     the routing the run recorded. gather_bytes: all-gather bytes for attention (outside the all-to-all model);
     gather_seconds_L: its slowest-rank time per layer; routing_mismatch: (token, layer) pairs whose live expert
@@ -343,7 +343,7 @@ class LiveReport:
 
 def validate_live(plan: Any, world: int, mode: str, model: Any, where: str) -> None:
     """Raise EPError (one line) unless ``plan`` fits ``model`` (a LoadedModel) on ``world`` ranks."""
-    from placement.ep_model import check_plan_for_model
+    from placement.runtime.live import check_plan_for_model
 
     check_plan_for_model(plan, model.name, model.num_experts, model.layers, where)
     ids = np.zeros((1, plan.num_layers, 1), dtype=np.int64)
@@ -360,9 +360,9 @@ def live_bench(
     repeats: int = 1,
 ) -> list[LiveReport]:
     """Run ``prompts`` through ``model_spec`` (``profiler.api.load_model``) on ``world`` gloo ranks under each
-    ``ep_model.LiveJob``; compare logits and routing with the single-process model and bytes with the evaluator.
+    ``live.LiveJob``; compare logits and routing with the single-process model and bytes with the evaluator.
     Every check runs before any process starts."""
-    from placement.ep_model import LiveTask, make_batches, moe_blocks, reference_run, run_live_rank
+    from placement.runtime.live import LiveTask, make_batches, moe_blocks, reference_run, run_live_rank
     from profiler.api import load_model
 
     if repeats < 1 or batch_size < 1 or max_len < 1:

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from placement.trace import (
+from placement.trace.schema import (
     META_KEY,
     RouteArrays,
     TraceError,
@@ -430,7 +430,7 @@ def open_trace(spec: str | os.PathLike[str], *, num_experts: int | None = None) 
     s = str(spec)
     npz_path, _, key = s.partition(".npz:") if ".npz:" in s else (s, "", "")
     if npz_path.endswith(".npz") or key:
-        from placement.importers.npz import read_npz
+        from placement.trace.importers.npz import read_npz
 
         path = Path(npz_path if npz_path.endswith(".npz") else npz_path + ".npz")
         meta, routes = read_npz(path, key=key or None, num_experts=num_experts)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from placement.cli_common import echo_json, fail, user_errors
+from placement.cli.common import echo_json, fail, user_errors
 
 RUN_MODES = ("home", "follow", "both")
 
@@ -62,10 +62,10 @@ def _run_live(
     max_len: int,
     repeats: int,
 ) -> list[Any]:
-    from placement.ep_dispatch import EPError
-    from placement.ep_launch import live_bench
-    from placement.ep_model import LiveJob
     from placement.plan import Plan
+    from placement.runtime.dispatch import EPError
+    from placement.runtime.launch import live_bench
+    from placement.runtime.live import LiveJob
     from profiler.api import load_prompts
 
     if limit < 1:
@@ -106,11 +106,11 @@ def register(app: typer.Typer) -> None:
         error vs a single-process dense reference (hidden states, or logits of the live model), and wall
         time per MoE layer. With --model every rank holds the dense parts and only its slots' experts, routes
         its own tokens live, and predictions come from the routing the run recorded (gloo on CPU)."""
-        from placement.dataset import open_trace
-        from placement.ep_dispatch import EPError
-        from placement.ep_launch import ep_bench
-        from placement.ep_runtime import EPJob, ModelSpec
         from placement.plan import Plan
+        from placement.runtime.dispatch import EPError
+        from placement.runtime.launch import ep_bench
+        from placement.runtime.replay import EPJob, ModelSpec
+        from placement.trace.dataset import open_trace
 
         with user_errors():
             if mode not in RUN_MODES:

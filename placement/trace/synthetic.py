@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from placement.trace import RouteArrays, TraceMeta
+from placement.trace.schema import RouteArrays, TraceMeta
 
 
 def synthetic_trace(

@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from placement.plan import PlanError, json_default
-from placement.trace import TraceError
+from placement.trace.schema import TraceError
 
 
 class UserError(ValueError):

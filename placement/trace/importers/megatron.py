@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from placement.trace import RouteArrays, TraceError, TraceMeta, validate_routes
+from placement.trace.schema import RouteArrays, TraceError, TraceMeta, validate_routes
 
 _RANK_RE = re.compile(r"router_trace_rank(\d+)\.jsonl$")
 _REQUIRED = ("step", "layer", "topk", "top_indices")

@@ -1,4 +1,4 @@
-"""``moeplace import``, ``moeplace stats`` and ``moeplace graph``: thin commands over placement.importers and
+"""``moeplace import``, ``moeplace stats`` and ``moeplace graph``: thin commands over placement.trace.importers and
 placement.graph. A TRACE argument is a Parquet dataset (or shard), an ``.npz`` (``file.npz:ARRAY`` picks an
 array), or for ``stats`` also a loads-only JSON file."""
 
@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from placement.cli_common import UserError, echo_json, progress, user_errors
+from placement.cli.common import UserError, echo_json, progress, user_errors
 
 TRACE_HELP = "Trace: a Parquet dataset directory or shard, or FILE.npz[:ARRAY] (default array: routes)."
 
@@ -25,8 +25,8 @@ def _parse_layers(text: str | None) -> list[int] | None:
 
 def _build_graph(trace_spec: str, num_experts: int | None, with_coact: bool) -> Any:
     """Open a trace and stream it into its routing graph, with a progress bar."""
-    from placement.dataset import open_trace
     from placement.graph import build_graph
+    from placement.trace.dataset import open_trace
 
     trace = open_trace(trace_spec, num_experts=num_experts)
     total = trace.num_tokens
@@ -76,7 +76,7 @@ def import_cmd(
 
     Nothing is left in --out when the import fails; an --out holding another model's trace is refused.
     """
-    from placement.importers import import_trace
+    from placement.trace.importers import import_trace
 
     with user_errors(), _counter() as bar:
         task = bar.add_task("import", total=None)
@@ -104,8 +104,8 @@ def stats_cmd(
     num_experts: Annotated[int | None, typer.Option(help="Number of experts for an .npz without num_experts.")] = None,
 ) -> None:
     """Routing statistics: per-layer load skew, transition concentration vs. independence, entropy."""
-    from placement.graph import graph_stats
-    from placement.importers.popularity import is_loads_file, load_stats, read_loads
+    from placement.graph import graph_stats, load_stats
+    from placement.trace.importers.popularity import is_loads_file, read_loads
 
     with user_errors():
         if top_m is not None and top_m < 1:

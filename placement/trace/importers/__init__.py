@@ -3,9 +3,9 @@
 ``import_trace(src, fmt, out)`` is the one entry point. Formats:
 
 - ``npz`` / ``npy``: arrays ``routes`` [T, L, K] (importers/npz.py); ``file.npz:NAME`` picks an array.
-- ``sglang``: SGLang expert-distribution recorder dumps (placement/importers/sglang.py).
-- ``megatron``: Megatron-Core ``router_trace_rank{r}.jsonl`` files (placement/importers/megatron.py).
-- ``popularity``: per-layer expert counts (loads only; placement/importers/popularity.py).
+- ``sglang``: SGLang expert-distribution recorder dumps (placement/trace/importers/sglang.py).
+- ``megatron``: Megatron-Core ``router_trace_rank{r}.jsonl`` files (placement/trace/importers/megatron.py).
+- ``popularity``: per-layer expert counts (loads only; placement/trace/importers/popularity.py).
 
 Token traces are written into a staging directory next to ``out`` and moved into ``out`` only when the whole
 import succeeded, so a failed import leaves ``out`` as it was. Loads-only sources (SGLang ``stat`` and
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from placement.importers.popularity import LoadTrace, read_loads
-from placement.trace import RouteArrays, TraceError, TraceMeta
+from placement.trace.importers.popularity import LoadTrace, count_loads, read_loads
+from placement.trace.schema import RouteArrays, TraceError, TraceMeta
 
 FORMATS = ("npz", "npy", "sglang", "megatron", "popularity")
 
@@ -63,15 +63,14 @@ def import_trace(
         return len(source.layers)
     meta, batches = source
     if loads_only:
-        from placement.graph import GraphAccumulator
-
-        acc = GraphAccumulator(meta, with_coact=False)
+        load_LE = np.zeros((meta.num_layers, meta.num_experts), np.int64)
+        num_tokens = 0
         for b in batches:
-            acc.add(b.expert_ids_TLK)
+            load_LE += count_loads(b.expert_ids_TLK, meta.num_experts)
+            num_tokens += b.num_tokens
             if on_progress is not None:
                 on_progress(b.num_tokens)
-        g = acc.result()
-        LoadTrace(meta.model_name, meta.layers, g.load_LE, g.num_tokens, meta.source).save(out_p)
+        LoadTrace(meta.model_name, meta.layers, load_LE, num_tokens, meta.source).save(out_p)
         return meta.num_layers
     return write_staged(out_p, meta, batches, writer_id=writer_id, on_progress=on_progress)
 
@@ -85,7 +84,7 @@ def _read_source(
     moe_layers: Sequence[int] | None,
 ) -> tuple[TraceMeta, Iterable[RouteArrays]] | LoadTrace:
     if fmt in ("npz", "npy"):
-        from placement.importers.npz import read_npz
+        from placement.trace.importers.npz import read_npz
 
         s = str(spec)
         npz, _, key = s.partition(".npz:") if ".npz:" in s else (s, "", "")
@@ -95,12 +94,12 @@ def _read_source(
         T = routes.num_tokens
         return meta, (routes.take(np.arange(a, min(a + step, T))) for a in range(0, T, step))
     if fmt == "sglang":
-        from placement.importers.sglang import read_sglang, sglang_paths
+        from placement.trace.importers.sglang import read_sglang, sglang_paths
 
         res = read_sglang(sglang_paths(path), model_name=model_name, num_experts=num_experts, moe_layers=moe_layers)
         return res if isinstance(res, LoadTrace) else (res.meta, res.iter_batches())
     if fmt == "megatron":
-        from placement.importers.megatron import megatron_paths, read_megatron
+        from placement.trace.importers.megatron import megatron_paths, read_megatron
 
         mr = read_megatron(megatron_paths(path), model_name=model_name, num_experts=num_experts)
         return mr.meta, mr.iter_batches()
@@ -124,7 +123,7 @@ def write_staged(
     directory is removed. On any error ``out`` is left unchanged (created only if it did not exist, and
     removed again).
     """
-    from placement.dataset import DATASET_JSON, TraceWriter, _check_dataset_meta
+    from placement.trace.dataset import DATASET_JSON, TraceWriter, _check_dataset_meta
 
     if out.exists() and not out.is_dir():
         raise TraceError(f"{out}: exists and is not a dataset directory; choose another --out")
@@ -165,7 +164,7 @@ def write_staged(
 
 
 def _check_existing(out: Path, meta: TraceMeta) -> None:
-    from placement.dataset import DATASET_JSON
+    from placement.trace.dataset import DATASET_JSON
 
     existing = TraceMeta.from_json((out / DATASET_JSON).read_text(), where=str(out / DATASET_JSON))
     if not existing.compatible_with(meta):

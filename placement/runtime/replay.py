@@ -9,7 +9,7 @@ counts twice, in both the runtime and the reference), then ``x <- tanh(x + y)`` 
 The routing is replayed from a trace (every rank holds the trace: it plays the router); gate weights are the
 trace's, or uniform 1/K when it has none.
 
-Per rank and layer (``ep_layer``): choose replicas and rows (placement/ep_dispatch.py), exchange counts, then
+Per rank and layer (``ep_layer``): choose replicas and rows (placement/runtime/dispatch.py), exchange counts, then
 meta, gates and hidden rows with ``all_to_all_single``; compute with grouped per-expert matmuls over the local
 slots only; send each partial sum to the token's combine rank; sum there, apply the per-token op. Payload rows
 crossing ranks are counted per (layer, phase, destination); meta and count bytes separately.
@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from placement.ep_dispatch import (
+from placement.plan import Plan
+from placement.runtime.dispatch import (
     META_FIXED,
     EPError,
     Exchanger,
@@ -38,7 +39,6 @@ from placement.ep_dispatch import (
     combine_ranks,
     sent_off_rank,
 )
-from placement.plan import Plan
 
 PHASES = ("dispatch", "compute", "combine")
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from placement.importers.popularity import LoadTrace
-from placement.trace import RouteArrays, TraceError, TraceMeta, validate_routes
+from placement.trace.importers.popularity import LoadTrace
+from placement.trace.schema import RouteArrays, TraceError, TraceMeta, validate_routes
 
 _DETAIL_KEYS = {"records", "last_physical_to_logical_map"}
 _STAT_KEYS = {"logical_count"}

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from placement.cli_common import echo_json, progress, user_errors
+from placement.cli.common import echo_json, progress, user_errors
 
 
 def demo_cmd(
@@ -23,7 +23,7 @@ def demo_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from placement.cli_common import UserError
+    from placement.cli.common import UserError
     from placement.demo import run_demo
 
     console = Console(stderr=True, width=None if Console(stderr=True).is_terminal else 140)

@@ -19,11 +19,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from placement.trace import TraceError
+from placement.trace.schema import TraceError
 
 LOADS_KIND = "moeplace.loads"
 LOADS_SCHEMA_VERSION = 1
@@ -67,7 +66,7 @@ class LoadTrace:
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from placement.dataset import atomic_write_bytes
+        from placement.trace.dataset import atomic_write_bytes
 
         atomic_write_bytes(Path(path), self.to_json().encode())
 
@@ -121,18 +120,12 @@ def read_loads(path: str | os.PathLike[str], *, model_name: str | None = None) -
     )
 
 
-def load_stats(lt: LoadTrace) -> dict[str, Any]:
-    """The load part of ``graph_stats`` (load sums, skew, entropy) for a loads-only trace."""
-    from placement.graph import RoutingGraph, graph_stats
-    from placement.trace import TraceMeta
-
-    L, E = lt.load_LE.shape
-    meta = TraceMeta(lt.model_name, E, 1, lt.layers, source=lt.source)
-    g = RoutingGraph(meta, lt.num_tokens or 0, lt.load_LE, np.zeros((max(L - 1, 0), E, E), np.int64))
-    s = graph_stats(g)
-    for key in ("top_m", "trans_sum", "concentration", "independent", "cond_entropy_bits", "top_k"):
-        s.pop(key)
-    for key in ("concentration_mean", "independent_mean"):
-        s["summary"].pop(key)
-    s["loads_only"] = True
-    return s
+def count_loads(ids_TLK: np.ndarray, num_experts: int) -> np.ndarray:
+    """int64 [L, E]: tokens routed to each expert per layer, as ../shared/METRICS.md counts them (a negative id
+    is skipped, a repeated id of one token counts once). Vectorised over all tokens and layers."""
+    L = ids_TLK.shape[1]
+    s_TLK = np.sort(ids_TLK.astype(np.int64), axis=2)
+    keep_TLK = s_TLK >= 0
+    keep_TLK[:, :, 1:] &= s_TLK[:, :, 1:] != s_TLK[:, :, :-1]
+    flat = (np.arange(L, dtype=np.int64)[None, :, None] * num_experts + s_TLK)[keep_TLK]
+    return np.bincount(flat, minlength=L * num_experts).reshape(L, num_experts)

@@ -12,7 +12,7 @@ deepseek-ai/EPLB lay physical experts out over EP ranks.
   ``export.json`` (model layer ids, nodes, launch flags), enough to rebuild the plan (``plan_from_vllm``).
 - ``deepseek``: a torch file with ``phy2log`` int64 [L, P], ``log2phy`` int64 [L, E, R] (slots of each expert,
   padded -1) and ``logcnt`` int64 [L, E], the triple deepseek-ai/EPLB's ``rebalance_experts`` returns.
-- ``permute-checkpoint``: placement/permute_checkpoint.py.
+- ``permute-checkpoint``: placement/deploy/checkpoint.py.
 
 Dimension key: L MoE layers, L_all model layers, E logical experts, P physical slots, G GPUs, R max replicas.
 """
@@ -21,99 +21,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from placement.deploy.common import ExportError, ExportResult, atomic_output, check_out, write_json
 from placement.plan import Plan, PlanError
 
 FORMATS = ("sglang", "vllm", "deepseek", "permute-checkpoint")
 VLLM_INITIAL_MAP = "initial_expert_map.json"
 VLLM_ASCEND_MAP = "expert_map.json"
 VLLM_INFO = "export.json"
-
-
-class ExportError(ValueError):
-    """An export that cannot be done; the message is one line naming the input and how to fix it."""
-
-
-@dataclass(frozen=True)
-class ExportResult:
-    """What an export wrote, the launch flags that use it, and warnings for the user."""
-
-    paths: tuple[Path, ...]
-    flags: tuple[str, ...] = ()
-    warnings: tuple[str, ...] = ()
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------- atomic outputs
-
-
-def check_out(out: Path, force: bool) -> None:
-    """Refuse an existing output unless ``force``."""
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise ExportError(f"{out}: already exists; pass --force to replace it or choose another --out")
-
-
-@contextmanager
-def atomic_output(out: Path, force: bool, is_dir: bool) -> Iterator[Path]:
-    """Yield a temp file or directory next to ``out``; it replaces ``out`` on success, is removed on error."""
-    check_out(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        tmp = Path(name)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod((0o777 if is_dir else 0o666) & ~umask)  # mkstemp/mkdtemp make them private
-    try:
-        yield tmp
-        if is_dir:  # some writers (safetensors) create private files too
-            for f in tmp.rglob("*"):
-                if f.is_file() and not f.is_symlink():
-                    f.chmod(0o666 & ~umask)
-        _replace(tmp, out)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` (``--force``) is moved aside first, then deleted."""
-    if not (out.exists() or out.is_symlink()):
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, old / "previous")
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old / "previous", out)
-        raise
-    finally:
-        _remove(old)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=1) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------- SGLang
@@ -147,7 +67,7 @@ def write_sglang(plan: Plan, out: Path, force: bool, num_model_layers: int | Non
     map_LP = sglang_map(plan, num_model_layers)
     with atomic_output(out, force, is_dir=False) as tmp:
         if out.suffix == ".json":
-            _write_json(tmp, {"physical_to_logical_map": map_LP.tolist()})
+            write_json(tmp, {"physical_to_logical_map": map_LP.tolist()})
         else:
             import torch
 
@@ -221,9 +141,9 @@ def write_vllm(plan: Plan, out: Path, force: bool) -> ExportResult:
         "flags": list(flags),
     }
     with atomic_output(out, force, is_dir=True) as tmp:
-        _write_json(tmp / VLLM_INITIAL_MAP, vllm_initial_map(plan))
-        _write_json(tmp / VLLM_ASCEND_MAP, vllm_ascend_map(plan))
-        _write_json(tmp / VLLM_INFO, info)
+        write_json(tmp / VLLM_INITIAL_MAP, vllm_initial_map(plan))
+        write_json(tmp / VLLM_ASCEND_MAP, vllm_ascend_map(plan))
+        write_json(tmp / VLLM_INFO, info)
     paths = (out / VLLM_INITIAL_MAP, out / VLLM_ASCEND_MAP, out / VLLM_INFO)
     warnings = (
         "vLLM's initial_expert_map_path is an upstream proposal (vllm-project/vllm#49572): check your vLLM",
@@ -320,7 +240,7 @@ def export(
 
 
 def _permute(plan: Plan, checkpoint: str | os.PathLike[str] | None, out: Path, force: bool) -> ExportResult:
-    from placement.permute_checkpoint import permute_checkpoint
+    from placement.deploy.checkpoint import permute_checkpoint
 
     if checkpoint is None:
         raise ExportError("--format permute-checkpoint needs --checkpoint DIR (a Hugging Face safetensors model)")
