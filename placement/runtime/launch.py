@@ -382,14 +382,15 @@ def live_bench(
         ref_TV, ref_TLK = reference_run(loaded, batches)
     hidden = int(refs[0].expert(0)[0].shape[1])
     return [
-        _assemble_live(job, [results[r][j] for r in range(world)], ref_TV, ref_TLK, hidden, len(prompts))
+        assemble_live(job, [results[r][j] for r in range(world)], ref_TV, ref_TLK, hidden, len(prompts))
         for j, job in enumerate(jobs)
     ]
 
 
-def _assemble_live(
+def assemble_live(
     job: Any, per_rank: Sequence[Any], ref_TV: np.ndarray, ref_TLK: np.ndarray, hidden: int, num_prompts: int
 ) -> LiveReport:
+    """One live job's report from every rank's ``LiveRankResult`` (rank order) and the single-process run."""
     T, L, K = ref_TLK.shape
     tok = np.concatenate([r.tok_T for r in per_rank])
     if not np.array_equal(np.sort(tok), np.arange(T)):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -297,52 +297,69 @@ class LiveRankResult:
 
 def run_live_rank(ex: Exchanger, task: LiveTask) -> list[LiveRankResult]:
     """Every job of ``task`` on this rank (a plain function; ``launch.launch`` calls it in each process)."""
-    from profiler.api import load_model
-
-    module = load_model(task.model).module.eval()
-    refs = moe_blocks(module)
-    locals_: dict[int, tuple[LocalExperts, ReplicaTable]] = {}
+    module, state, refs = ep_model(ex, task.model)
+    locals_: dict[int, LocalExperts] = {}
     for job in task.jobs:
         if id(job.plan) not in locals_:
-            locals_[id(job.plan)] = (local_experts(job.plan, ex.rank, refs), ReplicaTable.from_plan(job.plan))
-    state = RankState(ex, len(refs))
-    for l, ref in enumerate(refs):  # drop every expert: from here on the rank holds its slots' copies only
-        setattr(ref.parent, ref.attr, EPMoEBlock(state, l, ref.router(), ref.style))
+            locals_[id(job.plan)] = local_experts(job.plan, ex.rank, refs)
+    drop_experts(state, refs)
     seconds_JRL4 = np.zeros((len(task.jobs), task.repeats, len(refs), len(LIVE_PHASES)))
     out: list[LiveRankResult] = []
     for rep in range(task.repeats):
         out = []
         for j, job in enumerate(task.jobs):
-            state.local, state.table = locals_[id(job.plan)]
-            state.mode = job.mode
-            state.reset()
-            tok, logits = [], []
-            ex.barrier()
-            for batch in task.batches:
-                state.begin_batch(batch)
-                mine_T = np.arange(batch.num_tokens) % ex.world == (ex.rank - batch.first) % ex.world
-                logits.append(model_logits(module, batch)[torch.from_numpy(mine_T)].cpu().numpy())
-                tok.append(batch.first + np.flatnonzero(mine_T))
-            seconds_JRL4[j, rep] = state.seconds_L4
-            K = state.routes[0][2].shape[1] if state.routes else 1
-            out.append(
-                LiveRankResult(
-                    rank=ex.rank,
-                    tok_T=np.concatenate(tok),
-                    logits_TV=np.concatenate(logits),
-                    layer_N=np.concatenate([np.full(t.size, l) for l, t, _, _ in state.routes]).astype(np.int64),
-                    tok_N=np.concatenate([t for _, t, _, _ in state.routes]).astype(np.int64),
-                    ids_NK=np.concatenate([i for _, _, i, _ in state.routes]).reshape(-1, K),
-                    gates_NK=np.concatenate([g for _, _, _, g in state.routes]).reshape(-1, K),
-                    sent_rows_L2G=state.sent_L2G.copy(),
-                    recv_rows_L2G=state.recv_L2G.copy(),
-                    sent_bytes_L2G=state.bytes_L2G.copy(),
-                    meta_bytes=state.meta_bytes,
-                    gather_bytes=state.gather_bytes,
-                    seconds_RL4=seconds_JRL4[j],
-                )
-            )
-    return out
+            res = run_live_job(ex, module, state, task.batches, job, locals_[id(job.plan)])
+            seconds_JRL4[j, rep] = res.seconds_RL4[0]
+            out.append(res)
+    return [replace(res, seconds_RL4=seconds_JRL4[j]) for j, res in enumerate(out)]
+
+
+def ep_model(ex: Exchanger, model: str) -> tuple[nn.Module, RankState, list[MoEBlockRef]]:
+    """Load ``model`` (a ``profiler.api.load_model`` spec) on this rank: (module, the rank's state, its MoE
+    blocks, still holding every expert until ``drop_experts``)."""
+    from profiler.api import load_model
+
+    module = load_model(model).module.eval()
+    refs = moe_blocks(module)
+    return module, RankState(ex, len(refs)), refs
+
+
+def drop_experts(state: RankState, refs: Sequence[MoEBlockRef]) -> None:
+    """Replace every MoE block by an ``EPMoEBlock``: from here on the rank holds its slots' copies only."""
+    for l, ref in enumerate(refs):
+        setattr(ref.parent, ref.attr, EPMoEBlock(state, l, ref.router(), ref.style))
+
+
+def run_live_job(
+    ex: Exchanger, module: nn.Module, state: RankState, batches: Sequence[Batch], job: LiveJob, local: LocalExperts
+) -> LiveRankResult:
+    """All ``batches`` once under ``job`` with the experts ``local`` (seconds_RL4 of this one run)."""
+    state.local, state.table = local, ReplicaTable.from_plan(job.plan)
+    state.mode = job.mode
+    state.reset()
+    tok, logits = [], []
+    ex.barrier()
+    for batch in batches:
+        state.begin_batch(batch)
+        mine_T = np.arange(batch.num_tokens) % ex.world == (ex.rank - batch.first) % ex.world
+        logits.append(model_logits(module, batch)[torch.from_numpy(mine_T)].cpu().numpy())
+        tok.append(batch.first + np.flatnonzero(mine_T))
+    K = state.routes[0][2].shape[1] if state.routes else 1
+    return LiveRankResult(
+        rank=ex.rank,
+        tok_T=np.concatenate(tok),
+        logits_TV=np.concatenate(logits),
+        layer_N=np.concatenate([np.full(t.size, l) for l, t, _, _ in state.routes]).astype(np.int64),
+        tok_N=np.concatenate([t for _, t, _, _ in state.routes]).astype(np.int64),
+        ids_NK=np.concatenate([i for _, _, i, _ in state.routes]).reshape(-1, K),
+        gates_NK=np.concatenate([g for _, _, _, g in state.routes]).reshape(-1, K),
+        sent_rows_L2G=state.sent_L2G.copy(),
+        recv_rows_L2G=state.recv_L2G.copy(),
+        sent_bytes_L2G=state.bytes_L2G.copy(),
+        meta_bytes=state.meta_bytes,
+        gather_bytes=state.gather_bytes,
+        seconds_RL4=state.seconds_L4[None].copy(),
+    )
 
 
 def check_plan_for_model(plan: Plan, name: str, num_experts: int, layers: tuple[int, ...], where: str) -> None:

@@ -338,7 +338,7 @@ def ep_layer(
     return new_tok, between_layers(new_x, y_TD), stats
 
 
-def _forward(
+def forward_stack(
     ex: Exchanger, job: EPJob, local: LocalExperts, table: ReplicaTable, gates_TLK: np.ndarray, x0_TD: torch.Tensor
 ) -> tuple[np.ndarray, torch.Tensor, list[LayerStats]]:
     """The whole stack once: token t starts on rank t mod G; returns the tokens held at the end."""
@@ -372,19 +372,23 @@ def run_rank(ex: Exchanger, task: EPTask) -> list[RankResult]:
         last = []
         for j, job in enumerate(task.jobs):
             local, table = locals_[id(job.plan)]
-            tok_T, x_TD, stats = _forward(ex, job, local, table, gates[j], x0[j])
+            tok_T, x_TD, stats = forward_stack(ex, job, local, table, gates[j], x0[j])
             seconds_JRL3[j][rep] = np.stack([s.seconds_3 for s in stats])
             last.append((tok_T, x_TD, stats))
-    return [
-        RankResult(
-            rank=ex.rank,
-            tok_T=tok_T,
-            x_TD=x_TD.cpu().numpy(),
-            sent_rows_L2G=np.stack([s.sent_rows_2G for s in stats]),
-            recv_rows_L2G=np.stack([s.recv_rows_2G for s in stats]),
-            sent_bytes_L2G=np.stack([s.sent_bytes_2G for s in stats]),
-            meta_bytes=sum(s.meta_bytes for s in stats),
-            seconds_RL3=seconds_JRL3[j],
-        )
-        for j, (tok_T, x_TD, stats) in enumerate(last)
-    ]
+    return [rank_result(ex.rank, tok_T, x_TD, stats, seconds_JRL3[j]) for j, (tok_T, x_TD, stats) in enumerate(last)]
+
+
+def rank_result(
+    rank: int, tok_T: np.ndarray, x_TD: torch.Tensor, stats: Sequence[LayerStats], seconds_RL3: np.ndarray
+) -> RankResult:
+    """One job's ``RankResult`` from what ``forward_stack`` returned (and the repeats' timings)."""
+    return RankResult(
+        rank=rank,
+        tok_T=tok_T,
+        x_TD=x_TD.cpu().numpy(),
+        sent_rows_L2G=np.stack([s.sent_rows_2G for s in stats]),
+        recv_rows_L2G=np.stack([s.recv_rows_2G for s in stats]),
+        sent_bytes_L2G=np.stack([s.sent_bytes_2G for s in stats]),
+        meta_bytes=sum(s.meta_bytes for s in stats),
+        seconds_RL3=seconds_RL3,
+    )
