@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "placement.cli.runtime",  # ep-bench
     "placement.cli.export",  # export, report
     "placement.cli.demo",  # demo
+    "placement.cli.serve",  # serve
 )
 
 

@@ -1,0 +1,99 @@
+"""``moeplace serve``: parse options, start placement.serve's service and its HTTP API under uvicorn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from placement.cli.common import UserError, user_errors
+
+__all__ = ["register"]
+
+
+def _token(token: str | None, token_file: Path | None, state: Path) -> str:
+    """The bearer token: --token, --token-file, $MOEPLACE_TOKEN, or one generated into STATE_DIR/token."""
+    from placement.serve.state import ensure_token
+
+    if token and token_file:
+        raise UserError("pass --token or --token-file, not both")
+    if token_file is not None:
+        if not token_file.is_file():
+            raise UserError(f"--token-file {token_file}: no such file")
+        text = token_file.read_text().strip()
+        if not text:
+            raise UserError(f"--token-file {token_file}: the file is empty; write the token into it")
+        return text
+    if token:
+        return token
+    generated, path = ensure_token(state)
+    typer.echo(f"bearer token for POST requests: in {path}", err=True)
+    return generated
+
+
+def serve_cmd(
+    plan: Annotated[Path, typer.Option("--plan", help="Initial plan JSON (version 1 of a new --state).")],
+    state: Annotated[Path, typer.Option("--state", help="State directory: plan versions, ledger, checkpoint.")],
+    watch: Annotated[
+        Path | None, typer.Option("--watch", help="Parquet trace dataset to ingest new shards from (part-*.parquet).")
+    ] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; only this machine by default.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8470,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", envvar="MOEPLACE_TOKEN", help="Bearer token for POSTs (prefer --token-file)."),
+    ] = None,
+    token_file: Annotated[Path | None, typer.Option("--token-file", help="File holding the bearer token.")] = None,
+    half_life: Annotated[
+        float, typer.Option("--half-life", min=0, help="Tokens after which old routing weighs half (0: no decay).")
+    ] = 200_000,
+    max_moves: Annotated[
+        int | None, typer.Option("--max-moves", min=0, help="Expert copies allowed per decision (default: policy's).")
+    ] = None,
+    expert_bytes: Annotated[
+        int, typer.Option("--expert-bytes", min=0, help="Bytes of one expert's weights (for bytes moved).")
+    ] = 0,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0, help="Seconds between automatic decisions (0: only POST /v1/replan).")
+    ] = 300,
+    poll: Annotated[float, typer.Option("--poll", min=0.05, help="Seconds between scans of --watch.")] = 1.0,
+    time_limit: Annotated[float, typer.Option("--time-limit", min=0.1, help="Solver seconds per decision.")] = 10.0,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.001, help="Request body size limit (MiB).")] = 64,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Serve plans over HTTP, follow live routing and re-plan with few expert moves (docs/service.md).
+
+    Ingests new shards of --watch and POST /v1/observations into a decayed routing window, decides every
+    --interval seconds (or on POST /v1/replan) whether re-planning pays for its moves, and keeps every plan
+    version with its move list in --state. SIGTERM or Ctrl-C stops it after the shard in progress.
+    """
+    import logging
+
+    import uvicorn
+
+    from placement.plan import Plan
+    from placement.serve.app import create_app
+    from placement.serve.service import ReplanService, ServiceConfig
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with user_errors():
+        if log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise UserError(f"--log-level {log_level!r}: use debug, info, warning or error")
+        if watch is not None and watch.exists() and not watch.is_dir():
+            raise UserError(f"--watch {watch}: not a directory; pass the dataset directory")
+        initial = Plan.load(plan)
+        secret = _token(token, token_file, state)
+        cfg = ServiceConfig(state, watch, half_life, max_moves, expert_bytes, interval, poll, time_limit)
+        service = ReplanService(initial, cfg)
+        service.start()
+    try:
+        app = create_app(service, secret, max_body=int(max_body_mb * (1 << 20)))
+        uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=30)
+    finally:
+        service.stop()  # the app stops it on shutdown; this covers a server that never started (port in use)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``serve`` command to ``app``."""
+    app.command("serve")(serve_cmd)

@@ -1,0 +1,141 @@
+"""The service's parts in-process: the decayed window against an independent count, JSON counts, the STATE_DIR
+files, and exactly-once ingestion across restarts (the HTTP end-to-end tests are in test_serve.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from placement.graph import PROMPT_FOLDS, graph_from_routes
+from placement.plan import Plan
+from placement.serve.ingest import observation_counts
+from placement.serve.service import ReplanService, ServiceConfig
+from placement.serve.state import Ledger, PlanVersion, StateError, StateStore
+from placement.serve.window import DecayedWindow, ObservationError, count_routes
+from placement.trace.dataset import concat_routes
+from tests.conftest import reference_graph
+from tests.serve_support import E, L, initial_plan, traffic, write_shard
+
+
+def test_window_decays_by_half_life_in_tokens() -> None:
+    meta, a = traffic(3000, seed=1)
+    _, b = traffic(1000, seed=2)
+    w = DecayedWindow(meta, half_life=2000)
+    w.add(count_routes(a, meta))
+    w.add(count_routes(b, meta))
+    keep = 0.5 ** (1000 / 2000)  # A is 1000 tokens old when B has been added
+    load_a, trans_a = reference_graph(a.expert_ids_TLK, E)
+    load_b, trans_b = reference_graph(b.expert_ids_TLK, E)
+    np.testing.assert_allclose(w.load_LE, keep * load_a + load_b)
+    np.testing.assert_allclose(w.trans_LEE, keep * trans_a + trans_b)
+    np.testing.assert_allclose(w.fold_load_SLE.sum(axis=0), w.load_LE)
+    assert w.observed_tokens == 4000
+    assert w.weight == pytest.approx(3000 * keep + 1000)
+    assert w.graph().num_tokens == round(3000 * keep + 1000)
+
+
+def test_window_without_decay_is_the_graph_of_all_traffic() -> None:
+    meta, a = traffic(2000, seed=1)
+    _, b = traffic(1500, seed=2)
+    b = type(b)(b.expert_ids_TLK, b.seq_ids_T + 10_000, b.token_pos_T)  # other prompts
+    w = DecayedWindow(meta, half_life=0)
+    for r in (a, b):
+        w.add(count_routes(r, meta))
+    both = concat_routes([a, b], meta)
+    g = graph_from_routes(both.expert_ids_TLK, meta, with_coact=False, seq_ids_T=both.seq_ids_T)
+    np.testing.assert_array_equal(w.load_LE, g.load_LE)
+    np.testing.assert_array_equal(w.trans_LEE, g.trans_LEE)
+    assert g.fold_load_SLE is not None and g.fold_load_SLE.shape[0] == PROMPT_FOLDS
+    np.testing.assert_array_equal(w.fold_load_SLE, g.fold_load_SLE)
+
+
+def test_json_counts_pick_the_moe_layers_and_refuse_bad_fields(tmp_path: Path) -> None:
+    plan = initial_plan(tmp_path / "plan.json")
+    rng = np.random.default_rng(0)
+    load_XE = rng.integers(0, 50, size=(L + 2, E))  # model layers 0..5: rows 0..3 are the MoE layers 0..3
+    body = {"num_tokens": 100, "load_LE": load_XE.tolist(), "layers": [0, 1, 2, 3, 4, 5]}
+    c, top_k = observation_counts(json.dumps(body).encode(), "application/json", plan, 7, tmp_path)
+    assert top_k is None and c.trans_LEE is None and c.num_tokens == 100
+    np.testing.assert_array_equal(c.load_LE, load_XE[:L])
+    np.testing.assert_array_equal(c.fold_load_SLE.sum(axis=0), load_XE[:L])
+    assert (c.fold_load_SLE.sum(axis=(1, 2)) > 0).sum() == 1  # one batch = one sampling unit
+    bad = [
+        ({"num_tokens": 1, "load_LE": [[1] * E]}, "shape [1, 16]"),
+        ({"num_tokens": -1, "load_LE": load_XE[:L].tolist()}, "num_tokens"),
+        ({"num_tokens": 1, "load_LE": (-load_XE[:L]).tolist()}, "negative"),
+        ({"num_tokens": 1, "load_LE": load_XE.tolist(), "layers": [9, 1, 2, 3, 4, 5]}, "lacks MoE layers [0]"),
+        ({"load_LE": load_XE[:L].tolist()}, "num_tokens"),
+    ]
+    for d, msg in bad:
+        with pytest.raises(ObservationError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+            observation_counts(json.dumps(d).encode(), "application/json", plan, 0, tmp_path)
+    with pytest.raises(ObservationError, match="Content-Type"):
+        observation_counts(b"x", "text/plain", plan, 0, tmp_path)
+
+
+def test_state_files_round_trip_and_one_service_per_state_dir(tmp_path: Path) -> None:
+    plan = initial_plan(tmp_path / "plan.json")
+    store = StateStore(tmp_path / "state")
+    store.open()
+    with pytest.raises(StateError, match="another moeplace serve"):
+        StateStore(tmp_path / "state").open()
+    v = PlanVersion(1, plan, "initial plan", {"moves": []}, {"a": 1.0}, {"b": 2.0}, 5, 123.0)
+    store.write_version(v)
+    back = store.read_version(1)
+    assert (back.version, back.reason, back.observed_tokens) == (1, "initial plan", 5)
+    assert (back.before, back.after) == (v.before, v.after)
+    np.testing.assert_array_equal(back.plan.phy2log, plan.phy2log)
+    with pytest.raises(StateError, match="append-only"):
+        store.write_version(v)
+    with pytest.raises(StateError, match=r"versions are 1\.\.1"):
+        store.read_version(2)
+    led = Ledger(shards={"part-a-000000.parquet": 10}, quarantined={"x": "bad"}, plan_version=1, top_k=2)
+    store.save_checkpoint({"load_LE": np.ones((2, 3))}, led)
+    loaded = store.load_checkpoint()
+    assert loaded is not None and loaded[1] == led
+    np.testing.assert_array_equal(loaded[0]["load_LE"], np.ones((2, 3)))
+    store.close()
+    StateStore(tmp_path / "state").open()  # released
+
+
+def _service(tmp_path: Path, plan: Plan) -> ReplanService:
+    s = ReplanService(plan, ServiceConfig(tmp_path / "state", tmp_path / "ds", half_life=5000))
+    s.start(watch=False)
+    return s
+
+
+def test_shards_are_counted_exactly_once_across_restarts(tmp_path: Path) -> None:
+    plan = initial_plan(tmp_path / "plan.json")
+    meta, a = traffic(1200, seed=1)
+    _, b = traffic(800, seed=2)
+    write_shard(tmp_path / "ds", meta, a, "w1")
+    (tmp_path / "ds" / "part-zz-000000.parquet").write_bytes(b"PAR1 truncated")
+    s = _service(tmp_path, plan)
+    assert s.ingest_pending() == 1 and s.ingest_pending() == 0
+    load_before = s.window.load_LE.copy()
+    s.stop()
+
+    s = _service(tmp_path, plan)  # restart: the ledger says what the counts hold
+    assert s.status()["observed_tokens"] == 1200 and s.status()["plan_version"] == 1
+    np.testing.assert_array_equal(s.window.load_LE, load_before)
+    assert list(s.ledger.quarantined) == ["part-zz-000000.parquet"]
+    write_shard(tmp_path / "ds", meta, b, "w1")
+    assert s.ingest_pending() == 1  # the new shard only; the damaged one is not retried
+    st = s.status()
+    assert (st["observed_tokens"], st["shards_ingested"], st["shards_quarantined"]) == (2000, 2, 1)
+    s.stop()
+
+
+def test_version_written_but_never_checkpointed_is_set_aside(tmp_path: Path) -> None:
+    plan = initial_plan(tmp_path / "plan.json")
+    s = _service(tmp_path, plan)
+    s.stop()
+    store = StateStore(tmp_path / "state")
+    store.write_version(PlanVersion(2, plan, "crashed before the checkpoint"))
+    s = _service(tmp_path, plan)
+    assert s.status()["plan_version"] == 1
+    assert (tmp_path / "state" / "versions" / "v000002.orphan").exists()
+    s.stop()
