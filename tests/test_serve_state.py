@@ -16,6 +16,7 @@ from placement.serve.service import ReplanService, ServiceConfig
 from placement.serve.state import Ledger, PlanVersion, StateError, StateStore
 from placement.serve.window import DecayedWindow, ObservationError, count_routes
 from placement.trace.dataset import concat_routes
+from placement.trace.importers.popularity import LoadTrace
 from tests.conftest import reference_graph
 from tests.serve_support import E, L, initial_plan, traffic, write_shard
 
@@ -62,6 +63,10 @@ def test_json_counts_pick_the_moe_layers_and_refuse_bad_fields(tmp_path: Path) -
     np.testing.assert_array_equal(c.load_LE, load_XE[:L])
     np.testing.assert_array_equal(c.fold_load_SLE.sum(axis=0), load_XE[:L])
     assert (c.fold_load_SLE.sum(axis=(1, 2)) > 0).sum() == 1  # one batch = one sampling unit
+    stat = LoadTrace("synthetic", (0, 1, 2, 3, 4, 5), load_XE, None, "sglang-stat").to_json().encode()
+    c, _ = observation_counts(stat, "application/json", plan, 8, tmp_path, top_k=2)  # as `import --loads-only` writes
+    np.testing.assert_array_equal(c.load_LE, load_XE[:L])
+    assert c.num_tokens == round(load_XE[:L].sum(axis=1).max() / 2)
     bad = [
         ({"num_tokens": 1, "load_LE": [[1] * E]}, "shape [1, 16]"),
         ({"num_tokens": -1, "load_LE": load_XE[:L].tolist()}, "num_tokens"),

@@ -9,6 +9,9 @@ Observation bodies, by Content-Type:
 - ``application/json``: totals of an engine that exports only counts (SGLang's expert-distribution recorder):
   ``{"num_tokens": T, "load_LE": [L][E], "trans_LEE": [L-1][E][E] (optional), "layers": [...] (optional)}``.
   With ``layers`` (the model layer id of each row), rows of layers outside the plan (dense layers) are dropped.
+  Without ``num_tokens`` (SGLang ``stat`` dumps do not record it) it is the busiest layer's load / ``top_k``
+  (from the body, else the model's as learnt from shards). So the loads JSON that ``moeplace import
+  --format sglang --loads-only`` writes can be posted as it is.
 
 Both tables go through the dataset reader of placement/trace/dataset.py, so a body is checked exactly like a shard.
 
@@ -72,7 +75,7 @@ def pending_shards(watch: Path, done: set[str]) -> list[Path]:
 
 
 def observation_counts(
-    body: bytes, content_type: str, plan: Plan, batch_id: int, tmp_dir: Path
+    body: bytes, content_type: str, plan: Plan, batch_id: int, tmp_dir: Path, top_k: int = 0
 ) -> tuple[Counts, int | None]:
     """(counts, top-k or None for JSON totals) of a posted observation; ObservationError or TraceError (one
     line) for a body that is not one."""
@@ -80,7 +83,7 @@ def observation_counts(
     if not body:
         raise ObservationError("empty body; send a Parquet shard, an Arrow IPC table or JSON counts")
     if kind in JSON_TYPES:
-        return _json_counts(body, plan, batch_id), None
+        return _json_counts(body, plan, batch_id, top_k), None
     if kind in PARQUET_TYPES:
         return _table_counts(body, plan, tmp_dir, arrow=False)
     if kind in ARROW_TYPES:
@@ -110,15 +113,17 @@ def _table_counts(body: bytes, plan: Plan, tmp_dir: Path, arrow: bool) -> tuple[
             raise ObservationError(str(exc).replace(fh.name, "body").replace(Path(fh.name).name, "body")) from None
 
 
-def _json_counts(body: bytes, plan: Plan, batch_id: int) -> Counts:
+def _json_counts(body: bytes, plan: Plan, batch_id: int, top_k: int) -> Counts:
     try:
         d = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ObservationError(f"body is not JSON ({exc})") from None
-    if not isinstance(d, dict) or "load_LE" not in d or "num_tokens" not in d:
-        raise ObservationError('JSON counts need "num_tokens" and "load_LE" ([L][E]); "trans_LEE" is optional')
-    num_tokens = d["num_tokens"]
-    if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 0:
+    if not isinstance(d, dict) or "load_LE" not in d:
+        raise ObservationError('JSON counts need "load_LE" ([L][E]) and "num_tokens"; "trans_LEE" is optional')
+    num_tokens, top_k = d.get("num_tokens"), d.get("top_k") or top_k
+    if num_tokens is None and not (isinstance(top_k, int) and top_k > 0):
+        raise ObservationError('send "num_tokens" (or "top_k" to derive it from the loads)')
+    if num_tokens is not None and (not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 0):
         raise ObservationError(f'"num_tokens" = {num_tokens!r}: send the batch\'s token count (an integer >= 0)')
     load_LE = _array(d["load_LE"], "load_LE", 2)
     trans_LEE = None if d.get("trans_LEE") is None else _array(d["trans_LEE"], "trans_LEE", 3)
@@ -129,6 +134,8 @@ def _json_counts(body: bytes, plan: Plan, batch_id: int) -> Counts:
         raise ObservationError(f'"load_LE" has shape {list(load_LE.shape)}, this model needs [{L}, {E}]')
     if trans_LEE is not None and trans_LEE.shape != (L - 1, E, E):
         raise ObservationError(f'"trans_LEE" has shape {list(trans_LEE.shape)}, this model needs [{L - 1}, {E}, {E}]')
+    if num_tokens is None:
+        num_tokens = round(float(load_LE.sum(axis=1).max()) / top_k) if load_LE.size else 0
     return count_loads(num_tokens, load_LE, trans_LEE, batch_id)
 
 

@@ -165,7 +165,8 @@ class ReplanService:
             if key is not None and key in self.ledger.keys:
                 return {"duplicate": True, "tokens": self.ledger.keys[key], **self._status()}
             batch = self.ledger.batches
-        counts, top_k = observation_counts(body, content_type, self.current_plan, batch, self.store.root / "incoming")
+        plan, incoming = self.current_plan, self.store.root / "incoming"
+        counts, top_k = observation_counts(body, content_type, plan, batch, incoming, self.ledger.top_k)
         self.window.check(counts, "body")
         with self._lock:
             if key is not None:
