@@ -113,7 +113,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_graph."))
     ds = args.keep or tmp / "ds"
     try:
-        if not (ds / "dataset.json").exists():
+        if not any(ds.glob("*dataset.json")):  # _dataset.json (dataset.json before 0.2)
             wt = write_dataset(ds, args.rows)
             print(f"wrote {args.rows:,} rows ({L} layers x {E} experts, top-{K}) in {wt:.1f} s to {ds}")
         size = sum(p.stat().st_size for p in ds.glob("*.parquet")) / 2**20

@@ -31,7 +31,9 @@ def _fail(message: str) -> typer.Exit:
 def profile(
     model: Annotated[str, typer.Option(help="'builtin', 'hf:<dir>' or 'hf-config:<name>'.")] = "builtin",
     prompts: Annotated[str, typer.Option(help="'builtin', a text file (one prompt per line) or .jsonl.")] = "builtin",
-    out: Annotated[Path, typer.Option(help="Trace dataset directory (created or resumed).")] = Path("trace"),
+    out: Annotated[
+        Path, typer.Option(help="Trace dataset directory (created or resumed; its parent directory must exist).")
+    ] = Path("trace"),
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward pass.")] = 8,
     max_len: Annotated[int, typer.Option(min=1, help="Tokens per prompt kept (longer prompts are cut).")] = 256,
     limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N prompts.")] = None,
@@ -46,6 +48,12 @@ def profile(
     ] = "data",
 ) -> None:
     """Trace the expert routing of MODEL over PROMPTS into the dataset OUT; resumes where it stopped."""
+    from placement.trace.outputs import OutputError, check_output, os_error_line
+
+    try:
+        check_output(out, kind="dataset")  # before loading a model or starting Ray
+    except OutputError as exc:
+        raise _fail(str(exc)) from None
     if ray:
         from ray_jobs.driver import JobConfig
         from ray_jobs.profile import run_cli
@@ -107,6 +115,8 @@ def profile(
             )
     except (ProfileError, TraceError, CaptureError) as exc:
         raise _fail(str(exc)) from exc
+    except OSError as exc:  # a full disk, a directory made read-only meanwhile
+        raise _fail(os_error_line(exc)) from None
     print(f"traced {n:,} tokens x {len(loaded.layers)} MoE layers into {out}", file=sys.stderr)
 
 

@@ -1,7 +1,7 @@
 """Driver of a Ray profiling job: the only moeplace code that calls ``ray.init``.
 
 ``run_job(cfg)`` checks everything it can before touching the output (prompts, model, output directory, Ray
-address, cluster capacity), then prepares the output (``dataset.json``, ``manifest.json``, no stray shard
+address, cluster capacity), then prepares the output (``_dataset.json``, ``_manifest.json``, no stray shard
 files), starts the workers in one placement group, submits every pending shard at once and records each
 finished shard in the manifest as it arrives. A resumed job skips the shards the manifest lists.
 
@@ -149,6 +149,7 @@ def connect(cfg: JobConfig) -> str:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = _address(cfg)
     if address is None:  # "local": always a new cluster, never one that another user started on this machine
+        _quiet_token_auth()
         ray.init(
             address="local",
             num_cpus=cfg.num_cpus,
@@ -164,6 +165,18 @@ def connect(cfg: JobConfig) -> str:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise RayJobError(f"cannot connect to Ray at {address}: {str(exc).strip().splitlines()[0]}") from exc
     return f"Ray at {address}"
+
+
+def _quiet_token_auth() -> None:
+    """Keep Ray's default for a new local cluster, token authentication (token in ~/.ray/auth_token, made on
+    first use), without the warning Ray prints to users while ``RAY_AUTH_MODE`` is unset: set it to ``token``
+    as ``ray.init`` itself would, and refresh Ray's cached config as Ray does. An explicit setting is kept."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    from ray._raylet import Config  # type: ignore[attr-defined]
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")
 
 
 def _placement_group(cfg: JobConfig) -> Any:

@@ -32,6 +32,7 @@ def _pids(pids: list[int]) -> None:
 
 def run_cli(cfg: JobConfig) -> int:
     """Run ``cfg``, print progress and a summary (or one error line); returns the exit code."""
+    from placement.trace.outputs import OutputError, os_error_line
     from placement.trace.schema import TraceError
     from profiler.api import ProfileError
     from profiler.capture import CaptureError
@@ -41,8 +42,11 @@ def run_cli(cfg: JobConfig) -> int:
     print(f"profiling on {where} with {cfg.workers} {cfg.mode}-parallel workers -> {cfg.out}", file=sys.stderr)
     try:
         res: JobResult = run_job(cfg, on_progress=_progress, on_pids=_pids)
-    except (RayJobError, ShardError, ProfileError, TraceError, CaptureError) as exc:
+    except (RayJobError, ShardError, ProfileError, TraceError, CaptureError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a full disk, a directory made read-only meanwhile
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return 1
     skipped = res.shards_total - res.shards_run
     note = f" ({skipped} shards already done)" if skipped else ""

@@ -4,7 +4,7 @@ A job splits its prompts into shards of consecutive prompt ids. Shard ``i`` is w
 mode) or by every rank (expert mode) under deterministic writer ids (``shard{i:05d}`` or
 ``shard{i:05d}-r{rank}``), so a retried shard produces the same file names again. Files appear only after an
 atomic rename (``TraceWriter``), and a shard counts as done only once the driver has recorded its files in
-``manifest.json`` (written atomically, by the driver alone). The manifest is the source of truth: before a
+``_manifest.json`` (written atomically, by the driver alone). The manifest is the source of truth: before a
 job (re)starts and before a shard is (re)written, every ``part-*.parquet`` file the manifest does not list is
 deleted, so a worker that died after its rename but before the manifest update never leaves a duplicate.
 
@@ -22,7 +22,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from placement.trace.dataset import DATASET_JSON, SHARD_GLOB, TraceWriter, atomic_write_bytes
+from placement.trace.dataset import (
+    DATASET_JSON,
+    MANIFEST_JSON,
+    SHARD_GLOB,
+    TraceWriter,
+    atomic_write_bytes,
+    metadata_file,
+)
+from placement.trace.outputs import OutputError
+from placement.trace.outputs import check_output as check_writable
 from placement.trace.schema import TraceError, TraceMeta
 
 __all__ = [
@@ -39,7 +48,7 @@ __all__ = [
     "writer_id",
 ]
 
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_JSON
 MANIFEST_VERSION = 1
 _UNBUFFERED = 1 << 62  # rows: one Parquet file per writer and shard
 
@@ -85,7 +94,7 @@ class JobKey:
 
 @dataclass
 class Manifest:
-    """``manifest.json``: the job key and, per completed shard, its files and token count."""
+    """``_manifest.json``: the job key and, per completed shard, its files and token count."""
 
     key: JobKey
     num_shards: int
@@ -116,7 +125,7 @@ class Manifest:
             raise ShardError(f"{path}: unreadable job manifest ({exc!r}); choose another --out") from exc
 
     def save(self, out_dir: Path) -> None:
-        atomic_write_bytes(out_dir / MANIFEST, self.to_json().encode())
+        atomic_write_bytes(metadata_file(out_dir, MANIFEST), self.to_json().encode())
 
     def listed_files(self) -> set[str]:
         return {f for v in self.completed.values() for f in v["files"]}
@@ -139,9 +148,11 @@ def check_output(out_dir: Path, meta: TraceMeta, key: JobKey) -> Manifest | None
     Raises ShardError (nothing touched) for another model's trace, another job's manifest, or shards without
     a manifest (a trace written by ``moeplace profile`` without ``--ray``).
     """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ShardError(f"{out_dir}: exists and is not a directory; choose another --out")
-    ds = out_dir / DATASET_JSON
+    try:
+        check_writable(out_dir, kind="dataset")  # parent exists, a directory, writable (placement.trace.outputs)
+    except OutputError as exc:
+        raise ShardError(str(exc)) from None
+    ds = metadata_file(out_dir, DATASET_JSON)
     if ds.exists():
         try:
             existing = TraceMeta.from_json(ds.read_text(), where=str(ds))
@@ -152,7 +163,7 @@ def check_output(out_dir: Path, meta: TraceMeta, key: JobKey) -> Manifest | None
                 f"{out_dir}: holds a trace of another model ({existing.model_name}, E={existing.num_experts}, "
                 f"K={existing.top_k}, {existing.num_layers} layers), not {meta.model_name}; choose another --out"
             )
-    mpath = out_dir / MANIFEST
+    mpath = metadata_file(out_dir, MANIFEST)
     if not mpath.exists():
         if out_dir.is_dir() and any(out_dir.glob(SHARD_GLOB)):
             raise ShardError(
@@ -179,10 +190,10 @@ def remove_unlisted(out_dir: Path, listed: set[str]) -> list[str]:
 
 
 def prepare_output(out_dir: Path, meta: TraceMeta, key: JobKey, num_shards: int) -> Manifest:
-    """Create or resume the output: ``dataset.json``, the manifest, and no unlisted shard files."""
+    """Create or resume the output: ``_dataset.json``, the manifest, and no unlisted shard files."""
     manifest = check_output(out_dir, meta, key) or Manifest(key, num_shards)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not (out_dir / DATASET_JSON).exists():
+    if not metadata_file(out_dir, DATASET_JSON).exists():
         atomic_write_bytes(out_dir / DATASET_JSON, meta.to_json().encode())
     remove_unlisted(out_dir, manifest.listed_files())
     manifest.save(out_dir)

@@ -293,7 +293,7 @@ def test_manifest_is_the_source_of_truth(tmp_path: Path) -> None:
     (tmp_path / ".part-shard00002-000000.parquet.x.tmp").write_bytes(b"partial")
     resumed = prepare_output(tmp_path, meta, key, num_shards=3)
     assert sorted(resumed.completed) == [0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["dataset.json", MANIFEST, *r0.files])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["_dataset.json", MANIFEST, *r0.files])
     # A retried shard rewrites the same name; it never adds a second file.
     assert trace_shard(tmp_path, meta, 1, _write_tokens(3, 1)).files == ("part-shard00001-000000.parquet",)
     assert trace_shard(tmp_path, meta, 1, _write_tokens(3, 1)).files == ("part-shard00001-000000.parquet",)

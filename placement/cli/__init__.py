@@ -26,6 +26,8 @@ def build_app() -> typer.Typer:
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},  # subcommands inherit it
+        rich_markup_mode=None,
     )
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(app)

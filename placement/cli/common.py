@@ -12,6 +12,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from placement.plan import PlanError, json_default
+from placement.trace.outputs import OutputError, os_error_line
 from placement.trace.schema import TraceError
 
 
@@ -27,11 +28,14 @@ def fail(message: str) -> typer.Exit:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the library's validation errors (ValueError subclasses with one-line messages) into CLI errors."""
+    """Turn the library's validation errors (ValueError subclasses with one-line messages) and every OS error
+    (a full disk, a read-only or vanished directory) into one ``error:`` line and exit code 1."""
     try:
         yield
-    except (TraceError, PlanError, UserError) as exc:
+    except (TraceError, PlanError, UserError, OutputError) as exc:
         raise fail(str(exc)) from None
+    except OSError as exc:
+        raise fail(os_error_line(exc)) from None
     except ValueError as exc:
         if type(exc).__name__.endswith("Error") and type(exc) is not ValueError:
             raise fail(str(exc)) from None

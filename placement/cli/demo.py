@@ -8,12 +8,18 @@ from typing import Annotated
 import typer
 
 from placement.cli.common import echo_json, progress, user_errors
+from placement.trace.outputs import check_output
 
 
 def demo_cmd(
-    out: Annotated[Path, typer.Option("--out", help="Working directory for the trace, plans and report.")] = Path(
-        "moeplace-demo"
-    ),
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Working directory for the trace, plans and report: created (its parent must exist) or reused "
+            "(the trace is resumed, plans and report are replaced).",
+        ),
+    ] = Path("moeplace-demo"),
     gpus: Annotated[str, typer.Option("--gpus", help="Comma-separated GPU counts to plan for.")] = "2,4,8",
     time_limit: Annotated[float, typer.Option("--time-limit", help="Time limit per solver run (s).")] = 5.0,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write an HTML report.")] = True,
@@ -34,6 +40,7 @@ def demo_cmd(
             raise UserError(f"--gpus {gpus!r}: give comma-separated integers, e.g. 2,4,8") from None
         if not counts or min(counts) < 1:
             raise UserError(f"--gpus {gpus!r}: give at least one GPU count >= 1")
+        check_output(out, kind="dataset")  # a working directory: created, or reused (its trace resumed)
         with progress() as bar:
             task = bar.add_task("profiling", total=None, rate="")
 

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from placement.cli.common import UserError, user_errors
+from placement.trace.outputs import check_output
 
 __all__ = ["register"]
 
@@ -17,7 +18,10 @@ def export_cmd(
     format: Annotated[str, typer.Option("--format", help="sglang, vllm, deepseek or permute-checkpoint.")],
     out: Annotated[
         Path,
-        typer.Option(help="Output: .json/.pt file (sglang), directory (vllm, permute-checkpoint), .pt (deepseek)."),
+        typer.Option(
+            help="Output: .json/.pt file (sglang), directory (vllm, permute-checkpoint), .pt (deepseek); "
+            "its parent directory must exist."
+        ),
     ],
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     num_model_layers: Annotated[
@@ -51,7 +55,9 @@ def export_cmd(
 
 def report_cmd(
     trace: Annotated[str, typer.Option(help="Trace dataset directory, shard, or .npz.")],
-    out: Annotated[Path, typer.Option(help="HTML file to write; PNGs are written next to it.")] = Path("report.html"),
+    out: Annotated[
+        Path, typer.Option(help="HTML file to write (its directory must exist); PNGs are written next to it.")
+    ] = Path("report.html"),
     plan: Annotated[list[Path] | None, typer.Option(help="Plan JSON to compare (repeat for several).")] = None,
     title: Annotated[str | None, typer.Option(help="Page title.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing report.")] = False,
@@ -62,8 +68,7 @@ def report_cmd(
     with user_errors():
         if out.suffix.lower() not in (".html", ".htm"):
             raise UserError(f"--out {out}: name the report *.html")
-        if out.exists() and not force:
-            raise UserError(f"{out}: already exists; pass --force to replace it or choose another --out")
+        check_output(out, force=force)
         report = build_report(trace, [str(p) for p in plan or []], title)
         paths = report.write(out)
     typer.echo(f"wrote {paths[-1]} and {len(paths) - 1} PNGs next to it", err=True)

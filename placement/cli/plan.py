@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from placement.cli.common import echo_json, progress, user_errors
+from placement.trace.outputs import check_output
 
 if TYPE_CHECKING:
     from placement.trace.dataset import Trace
@@ -51,7 +52,7 @@ def load_graph_and_routes(
 def plan_cmd(
     trace: TraceArg,
     gpus: Annotated[int, typer.Option("--gpus", help="Number of GPUs (expert-parallel ranks) G.")],
-    out: Annotated[Path, typer.Option("--out", help="Plan JSON to write (atomically).")],
+    out: Annotated[Path, typer.Option("--out", help="Plan JSON to write (atomically; its directory must exist).")],
     nodes: Annotated[int, typer.Option("--nodes", help="Number of nodes N (G divisible by N).")] = 1,
     redundant: Annotated[int, typer.Option("--redundant", help="Redundant slots per layer (replicas).")] = 0,
     balance: Annotated[float, typer.Option("--balance", help="Load tolerance eps: GPU load <= (1+eps) * mean.")] = 0.1,
@@ -77,8 +78,15 @@ def plan_cmd(
     prompts: SplitOpt = "all",
     train_fraction: FractionOpt = 0.5,
     split_seed: SplitSeedOpt = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
-    """Solve expert placement for a trace and write the plan."""
+    """Solve expert placement for a trace and write the plan JSON.
+
+    The summary line reports cost: the trace's token steps from an expert of one MoE layer to an expert of the
+    next on another GPU (x1 within a node, x --inter-node-cost across nodes; lower is better), and gap: how far
+    cost may still be above the best possible, as a share of cost (0 = proven optimal; for heuristics the gap
+    to a lower bound). The forecast line gives the expected imbalance_max on prompts the trace does not hold.
+    """
     from placement.graph import PROMPT_FOLDS
     from placement.plan import PlanError
     from placement.planner import SOLVER_NAMES, make_plan
@@ -103,21 +111,25 @@ def plan_cmd(
 
         tr = open_trace(trace)
         spec.validate(tr.meta.num_experts)
+        check_output(out, force=force)  # before the solve, not after it
         # prompt-fold loads feed the robust balance and the unseen-imbalance forecast
         g, _ = load_graph_and_routes(tr, prompts, train_fraction, split_seed, need_routes=False, num_folds=PROMPT_FOLDS)
         plan = make_plan(g, spec, solver)  # type: ignore[arg-type]
         plan.save(out)
     pv = plan.provenance
-    gap = "n/a" if pv["gap"] is None else f"{pv['gap']:.4f}"
+    gap = "unknown" if pv["gap"] is None else f"{pv['gap']:.1%}"
     typer.echo(
         f"wrote {out}: solver={pv['solver']} status={pv['status']} G={gpus} N={nodes} P={plan.num_slots} "
-        f"time={pv['solve_seconds']:.2f}s cost={pv['topology_cost']:.0f} gap={gap}"
+        f"time={pv['solve_seconds']:.2f}s cost={pv['topology_cost']:.0f} gap={gap} "
+        "(cost: token steps between layers that change GPU, lower is better; gap: how far cost may be above "
+        "the optimum)"
     )
     fc = pv.get("unseen_imbalance")
     if fc:
         typer.echo(
-            f"imbalance_max forecast on as many unseen prompts: median {fc['p50']:.3f}, "
-            f"80% range {fc['p10']:.3f}-{fc['p90']:.3f} (bootstrap over {fc['folds']} prompt folds)"
+            f"On new prompts (as many tokens as this trace), the busiest GPU should carry about {fc['p50']:.2f}x "
+            f"the mean load (80% of the time between {fc['p10']:.2f}x and {fc['p90']:.2f}x; "
+            f"imbalance_max, bootstrapped over {fc['folds']} prompt folds)."
         )
 
 
@@ -167,7 +179,7 @@ def eval_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("plan", help="Solve expert placement for a trace and write the plan JSON.")(plan_cmd)
+    app.command("plan")(plan_cmd)  # help: the docstring (it explains the summary line's cost and gap)
     app.command("eval", help="Evaluate a plan on a trace (METRICS.md metrics, traffic, simulated all-to-all).")(
         eval_cmd
     )

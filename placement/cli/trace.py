@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from placement.cli.common import UserError, echo_json, progress, user_errors
+from placement.trace.outputs import check_output
 
 TRACE_HELP = "Trace: a Parquet dataset directory or shard, or FILE.npz[:ARRAY] (default array: routes)."
 
@@ -23,12 +24,16 @@ def _parse_layers(text: str | None) -> list[int] | None:
         raise UserError(f"--moe-layers {text!r}: give comma-separated layer ids, e.g. 3,4,5") from None
 
 
-def _build_graph(trace_spec: str, num_experts: int | None, with_coact: bool) -> Any:
-    """Open a trace and stream it into its routing graph, with a progress bar."""
-    from placement.graph import build_graph
+def _open(trace_spec: str, num_experts: int | None) -> Any:
     from placement.trace.dataset import open_trace
 
-    trace = open_trace(trace_spec, num_experts=num_experts)
+    return open_trace(trace_spec, num_experts=num_experts)
+
+
+def _build_graph(trace: Any, with_coact: bool) -> Any:
+    """Stream an opened trace into its routing graph, with a progress bar."""
+    from placement.graph import build_graph
+
     total = trace.num_tokens
     with progress() as bar:
         task = bar.add_task("graph", total=total, rate="")
@@ -56,7 +61,12 @@ def import_cmd(
     fmt: Annotated[str, typer.Option("--format", "-f", help="Source format: npz, npy, sglang, megatron, popularity.")],
     out: Annotated[
         Path,
-        typer.Option("--out", "-o", help="Output Parquet dataset directory (a JSON file with --loads-only)."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output Parquet dataset directory, created or appended to (a JSON file with --loads-only); "
+            "its parent directory must exist.",
+        ),
     ],
     num_experts: Annotated[int | None, typer.Option(help="Number of experts E (default: from the source).")] = None,
     model_name: Annotated[str | None, typer.Option(help="Model name stored in the trace metadata.")] = None,
@@ -71,6 +81,7 @@ def import_cmd(
     writer_id: Annotated[
         str, typer.Option(help="Shard name prefix; use distinct ids for parallel imports into one dataset.")
     ] = "import",
+    force: Annotated[bool, typer.Option("--force", help="--loads-only: replace an existing JSON file.")] = False,
 ) -> None:
     """Import a routing trace (npz/npy, SGLang dump, Megatron router trace) into a Parquet trace dataset.
 
@@ -79,6 +90,7 @@ def import_cmd(
     from placement.trace.importers import import_trace
 
     with user_errors(), _counter() as bar:
+        check_output(out, force=force, kind="file" if loads_only else "dataset")
         task = bar.add_task("import", total=None)
         n = import_trace(
             src,
@@ -113,7 +125,7 @@ def stats_cmd(
         if is_loads_file(trace):
             s = load_stats(read_loads(trace))
         else:
-            s = graph_stats(_build_graph(trace, num_experts, with_coact=False), top_m=top_m)
+            s = graph_stats(_build_graph(_open(trace, num_experts), with_coact=False), top_m=top_m)
     if as_json:
         echo_json(s)
     else:
@@ -164,18 +176,21 @@ def _print_table(s: dict[str, Any]) -> None:
 
 def graph_cmd(
     trace: Annotated[str, typer.Argument(help=TRACE_HELP)],
-    graphml: Annotated[Path, typer.Option("--graphml", help="Output GraphML file (written atomically).")],
+    graphml: Annotated[
+        Path, typer.Option("--graphml", help="Output GraphML file (written atomically; its directory must exist).")
+    ],
     min_weight: Annotated[int, typer.Option(help="Keep only transition edges with at least this count.")] = 1,
     keep_top: Annotated[int | None, typer.Option(help="Keep only each expert's heaviest next-layer partners.")] = None,
     num_experts: Annotated[int | None, typer.Option(help="Number of experts for an .npz without num_experts.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --graphml file.")] = False,
 ) -> None:
     """Export the routing-dependency graph: nodes (layer, expert) with load, edges l -> l+1 with counts."""
     with user_errors():
         if keep_top is not None and keep_top < 1:
             raise UserError(f"--keep-top {keep_top}: must be >= 1")
-        if graphml.exists() and graphml.is_dir():
-            raise UserError(f"--graphml {graphml}: is a directory; give a file name")
-        g = _build_graph(trace, num_experts, with_coact=False)
+        tr = _open(trace, num_experts)  # a bad trace is reported before a bad output
+        check_output(graphml, force=force, flag="--graphml")
+        g = _build_graph(tr, with_coact=False)
         if keep_top:
             g = g.keep_top_pairs(keep_top)
         g.write_graphml(graphml, min_weight=min_weight)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from placement.trace.outputs import OutputError, check_output
+
 
 class ExportError(ValueError):
     """An export that cannot be done; the message is one line naming the input and how to fix it."""
@@ -31,18 +33,19 @@ class ExportResult:
 # ------------------------------------------------------------------------------------- atomic outputs
 
 
-def check_out(out: Path, force: bool) -> None:
-    """Refuse an existing output unless ``force``."""
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise ExportError(f"{out}: already exists; pass --force to replace it or choose another --out")
+def check_out(out: Path, force: bool, is_dir: bool = True) -> None:
+    """Refuse an output that cannot be written under moeplace's one output rule (placement.trace.outputs): an
+    existing one unless ``force``, a missing or read-only parent directory, a directory where a file goes."""
+    try:
+        check_output(out, force=force, kind="dir" if is_dir else "file")
+    except OutputError as exc:
+        raise ExportError(str(exc)) from None
 
 
 @contextmanager
 def atomic_output(out: Path, force: bool, is_dir: bool) -> Iterator[Path]:
     """Yield a temp file or directory next to ``out``; it replaces ``out`` on success, is removed on error."""
-    check_out(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_out(out, force, is_dir)
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     else:

@@ -235,7 +235,7 @@ def export(
         raise ExportError("--num-model-layers only applies to --format sglang")
     if checkpoint is not None and fmt != "permute-checkpoint":
         raise ExportError("--checkpoint only applies to --format permute-checkpoint")
-    check_out(out_path, force)
+    check_out(out_path, force, is_dir=fmt in ("vllm", "permute-checkpoint"))
     return writers[fmt]()
 
 

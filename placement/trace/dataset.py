@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from placement.trace.outputs import _umask, atomic_write_bytes
 from placement.trace.schema import (
     META_KEY,
     RouteArrays,
@@ -31,30 +32,20 @@ from placement.trace.schema import (
     validate_routes,
 )
 
-DATASET_JSON = "dataset.json"
-MANIFEST_JSON = "manifest.json"
+# A leading "_" is what Arrow-world readers (pyarrow.dataset, pandas, DuckDB, Ray Data) skip, as for Hive's
+# _metadata and Spark's _SUCCESS; datasets written before 0.2 used the names without it (still read).
+DATASET_JSON = "_dataset.json"
+MANIFEST_JSON = "_manifest.json"
 SHARD_GLOB = "part-*.parquet"
 _WRITER_ID_RE = re.compile(r"^[A-Za-z0-9_.=-]{1,64}$")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def metadata_file(out_dir: Path, name: str) -> Path:
+    """The path of the metadata file ``name`` (``DATASET_JSON`` / ``MANIFEST_JSON``) in ``out_dir``: the legacy
+    name (``dataset.json``, ``manifest.json``) if only that exists, so datasets of older versions keep working."""
+    path = out_dir / name
+    legacy = out_dir / name.removeprefix("_")
+    return legacy if legacy.exists() and not path.exists() else path
 
 
 def _routes_table(meta: TraceMeta, writer_id: str, routes: RouteArrays, schema: pa.Schema) -> pa.Table:
@@ -81,8 +72,8 @@ def _routes_table(meta: TraceMeta, writer_id: str, routes: RouteArrays, schema: 
 
 
 def _check_dataset_meta(out_dir: Path, meta: TraceMeta) -> None:
-    """Create ``dataset.json`` or check that the existing one describes the same model."""
-    path = out_dir / DATASET_JSON
+    """Create ``_dataset.json`` or check that the existing one describes the same model."""
+    path = metadata_file(out_dir, DATASET_JSON)
     if path.exists():
         existing = TraceMeta.from_json(path.read_text(), where=str(path))
         if not existing.compatible_with(meta):
@@ -355,11 +346,11 @@ def concat_routes(parts: list[RouteArrays], meta: TraceMeta) -> RouteArrays:
 
 
 def open_parquet_trace(path: str | os.PathLike[str]) -> ParquetTrace:
-    """Open a dataset directory (with ``dataset.json``) or a single shard file; validates schema and metadata."""
+    """Open a dataset directory (with ``_dataset.json``) or a single shard file; validates schema and metadata."""
     p = Path(path)
     if p.is_dir():
         shards = tuple(sorted(p.glob(SHARD_GLOB)))
-        meta_path = p / DATASET_JSON
+        meta_path = metadata_file(p, DATASET_JSON)
         if meta_path.exists():
             meta = TraceMeta.from_json(meta_path.read_text(), where=str(meta_path))
         elif shards:
@@ -380,9 +371,9 @@ def open_parquet_trace(path: str | os.PathLike[str]) -> ParquetTrace:
 
 
 def _manifest_listed(path: Path, shards: tuple[Path, ...]) -> tuple[Path, ...]:
-    """With a job manifest (``manifest.json``, written by ray_jobs), only the shards it lists as completed count:
+    """With a job manifest (``_manifest.json``, written by ray_jobs), only the shards it lists as completed count:
     a file left by a worker that died after writing but before being recorded is not part of the trace."""
-    mpath = path / MANIFEST_JSON
+    mpath = metadata_file(path, MANIFEST_JSON)
     if not mpath.exists():
         return shards
     try:

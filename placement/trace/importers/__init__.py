@@ -123,12 +123,12 @@ def write_staged(
     directory is removed. On any error ``out`` is left unchanged (created only if it did not exist, and
     removed again).
     """
-    from placement.trace.dataset import DATASET_JSON, TraceWriter, _check_dataset_meta
+    from placement.trace.dataset import DATASET_JSON, TraceWriter, _check_dataset_meta, metadata_file
 
     if out.exists() and not out.is_dir():
         raise TraceError(f"{out}: exists and is not a dataset directory; choose another --out")
     existed = out.exists()
-    if existed and (out / DATASET_JSON).exists():
+    if existed and metadata_file(out, DATASET_JSON).exists():
         _check_existing(out, meta)
     out.parent.mkdir(parents=True, exist_ok=True)
     linked: list[Path] = []
@@ -164,9 +164,10 @@ def write_staged(
 
 
 def _check_existing(out: Path, meta: TraceMeta) -> None:
-    from placement.trace.dataset import DATASET_JSON
+    from placement.trace.dataset import DATASET_JSON, metadata_file
 
-    existing = TraceMeta.from_json((out / DATASET_JSON).read_text(), where=str(out / DATASET_JSON))
+    path = metadata_file(out, DATASET_JSON)
+    existing = TraceMeta.from_json(path.read_text(), where=str(path))
     if not existing.compatible_with(meta):
         raise TraceError(
             f"{out}: holds a trace of another model ({existing.model_name}, E={existing.num_experts}, "
