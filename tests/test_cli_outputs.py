@@ -181,7 +181,7 @@ def test_check_output_library_rules(tmp_path: Path) -> None:
     assert check_output(tmp_path, kind="dataset") == tmp_path
     with pytest.raises(OutputError, match="already exists"):
         check_output(tmp_path / "f")
-    with pytest.raises(OutputError, match="--graphml .*is a directory"):
+    with pytest.raises(OutputError, match=r"--graphml .*is a directory"):
         check_output(tmp_path, force=True, flag="--graphml")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # the probe file is gone
 
@@ -199,9 +199,7 @@ def test_h_works_everywhere_and_every_command_has_help(cli) -> None:
     code, out, _ = cli("-h")
     assert code == 0 and "Usage: moeplace" in out and "Commands:" in out
     names = _all_commands()
-    assert {"import", "stats", "graph", "plan", "eval", "profile", "ep-bench", "export", "report", "demo"} <= set(
-        names
-    )
+    assert {"import", "stats", "graph", "plan", "eval", "profile", "ep-bench", "export", "report", "demo"} <= set(names)
     for name in names:
         code, out, _ = cli(name, "-h")
         assert code == 0 and f"Usage: moeplace {name}" in out, (name, out)

@@ -29,6 +29,7 @@ from placement.trace.schema import (
     TraceError,
     TraceMeta,
     arrow_schema,
+    validate_gates,
     validate_routes,
 )
 
@@ -116,6 +117,7 @@ class TraceWriter:
         self._buffered_rows = 0
         self.rows_written = 0
         self.shards_written: list[Path] = []
+        self._where = f"{self.out_dir} (writer {self.writer_id})"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         _check_dataset_meta(self.out_dir, meta)
         existing = sorted(self.out_dir.glob(f"part-{writer_id}-*.parquet"))
@@ -130,7 +132,7 @@ class TraceWriter:
     ) -> None:
         """Buffer T tokens; flushes a shard when the buffer exceeds ``max_rows_buffered`` rows."""
         ids = np.asarray(expert_ids_TLK)
-        validate_routes(ids, self.meta, where=f"{self.out_dir} (writer {self.writer_id})")
+        validate_routes(ids, self.meta, where=self._where)
         T = ids.shape[0]
         seq = np.asarray(seq_ids_T)
         pos = np.asarray(token_pos_T)
@@ -138,6 +140,8 @@ class TraceWriter:
             raise TraceError(f"seq_ids and token_pos must have shape [{T}], got {seq.shape} and {pos.shape}")
         if gate_weights_TLK is not None and np.shape(gate_weights_TLK) != ids.shape:
             raise TraceError(f"gate_weights shape {np.shape(gate_weights_TLK)} != expert ids shape {ids.shape}")
+        if gate_weights_TLK is not None:
+            validate_gates(np.asarray(gate_weights_TLK), self.meta, self._where, seq, pos)
         if T == 0:
             return
         gates = None if gate_weights_TLK is None else np.asarray(gate_weights_TLK)

@@ -171,6 +171,47 @@ def validate_routes(expert_ids_TLK: np.ndarray, meta: TraceMeta, where: str) -> 
             raise TraceError(f"{where}: expert id {lo} < -1; use -1 for 'not recorded'")
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def validate_gates(
+    gate_weights_TLK: np.ndarray, meta: TraceMeta, where: str, seq_ids_T: np.ndarray, token_pos_T: np.ndarray
+) -> None:
+    """Raise TraceError at the first gate weight (token-major order) that is NaN, infinite, negative or too large
+    for float32, naming its token (seq_id, token_pos), model layer and top-k slot (vectorised)."""
+    g = np.asarray(gate_weights_TLK)
+    if g.dtype.kind not in "fiu":
+        raise TraceError(f"{where}: gate weights must be numbers, got dtype {g.dtype}")
+    bad_TLK = ~(np.isfinite(g) & (g >= 0) & (g <= _F32_MAX))
+    if not bad_TLK.any():
+        return
+    t, l, k = (int(i) for i in np.unravel_index(int(np.argmax(bad_TLK)), g.shape))
+    v = float(g[t, l, k])
+    what = "NaN" if np.isnan(v) else "negative" if v < 0 else "infinite" if np.isinf(v) else "too large for float32"
+    raise TraceError(
+        f"{where}: gate weight {v} is {what} at token seq_id={int(seq_ids_T[t])} token_pos={int(token_pos_T[t])}, "
+        f"layer {meta.layers[l]}, top-k slot {k} ({int(bad_TLK.sum())} bad weights in all); gate weights must be "
+        "finite and >= 0: fix the source's gate weights or leave them out of it"
+    )
+
+
+def check_counts(count: np.ndarray, where: str, dims: tuple[str, ...]) -> np.ndarray:
+    """int64 ``count`` after checking that every entry is a whole number >= 0; else a TraceError naming the first
+    offending position by ``dims`` (e.g. ``layer 3, expert 7``) and what is wrong with it (vectorised)."""
+    a = np.asarray(count)
+    if a.dtype.kind not in "fiu" or a.ndim != len(dims):
+        raise TraceError(f"{where}: expected numbers of shape [{', '.join(dims)}], got {a.dtype} {list(a.shape)}")
+    bad = ~(np.isfinite(a) & (a >= 0) & (a == np.round(a)) & (a < 2.0**62)) if a.dtype.kind == "f" else a < 0
+    if bad.any():
+        pos = np.unravel_index(int(np.argmax(bad)), a.shape)
+        v = a[pos].item()
+        big = abs(v) >= 2.0**62
+        what = "NaN" if v != v else "negative" if v < 0 else "infinite or too large" if big else "fractional"
+        at = ", ".join(f"{d} {int(i)}" for d, i in zip(dims, pos, strict=True))
+        raise TraceError(f"{where}: count {v} at {at} is {what}; counts must be whole numbers >= 0")
+    return a.astype(np.int64)
+
+
 def split_by_prompt(seq_ids_T: np.ndarray, train_fraction: float = 0.5, seed: int = 0) -> np.ndarray:
     """Boolean mask [T]: True for tokens of the training prompts.
 

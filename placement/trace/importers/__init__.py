@@ -18,13 +18,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from placement.trace.importers.popularity import LoadTrace, count_loads, read_loads
-from placement.trace.schema import RouteArrays, TraceError, TraceMeta
+from placement.trace.schema import RouteArrays, TraceError, TraceMeta, validate_gates
 
 FORMATS = ("npz", "npy", "sglang", "megatron", "popularity")
 
@@ -72,7 +72,15 @@ def import_trace(
                 on_progress(b.num_tokens)
         LoadTrace(meta.model_name, meta.layers, load_LE, num_tokens, meta.source).save(out_p)
         return meta.num_layers
-    return write_staged(out_p, meta, batches, writer_id=writer_id, on_progress=on_progress)
+    return write_staged(out_p, meta, _checked(batches, meta, str(src)), writer_id=writer_id, on_progress=on_progress)
+
+
+def _checked(batches: Iterable[RouteArrays], meta: TraceMeta, where: str) -> Iterator[RouteArrays]:
+    """The batches, after refusing gate weights that are NaN, infinite or negative (naming the source)."""
+    for b in batches:
+        if b.gate_weights_TLK is not None:
+            validate_gates(b.gate_weights_TLK, meta, where, b.seq_ids_T, b.token_pos_T)
+        yield b
 
 
 def _read_source(

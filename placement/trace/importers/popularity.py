@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from placement.trace.schema import TraceError
+from placement.trace.schema import TraceError, check_counts
 
 LOADS_KIND = "moeplace.loads"
 LOADS_SCHEMA_VERSION = 1
@@ -42,9 +42,7 @@ class LoadTrace:
         load = np.asarray(self.load_LE)
         if load.ndim != 2 or load.shape[0] != len(self.layers) or load.shape[1] < 1:
             raise TraceError(f"load_LE must have shape [L={len(self.layers)}, E], got {list(load.shape)}")
-        if load.size and int(load.min()) < 0:
-            raise TraceError("load_LE holds negative counts")
-        object.__setattr__(self, "load_LE", load.astype(np.int64))
+        object.__setattr__(self, "load_LE", check_counts(load, "load_LE", ("layer", "expert")))
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
 
     @property
@@ -96,12 +94,12 @@ def read_loads(path: str | os.PathLike[str], *, model_name: str | None = None) -
             return LoadTrace(
                 model_name or str(d["model_name"]),
                 tuple(d["layers"]),
-                np.asarray(d["load_LE"], dtype=np.int64),
+                _numbers(d["load_LE"]),
                 None if n is None else int(n),
                 str(d.get("source", "")),
             )
         if "expert_popularity" in d:
-            load = np.asarray(d["expert_popularity"], dtype=np.int64)
+            load = _numbers(d["expert_popularity"])
             n_tok = d.get("total_input_tokens")
             return LoadTrace(
                 model_name or p.stem,
@@ -118,6 +116,14 @@ def read_loads(path: str | os.PathLike[str], *, model_name: str | None = None) -
     raise TraceError(
         f"{p}: unknown JSON (keys: {keys}); expected moeplace loads JSON or {{'expert_popularity': [[...]]}}"
     )
+
+
+def _numbers(obj: object) -> np.ndarray:
+    """A JSON array of numbers as a numpy array, without casting (NaN, 1.5 and -1 are refused by check_counts)."""
+    a = np.asarray(obj)
+    if a.dtype.kind not in "fiu":
+        raise TraceError(f"expected an array of numbers, got {a.dtype} values")
+    return a
 
 
 def count_loads(ids_TLK: np.ndarray, num_experts: int) -> np.ndarray:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from placement.trace.importers.popularity import LoadTrace
-from placement.trace.schema import RouteArrays, TraceError, TraceMeta, validate_routes
+from placement.trace.schema import RouteArrays, TraceError, TraceMeta, check_counts, validate_routes
 
 _DETAIL_KEYS = {"records", "last_physical_to_logical_map"}
 _STAT_KEYS = {"logical_count"}
@@ -157,7 +157,7 @@ def _stat_loads(
             count = count[None]
         if count.ndim != 3 or not np.issubdtype(count.dtype, np.integer):
             raise TraceError(f"{p}: logical_count must be int [steps, L_all, E], got {count.dtype} {count.shape}")
-        count_AE = count.astype(np.int64).sum(axis=0)
+        count_AE = check_counts(count, f"{p}: logical_count", ("step", "layer", "expert")).sum(axis=0)
         if total_AE is not None and total_AE.shape != count_AE.shape:
             raise TraceError(f"{p}: logical_count shape {count_AE.shape} differs from the first dump's")
         total_AE = count_AE if total_AE is None else total_AE + count_AE
@@ -179,7 +179,7 @@ def _pass_loads(
             c = _np(rec["global_physical_count"], p, f"records[{i}].global_physical_count")
             if c.shape != (A, P):
                 raise TraceError(f"{p}: records[{i}].global_physical_count has shape {c.shape}, map has {(A, P)}")
-            phys_AP += c.astype(np.int64)
+            phys_AP += check_counts(c, f"{p}: records[{i}].global_physical_count", ("layer", "slot"))
         flat = (np.arange(A)[:, None] * E + phy2log_AP).reshape(-1)
         count_AE = np.bincount(flat, weights=phys_AP.reshape(-1), minlength=A * E).astype(np.int64).reshape(A, E)
         if total_AE is not None and total_AE.shape != count_AE.shape:
