@@ -40,7 +40,7 @@ def get_solver(name: str) -> SolverFn:
 def pick_solver(graph: RoutingGraph, spec: PlanSpec) -> str:
     """``auto``: the exact ILP where it is known to prove optimality quickly (Mixtral size), else affinity
     (always affinity when the balance is asked for unseen prompts)."""
-    if spec.options.get("unseen"):
+    if spec.options.get("unseen") or spec.auto_balance:
         return "affinity"  # the only solver that balances for unseen prompts
     small = graph.num_experts <= 16 and spec.num_redundant == 0 and spec.num_nodes == 1
     return "ilp" if small else "affinity"
@@ -51,6 +51,13 @@ def make_plan(graph: RoutingGraph, spec: PlanSpec, solver: str = "auto") -> Plan
     spec.validate(graph.num_experts)
     name = pick_solver(graph, spec) if solver == "auto" else solver
     fn = get_solver(name)
+    if spec.auto_balance:
+        from placement.solvers.balance_target import eplb_fitted_eps, solve_auto
+
+        if name == "affinity":
+            fn = solve_auto
+        else:  # solvers without a forecast: EPLB's balance on the fitted trace
+            spec = replace(spec, balance_eps=eplb_fitted_eps(graph, spec))
     t0 = time.perf_counter()
     res = fn(graph, spec)
     wall = time.perf_counter() - t0
@@ -73,6 +80,7 @@ def make_plan(graph: RoutingGraph, spec: PlanSpec, solver: str = "auto") -> Plan
         "options": {
             "num_redundant": spec.num_redundant,
             "balance_eps": spec.balance_eps,
+            "auto_balance": spec.auto_balance,
             "time_limit": spec.time_limit,
             "seed": spec.seed,
             "inter_node_cost": spec.inter_node_cost,

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 
 from placement.graph import RoutingGraph
-from placement.plan import Plan, PlanError
+from placement.plan import Plan, PlanError, gpu_of_expert_to_phy2log
 from placement.solvers.anneal import anneal, neighbour_weights
 from placement.solvers.base import PlanSpec, SolveResult
 from placement.solvers.layer_assign import assign_layer
-from placement.solvers.replicate import add_replicas, replica_counts
+from placement.solvers.replicate import add_replicas, replica_counts, robust_repair
 from placement.solvers.robust import LoadModel, predict_unseen_imbalance
 
 
@@ -207,10 +207,10 @@ def solve_affinity(graph: RoutingGraph, spec: PlanSpec) -> SolveResult:
     tolerance applies to the forecast of unseen prompts (``solve_for_unseen``)."""
     if spec.options.get("unseen"):
         return solve_for_unseen(graph, spec)
-    return _solve(graph, spec, time.perf_counter() + float(spec.time_limit))
+    return solve_fixed(graph, spec, time.perf_counter() + float(spec.time_limit))
 
 
-def _solve(graph: RoutingGraph, spec: PlanSpec, deadline: float) -> SolveResult:
+def solve_fixed(graph: RoutingGraph, spec: PlanSpec, deadline: float) -> SolveResult:
     t0 = time.perf_counter()
     E, G = graph.num_experts, spec.num_gpus
     if E % G:
@@ -222,25 +222,81 @@ def _solve(graph: RoutingGraph, spec: PlanSpec, deadline: float) -> SolveResult:
     lm = LoadModel.from_graph(graph, kappa=kappa, holdout_ratio=holdout, copies_LE=copies_LE)
     gpu_LE, info = place_gpus(graph, spec, lm, t0 + 0.85 * budget)
     phy2log_LP = add_replicas(gpu_LE, graph, spec, copies_LE, lm)
+    if spec.num_redundant and kappa > 0:  # replicas and primaries judged together on unseen prompts
+        whole = LoadModel.from_graph(graph, kappa=kappa, holdout_ratio=holdout)
+        phy2log_LP = robust_repair(phy2log_LP, graph.trans_LEE.astype(np.float64), whole, G, 1.0 + spec.balance_eps)
+    phy2log_LP = never_below_eplb(phy2log_LP, graph, spec, max(deadline, time.perf_counter() + 0.1 * budget), info)
     check_balance_reached(phy2log_LP, graph, spec)
     return SolveResult(phy2log_LP, "affinity", "heuristic", solve_seconds=time.perf_counter() - t0, info=info)
 
 
-def solve_for_unseen(graph: RoutingGraph, spec: PlanSpec, kappa_max: float = 4.0, steps: int = 5) -> SolveResult:
+def never_below_eplb(
+    phy2log_LP: np.ndarray, graph: RoutingGraph, spec: PlanSpec, deadline: float, info: dict[str, Any]
+) -> np.ndarray:
+    """The plan, or a plan grown from EPLB's when that one is within 1 + eps on the fitted trace and the plan is
+    not (or co-locates less): EPLB's packing improved by swap annealing under the same limit (no replicas), or
+    EPLB's plan with its second copies on one GPU swapped for copies elsewhere (replicas). So affinity reaches
+    every balance that eplb reaches, with at least eplb's colocation there."""
+    from placement.metrics import colocation, imbalance
+    from placement.solvers.baselines import eplb_phy2log
+    from placement.solvers.replicate import distinct_copies
+
+    G, N, E, L = spec.num_gpus, spec.num_nodes, graph.num_experts, graph.num_layers
+    limit = 1.0 + spec.balance_eps + 1e-9
+    load_LE = graph.load_LE.astype(np.float64)
+
+    def score(phy: np.ndarray) -> tuple[bool, float]:
+        plan = Plan(G, N, E, graph.meta.layers, phy)
+        return imbalance(plan, graph)[1] <= limit, colocation(plan, graph)
+
+    ok, coloc = score(phy2log_LP)
+    start_LP = distinct_copies(eplb_phy2log(load_LE, E + spec.num_redundant, G, N), load_LE, G)
+    start_ok, start_coloc = score(start_LP)
+    if not start_ok or (ok and coloc >= start_coloc):
+        return phy2log_LP
+    if spec.num_redundant == 0:
+        gpu_LE = np.empty((L, E), dtype=np.int64)
+        np.put_along_axis(gpu_LE, start_LP, np.broadcast_to(np.arange(E) // (E // G), (L, E)), axis=1)
+        share_LE = load_LE / np.maximum(load_LE.sum(axis=1, keepdims=True), 1e-12)
+        trans = graph.trans_LEE.astype(np.float64)
+        W_LEG = neighbour_weights(gpu_LE, trans, G)
+        iters = int(max(0.0, deadline - time.perf_counter()) * float(spec.options.get("anneal_rate", 2e6)))
+        temp0 = max(float(spec.options.get("anneal_temp", 0.02)) * float(W_LEG.sum(axis=2).mean()), 1e-9)
+        node_w = spec.inter_node_cost - 1.0 if N > 1 else 0.0
+        node_G = np.arange(G) // (G // N)
+        zeros = np.zeros((L, 1, 1))
+        anneal(gpu_LE, W_LEG, trans, share_LE, zeros, 0.0, limit, node_G, 1.0, node_w, iters, temp0, 1e-3 * temp0, 0)
+        grown_LP = gpu_of_expert_to_phy2log(gpu_LE, G)
+        grown_ok, grown_coloc = score(grown_LP)
+        if grown_ok and grown_coloc >= start_coloc:
+            start_LP, start_coloc = grown_LP, grown_coloc
+    info["from_eplb"] = True
+    return start_LP if not ok or start_coloc > coloc else phy2log_LP
+
+
+def solve_for_unseen(
+    graph: RoutingGraph,
+    spec: PlanSpec,
+    kappa_max: float = 4.0,
+    steps: int = 5,
+    target: float | None = None,
+    budget: float | None = None,
+) -> SolveResult:
     """Most co-located plan whose forecast imbalance_max on unseen prompts (median, placement/solvers/robust.py)
-    is <= 1 + eps: bisection on the robustness kappa, ``steps`` solves sharing the time limit. Raises PlanError
-    when even ``kappa_max`` misses the target, naming the forecast reached."""
+    is <= ``target`` (default 1 + eps; the fitted prompts are held to 1 + eps): bisection on the robustness
+    kappa, ``steps`` solves sharing ``budget`` seconds (default the time limit). Raises PlanError when even
+    ``kappa_max`` misses the target, naming the forecast reached."""
     if graph.fold_load_SLE is None:
         raise PlanError("--unseen needs prompt ids in the trace (seq_id) to forecast unseen prompts")
     t0 = time.perf_counter()
-    target = 1.0 + spec.balance_eps
-    per_solve = float(spec.time_limit) / steps
+    target = 1.0 + spec.balance_eps if target is None else target
+    per_solve = float(spec.time_limit if budget is None else budget) / steps
     tried: list[tuple[float, float, SolveResult]] = []
 
     def attempt(kappa: float) -> float:
         sub = replace(spec, options={**spec.options, "unseen": False, "kappa": kappa})
         try:
-            res = _solve(graph, sub, time.perf_counter() + per_solve)
+            res = solve_fixed(graph, sub, time.perf_counter() + per_solve)
         except PlanError:  # not even the fitted prompts could be balanced this tightly
             return float("inf")
         plan = Plan(spec.num_gpus, spec.num_nodes, graph.num_experts, graph.meta.layers, res.phy2log_LP)
@@ -255,7 +311,7 @@ def solve_for_unseen(graph: RoutingGraph, spec: PlanSpec, kappa_max: float = 4.0
         if attempt(hi) > target:
             reached = f"{min(t[1] for t in tried):.3f}" if tried else "none (the fitted prompts miss it already)"
             raise PlanError(
-                f"--balance {spec.balance_eps:g} on unseen prompts was not reached: forecast median imbalance "
+                f"--balance {target - 1:g} on unseen prompts was not reached: forecast median imbalance "
                 f"{reached} at robustness up to {kappa_max:g}; raise --balance"
                 + (" or add --redundant slots" if spec.num_redundant == 0 else "")
             )

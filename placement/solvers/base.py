@@ -21,6 +21,9 @@ class PlanSpec:
     """What to place onto: G GPUs on N nodes, ``num_redundant`` extra slots per layer, balance tolerance.
 
     ``balance_eps``: each GPU's load per layer must stay <= (1 + eps) * mean (solvers that can enforce it).
+    ``auto_balance``: ignore ``balance_eps`` and let the planner choose the balance: the affinity optimiser plans
+    for EPLB's forecast balance on unseen prompts (placement/solvers/balance_target.py), other balancing solvers
+    take EPLB's balance on the fitted trace.
     ``inter_node_cost``: cost of a token pair split across nodes relative to one split across GPUs of a node.
     """
 
@@ -31,6 +34,7 @@ class PlanSpec:
     time_limit: float = 60.0
     seed: int = 0
     inter_node_cost: float = 4.0
+    auto_balance: bool = False
     options: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def validate(self, num_experts: int) -> None:

@@ -17,15 +17,31 @@ import numpy as np
 from placement.graph import RoutingGraph
 from placement.plan import gpu_of_expert_to_phy2log
 from placement.solvers.base import PlanSpec
-from placement.solvers.baselines import replicate_hottest
 from placement.solvers.layer_assign import assign_layer, repair_balance
 from placement.solvers.robust import LoadModel
 
 
-def replica_counts(graph: RoutingGraph, spec: PlanSpec) -> np.ndarray:
-    """int64 [L, E]: copies of each expert (>= 1, summing to E + redundant per layer), hottest-first."""
-    E = graph.num_experts
-    _, count_LE = replicate_hottest(graph.load_LE.astype(np.float64), E + spec.num_redundant)
+def replica_counts(graph: RoutingGraph, spec: PlanSpec, spread_z: float = 1.0) -> np.ndarray:
+    """int64 [L, E]: copies of each expert (>= 1, summing to E + redundant per layer).
+
+    Each extra copy goes to the expert with the highest unseen-traffic load per copy, (share + z * sd) / copies,
+    where sd is the standard deviation of the expert's share on unseen prompts as large as the fitted ones
+    (from the prompt folds, placement/solvers/robust.py; 0 without folds): hot experts first, and among similar
+    ones those whose load swings most across prompts. No expert gets more copies than GPUs (a second copy on
+    one GPU adds no capacity under ../shared/METRICS.md); slots left over then go to the next in line.
+    """
+    E, G, R = graph.num_experts, spec.num_gpus, spec.num_redundant
+    load_LE = graph.load_LE.astype(np.float64)
+    share_LE = load_LE / np.maximum(load_LE.sum(axis=1, keepdims=True), 1e-12)
+    lm = LoadModel.from_graph(graph, kappa=1.0)
+    sd_LE = np.sqrt(np.maximum(np.diagonal(lm.cov_LEE, axis1=1, axis2=2), 0.0))
+    weight_LE = share_LE + spread_z * sd_LE
+    count_LE = np.ones(load_LE.shape, dtype=np.int64)
+    rows_L = np.arange(load_LE.shape[0])
+    for _ in range(min(R, E * (G - 1))):
+        per_copy_LE = np.where(count_LE < G, weight_LE / count_LE, -np.inf)
+        hot_L = np.argmax(per_copy_LE, axis=1)
+        count_LE[rows_L, hot_L] += 1
     return count_LE
 
 
@@ -73,7 +89,7 @@ def add_replicas(
         H_LEG[l] = 0
         H_LEG[l, np.arange(E), gpu_LE[l]] = 1
         np.add.at(H_LEG[l], (item_C, gpu_C), 1)
-    return holders_to_phy2log(H_LEG, gpu_LE, R // G)
+    return separate_slots(holders_to_phy2log(H_LEG, gpu_LE, R // G), load_LE, G)
 
 
 def separate_copies(item_C: np.ndarray, gpu_C: np.ndarray, H_EG: np.ndarray, w_CG: np.ndarray) -> np.ndarray:
@@ -131,3 +147,106 @@ def holders_to_phy2log(H_LEG: np.ndarray, gpu_LE: np.ndarray, per_gpu_extra: int
         for g in range(G):
             out[l, g] = np.repeat(np.arange(E), extra_LGE[l, g])
     return np.concatenate([base_LGS, out], axis=2).reshape(L, -1).astype(np.int64)
+
+
+def distinct_copies(phy2log_LP: np.ndarray, load_LE: np.ndarray, num_gpus: int) -> np.ndarray:
+    """phy2log int64 [L, P] with every second copy of an expert on one GPU (EPLB places them; under
+    ../shared/METRICS.md they add no capacity) replaced by a copy of an expert that GPU lacks: the one that
+    leaves the layer's busiest GPU least loaded. Holder sets only grow, so colocation never drops."""
+    out = np.asarray(phy2log_LP, dtype=np.int64).copy()
+    L, P = out.shape
+    E, G = load_LE.shape[1], num_gpus
+    gpu_P = np.arange(P) // (P // G)
+    for l in range(L):
+        H_EG = np.zeros((E, G), dtype=np.int64)
+        np.add.at(H_EG, (out[l], gpu_P), 1)
+        if H_EG.max() <= 1:
+            continue
+        w_E = load_LE[l].astype(np.float64)
+        for p in range(P):
+            e, g = int(out[l, p]), int(gpu_P[p])
+            if H_EG[e, g] <= 1:
+                continue
+            held_EG = (H_EG > 0).astype(np.float64)
+            n_E = held_EG.sum(axis=1)
+            gpu_G = (w_E / n_E) @ held_EG
+            # a copy of f on g: g gains w_f / (n_f + 1); f's other holders drop from w_f / n_f to that
+            per_new_E = w_E / (n_E + 1.0)
+            new_EG = gpu_G[None, :] + held_EG * (per_new_E - w_E / n_E)[:, None]
+            new_EG[:, g] += per_new_E
+            worst_E = np.where(held_EG[:, g] > 0, np.inf, new_EG.max(axis=1))
+            f = int(np.argmin(worst_E))
+            if not np.isfinite(worst_E[f]):
+                continue
+            H_EG[e, g] -= 1
+            H_EG[f, g] += 1
+            out[l, p] = f
+    return out
+
+
+def robust_repair(
+    phy2log_LP: np.ndarray, trans_XEE: np.ndarray, lm: LoadModel, num_gpus: int, limit: float
+) -> np.ndarray:
+    """phy2log int64 [L, P] with single-copy experts swapped between GPUs until every GPU's robust ratio is
+    within ``limit`` (or no swap helps), least co-located traffic lost first. The ratio counts every slot: a
+    copy carries 1/copies of its expert's share and of its unseen-prompt deviation, so replicas and primaries
+    are judged together (``lm``: shares and covariance of whole experts, placement/solvers/robust.py).
+    Experts with several copies stay where they are, so no GPU ever gets two copies of one expert."""
+    out = np.asarray(phy2log_LP, dtype=np.int64).copy()
+    L, P = out.shape
+    E, G = lm.share_LE.shape[1], num_gpus
+    gpu_P = np.arange(P) // (P // G)
+    for l in range(L):
+        e_P = out[l]
+        n_E = np.bincount(e_P, minlength=E)
+        inv_P = 1.0 / n_E[e_P]
+        cov_PP = lm.cov_LEE[l][np.ix_(e_P, e_P)] * inv_P[:, None] * inv_P[None, :]
+        slots = LoadModel((lm.share_LE[l][e_P] * inv_P)[None, :], cov_PP[None], lm.kappa)
+        w_PG = np.zeros((P, G))
+        for k in (l - 1, l + 1):
+            if 0 <= k < L:
+                held_EG = np.zeros((E, G))
+                held_EG[out[k], gpu_P] = 1.0
+                w_PG += ((trans_XEE[k].T if k < l else trans_XEE[l]) @ held_EG)[e_P]
+        allowed_PG = (n_E[e_P] == 1)[:, None] | (gpu_P[:, None] == np.arange(G)[None, :])
+        new_gpu_P = repair_balance(gpu_P, w_PG, slots, 0, limit, allowed_PG)
+        out[l] = e_P[np.argsort(new_gpu_P, kind="stable")]
+    return out
+
+
+def separate_slots(phy2log_LP: np.ndarray, load_LE: np.ndarray, num_gpus: int) -> np.ndarray:
+    """phy2log int64 [L, P] in which no GPU holds two copies of one expert: each second copy swaps slots with an
+    expert of another GPU (which lacks the copy's expert, while the copy's GPU lacks that expert), the swap that
+    leaves the layer's busiest GPU least loaded (loads as ../shared/METRICS.md splits them)."""
+    out = np.asarray(phy2log_LP, dtype=np.int64).copy()
+    L, P = out.shape
+    E, G = load_LE.shape[1], num_gpus
+    gpu_P = np.arange(P) // (P // G)
+
+    def holders(e_P: np.ndarray) -> np.ndarray:
+        H_EG = np.zeros((E, G), dtype=np.int64)
+        np.add.at(H_EG, (e_P, gpu_P), 1)
+        return H_EG
+
+    for l in range(L):
+        for _ in range(P):
+            H_EG = holders(out[l])
+            dup_P = np.flatnonzero(H_EG[out[l], gpu_P] > 1)
+            if dup_P.size == 0:
+                break
+            p = int(dup_P[0])
+            e, g = int(out[l, p]), int(gpu_P[p])
+            f_Q = out[l]
+            ok_Q = (H_EG[e, gpu_P] == 0) & (H_EG[f_Q, g] == 0) & (gpu_P != g)
+            best, best_q = np.inf, -1
+            for q in np.flatnonzero(ok_Q):
+                e_P = out[l].copy()
+                e_P[p], e_P[q] = e_P[q], e_P[p]
+                held_EG = (holders(e_P) > 0).astype(np.float64)
+                worst = float(((load_LE[l] / held_EG.sum(axis=1)) @ held_EG).max())
+                if worst < best:
+                    best, best_q = worst, int(q)
+            if best_q < 0:
+                break
+            out[l, p], out[l, best_q] = out[l, best_q], out[l, p]
+    return out

@@ -13,6 +13,8 @@ Dimension key: T tokens, L layers, E experts, K top-k, C topics, S prompts.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from placement.trace.schema import RouteArrays, TraceMeta
@@ -70,3 +72,26 @@ def _dedupe_rows(ids_RK: np.ndarray, fresh_RK: np.ndarray) -> np.ndarray:
     earlier_RKK = (ids_RK[:, :, None] == ids_RK[:, None, :]) & np.tril(np.ones((K, K), dtype=bool), -1)
     repeat_RK = earlier_RKK.any(axis=2)
     return np.where(repeat_RK, fresh_RK, ids_RK)
+
+
+def skewed_top1_trace(
+    num_layers: int,
+    num_experts: int,
+    num_tokens: int,
+    *,
+    hot_layer: int = 0,
+    hot_share: float = 0.999,
+    seed: int = 0,
+    model_name: str = "synthetic-skewed-top1",
+    **kwargs: Any,
+) -> tuple[TraceMeta, RouteArrays]:
+    """A top-1 trace (``synthetic_trace`` with K = 1) in which layer ``hot_layer`` sends ``hot_share`` of its tokens
+    to one expert (expert 0), as very skewed top-1 routers do; the other layers keep the topic structure."""
+    meta, routes = synthetic_trace(num_layers, num_experts, 1, num_tokens, seed=seed, model_name=model_name, **kwargs)
+    rng = np.random.default_rng(seed + 1)
+    ids_TLK = routes.expert_ids_TLK.copy()
+    hot_T = rng.random(num_tokens) < hot_share
+    ids_TLK[hot_T, hot_layer, 0] = 0
+    cold_T = ~hot_T & (ids_TLK[:, hot_layer, 0] == 0)  # the rest go to the other experts
+    ids_TLK[cold_T, hot_layer, 0] = rng.integers(1, num_experts, size=int(cold_T.sum()))
+    return meta, RouteArrays(ids_TLK, routes.seq_ids_T, routes.token_pos_T)

@@ -1,0 +1,169 @@
+"""Placement engine II: the default balance (EPLB's on unseen prompts), never worse than EPLB at EPLB's own
+balance, replicas spent on robust balance and never two copies of one expert on a GPU, skewed top-1 models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from placement.graph import PROMPT_FOLDS, RoutingGraph, graph_from_routes
+from placement.metrics import colocation, imbalance
+from placement.plan import Plan, PlanError
+from placement.planner import make_plan
+from placement.solvers.balance_target import FORECAST_OPTIMISM, eplb_reference
+from placement.solvers.base import PlanSpec
+from placement.solvers.baselines import eplb_phy2log
+from placement.solvers.replicate import distinct_copies, replica_counts
+from placement.trace.schema import RouteArrays, TraceMeta
+from placement.trace.synthetic import skewed_top1_trace, synthetic_trace
+
+
+def _graph(meta: TraceMeta, r: RouteArrays) -> RoutingGraph:
+    return graph_from_routes(r.expert_ids_TLK, meta, with_coact=False, seq_ids_T=r.seq_ids_T, num_folds=PROMPT_FOLDS)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    layers=st.integers(2, 5),
+    experts=st.sampled_from([8, 12, 16]),
+    top_k=st.integers(1, 3),
+    gpus=st.sampled_from([2, 4]),
+    nodes=st.sampled_from([1, 2]),
+    follow=st.floats(0.0, 0.9),
+    skew=st.floats(0.1, 1.2),
+    seed=st.integers(0, 10_000),
+)
+def test_affinity_reaches_eplb_balance_with_at_least_its_colocation(
+    layers: int, experts: int, top_k: int, gpus: int, nodes: int, follow: float, skew: float, seed: int
+) -> None:
+    if experts % gpus:
+        gpus = 2
+    meta, r = synthetic_trace(
+        layers, experts, top_k, 600, follow=follow, skew_sigma=skew, tokens_per_prompt=20, num_topics=4, seed=seed
+    )
+    g = graph_from_routes(r.expert_ids_TLK, meta, with_coact=False, seq_ids_T=r.seq_ids_T)
+    ep = make_plan(g, PlanSpec(gpus, nodes), "eplb")
+    eps = imbalance(ep, g)[1] - 1.0
+    aff = make_plan(g, PlanSpec(gpus, nodes, 0, eps + 1e-9, time_limit=0.3, seed=seed), "affinity")
+    assert imbalance(aff, g)[1] <= 1.0 + eps + 1e-6
+    assert colocation(aff, g) >= colocation(ep, g) - 1e-12
+
+
+def test_a_balance_below_eplb_reach_still_names_the_reachable_value() -> None:
+    meta, r = synthetic_trace(4, 16, 2, 2000, tokens_per_prompt=20, seed=3)
+    g = graph_from_routes(r.expert_ids_TLK, meta, with_coact=False, seq_ids_T=r.seq_ids_T)
+    with pytest.raises(PlanError, match=r"--balance 0 was not reached.*eplb reaches 0\.\d{3}"):
+        make_plan(g, PlanSpec(4, 1, 0, 0.0, time_limit=0.5), "affinity")
+
+
+@pytest.fixture(scope="module")
+def skewed():
+    meta, r = skewed_top1_trace(6, 32, 12000, hot_layer=2, hot_share=0.999, tokens_per_prompt=40, seed=0)
+    return meta, r, _graph(meta, r)
+
+
+def test_skewed_generator_sends_the_hot_layer_to_one_expert(skewed) -> None:
+    meta, _, g = skewed
+    assert meta.top_k == 1
+    share_E = g.load_LE[2] / g.load_LE[2].sum()
+    assert share_E[0] == pytest.approx(0.999, abs=0.002)
+    assert (g.load_LE[[0, 1, 3, 4, 5]].max(axis=1) / g.load_LE[[0, 1, 3, 4, 5]].sum(axis=1) < 0.2).all()
+
+
+def test_hot_expert_gets_one_copy_per_gpu_and_no_more(skewed) -> None:
+    _, _, g = skewed
+    count_LE = replica_counts(g, PlanSpec(8, 1, 8))
+    assert (count_LE.sum(axis=1) == 32 + 8).all()
+    assert count_LE[2, 0] == 8  # 8 GPUs: an 8th extra copy would share a GPU and add no capacity
+    assert count_LE.max() <= 8
+
+
+def test_replicas_go_to_experts_whose_load_swings_across_prompts() -> None:
+    """Two experts with the same mean load: the one whose share varies across prompt folds gets the copy."""
+    L, E, S = 1, 5, 32
+    fold_SLE = np.full((S, L, E), 100, dtype=np.int64)
+    fold_SLE[:, 0, 1] = 100 + 60 * (-1) ** np.arange(S)  # expert 1 swings, expert 0 is steady, same total
+    meta = TraceMeta("t", E, 1, (0,))
+    g = RoutingGraph(meta, 100 * S, fold_SLE.sum(axis=0), np.zeros((0, E, E), dtype=np.int64), None, fold_SLE)
+    assert g.load_LE[0, 0] == g.load_LE[0, 1]
+    assert replica_counts(g, PlanSpec(2, 1, 1)).tolist() == [[1, 2, 1, 1, 1]]
+    assert replica_counts(g, PlanSpec(2, 1, 1), spread_z=0.0).tolist() == [[2, 1, 1, 1, 1]]  # mean alone: a tie
+
+
+def test_default_on_a_skewed_top1_model_succeeds_and_beats_eplb(skewed) -> None:
+    _, _, g = skewed
+    spec = PlanSpec(8, 1, 8, time_limit=4.0, auto_balance=True)
+    aff = make_plan(g, spec, "auto")
+    ep = make_plan(g, spec, "eplb")
+    assert aff.provenance["solver"] == "affinity"
+    assert (aff.holders_LEG.max(axis=2) <= 1).all()  # never two copies of one expert on a GPU
+    assert (ep.holders_LEG.max(axis=2) > 1).any()  # eplb keeps DeepSeek's behaviour
+    assert aff.provenance["unseen_imbalance"]["p50"] <= ep.provenance["unseen_imbalance"]["p50"] + 1e-9
+    assert colocation(aff, g) > colocation(ep, g)
+
+
+def test_default_targets_eplb_forecast_less_the_optimism() -> None:
+    meta, r = synthetic_trace(6, 16, 2, 8000, tokens_per_prompt=25, num_topics=8, num_preferred=2, seed=1)
+    g = _graph(meta, r)
+    spec = PlanSpec(4, 1, 0, time_limit=4.0, auto_balance=True)
+    plan = make_plan(g, spec, "auto")
+    _, fit_imb, eplb_fc = eplb_reference(g, spec)
+    info = plan.provenance["info"]
+    assert eplb_fc is not None and info["eplb_forecast"] == pytest.approx(eplb_fc)
+    if info.get("unseen_target_missed"):
+        assert imbalance(plan, g)[1] <= fit_imb + 1e-6
+    else:
+        assert plan.provenance["unseen_imbalance"]["p50"] <= eplb_fc - FORECAST_OPTIMISM + 1e-9
+    assert colocation(plan, g) > colocation(make_plan(g, spec, "eplb"), g)
+
+
+def test_default_without_prompt_ids_falls_back_to_eplb_fitted_balance() -> None:
+    meta, r = synthetic_trace(4, 16, 2, 3000, seed=2)
+    g = graph_from_routes(r.expert_ids_TLK, meta, with_coact=False)  # no seq ids: no forecast
+    spec = PlanSpec(4, 1, 4, time_limit=2.0, auto_balance=True)
+    plan = make_plan(g, spec, "auto")
+    ep = make_plan(g, spec, "eplb")
+    assert plan.provenance["info"]["balance"] == "eplb fitted"
+    assert imbalance(plan, g)[1] <= imbalance(ep, g)[1] + 1e-6
+    assert (plan.holders_LEG.max(axis=2) <= 1).all()
+    # the ILP (and other solvers without a forecast) take eplb's fitted balance
+    ilp = make_plan(g, PlanSpec(4, time_limit=5.0, auto_balance=True), "ilp")
+    assert imbalance(ilp, g)[1] <= imbalance(make_plan(g, PlanSpec(4), "eplb"), g)[1] + 1e-6
+
+
+@pytest.mark.parametrize("redundant", [4, 8, 12])
+def test_affinity_replicas_never_share_a_gpu(redundant: int) -> None:
+    meta, r = synthetic_trace(5, 16, 2, 4000, tokens_per_prompt=25, skew_sigma=1.0, seed=redundant)
+    g = _graph(meta, r)
+    plan = make_plan(g, PlanSpec(4, 1, redundant, 0.3, time_limit=2.0), "affinity")
+    assert (plan.holders_LEG.max(axis=2) <= 1).all()
+    assert (plan.logcnt.sum(axis=1) == 16 + redundant).all()
+
+
+def test_distinct_copies_removes_doubled_copies_and_keeps_colocation() -> None:
+    meta, r = skewed_top1_trace(4, 16, 4000, hot_layer=1, seed=4)
+    g = graph_from_routes(r.expert_ids_TLK, meta, with_coact=False)
+    load = g.load_LE.astype(np.float64)
+    phy = eplb_phy2log(load, 24, 4, 1)
+    fixed = distinct_copies(phy, load, 4)
+    before, after = Plan(4, 1, 16, meta.layers, phy), Plan(4, 1, 16, meta.layers, fixed)
+    assert (before.holders_LEG.max(axis=2) > 1).any()
+    assert (after.holders_LEG.max(axis=2) <= 1).all()
+    assert ((after.holders_LEG > 0) >= (before.holders_LEG > 0)).all()  # holder sets only grow
+    assert colocation(after, g) >= colocation(before, g)
+
+
+@pytest.mark.slow
+def test_eplb_shares_gpus_on_deepseek_v2_lite_as_its_help_says(traces_dir: Path) -> None:
+    from placement.trace.dataset import open_trace
+
+    tr = open_trace(traces_dir / "deepseek-v2-lite-chat.dev.npz")
+    r = tr.read_all(with_gates=False)
+    g = graph_from_routes(r.expert_ids_TLK, tr.meta, with_coact=False)
+    ep = make_plan(g, PlanSpec(8, 1, 8), "eplb")
+    doubled = int((ep.holders_LEG - 1).clip(min=0).sum())
+    assert doubled == 11 and ep.num_layers * 8 == 208
