@@ -55,9 +55,22 @@ def plan_cmd(
     out: Annotated[Path, typer.Option("--out", help="Plan JSON to write (atomically; its directory must exist).")],
     nodes: Annotated[int, typer.Option("--nodes", help="Number of nodes N (G divisible by N).")] = 1,
     redundant: Annotated[int, typer.Option("--redundant", help="Redundant slots per layer (replicas).")] = 0,
-    balance: Annotated[float, typer.Option("--balance", help="Load tolerance eps: GPU load <= (1+eps) * mean.")] = 0.1,
+    balance: Annotated[
+        float | None,
+        typer.Option(
+            "--balance",
+            help="Load tolerance eps: GPU load <= (1+eps) * mean. Default: as balanced on unseen prompts as eplb "
+            "(forecast from prompt folds), then as co-located as possible; never fails on a valid trace.",
+        ),
+    ] = None,
     solver: Annotated[
-        str, typer.Option("--solver", help="auto, contiguous, round_robin, eplb, ilp, affinity.")
+        str,
+        typer.Option(
+            "--solver",
+            help="auto, contiguous, round_robin, eplb, ilp, affinity. eplb keeps DeepSeek's algorithm, which may put "
+            "two copies of one expert on one GPU (11 of 208 redundant copies for DeepSeek-V2-Lite, 8 GPUs, "
+            "--redundant 8); affinity never does.",
+        ),
     ] = "auto",
     time_limit: Annotated[
         float, typer.Option("--time-limit", help="Solver time limit in seconds (affinity uses all of it).")
@@ -71,7 +84,8 @@ def plan_cmd(
         bool,
         typer.Option(
             "--unseen",
-            help="affinity: apply --balance to the forecast median imbalance on unseen prompts (searches --robust).",
+            help="affinity: apply --balance to the forecast median imbalance on unseen prompts (searches --robust; "
+            "without --balance the default already plans for unseen prompts).",
         ),
     ] = False,
     inter_node_cost: Annotated[float, typer.Option("--inter-node-cost", help="Cost of a cross-node pair.")] = 4.0,
@@ -101,7 +115,8 @@ def plan_cmd(
             num_gpus=gpus,
             num_nodes=nodes,
             num_redundant=redundant,
-            balance_eps=balance,
+            balance_eps=0.1 if balance is None else balance,
+            auto_balance=balance is None,
             time_limit=time_limit,
             seed=seed,
             inter_node_cost=inter_node_cost,
