@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from placement.cli.common import echo_json, progress, user_errors
+from placement.cli.common import UserError, echo_json, progress, user_errors
+from placement.cli.trace import AddressOpt, RayOpt, WorkersOpt, ray_graph
 from placement.trace.outputs import check_output
 
 if TYPE_CHECKING:
@@ -93,6 +94,9 @@ def plan_cmd(
     train_fraction: FractionOpt = 0.5,
     split_seed: SplitSeedOpt = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    ray: RayOpt = False,
+    address: AddressOpt = None,
+    workers: WorkersOpt = 2,
 ) -> None:
     """Solve expert placement for a trace and write the plan JSON.
 
@@ -128,8 +132,13 @@ def plan_cmd(
         spec.validate(tr.meta.num_experts)
         check_output(out, force=force)  # before the solve, not after it
         # prompt-fold loads feed the robust balance and the unseen-imbalance forecast
-        g, _ = load_graph_and_routes(tr, prompts, train_fraction, split_seed, need_routes=False, num_folds=PROMPT_FOLDS)
-        plan = make_plan(g, spec, solver)  # type: ignore[arg-type]
+        if ray and prompts != "all":
+            raise UserError(f"--ray counts every prompt of the trace; drop --prompts {prompts} or --ray")
+        if ray:
+            g = ray_graph(tr, False, address, workers, num_folds=PROMPT_FOLDS)
+        else:
+            g, _ = load_graph_and_routes(tr, prompts, train_fraction, split_seed, False, num_folds=PROMPT_FOLDS)
+        plan = make_plan(g, spec, solver)
         plan.save(out)
     pv = plan.provenance
     gap = "unknown" if pv["gap"] is None else f"{pv['gap']:.1%}"

@@ -40,6 +40,35 @@ def _build_graph(trace: Any, with_coact: bool) -> Any:
         return build_graph(trace, with_coact=with_coact, on_progress=lambda n: bar.advance(task, n))
 
 
+RayOpt = Annotated[
+    bool, typer.Option("--ray", help="Build the graph as Ray tasks over the trace's shards (docs/ray.md).")
+]
+AddressOpt = Annotated[
+    str | None, typer.Option(help="With --ray: Ray head host:port or 'auto' (default: RAY_ADDRESS or a local Ray).")
+]
+WorkersOpt = Annotated[int, typer.Option(min=1, help="With --ray: graph tasks running at once.")]
+
+
+def ray_graph(trace: Any, with_coact: bool, address: str | None, workers: int, num_folds: int = 0) -> Any:
+    """An opened trace's routing graph built as Ray tasks (ray_jobs/graph.py), with a progress bar."""
+    from ray_jobs.driver import RayJobError
+    from ray_jobs.graph import build_graph_ray
+
+    with progress() as bar:
+        task = bar.add_task("graph (Ray)", total=trace.num_tokens, rate="")
+        try:
+            return build_graph_ray(
+                trace,
+                address=address,
+                num_workers=workers,
+                with_coact=with_coact,
+                num_folds=num_folds,
+                on_progress=lambda n: bar.advance(task, n),
+            )
+        except RayJobError as exc:
+            raise UserError(str(exc)) from None
+
+
 def _counter() -> Any:
     """A progress display for streams of unknown length (tokens so far); hidden when stderr is no terminal."""
     from rich.console import Console
@@ -114,6 +143,9 @@ def stats_cmd(
         int | None, typer.Option(help="Top-m next experts for transition concentration (default E/8).")
     ] = None,
     num_experts: Annotated[int | None, typer.Option(help="Number of experts for an .npz without num_experts.")] = None,
+    ray: RayOpt = False,
+    address: AddressOpt = None,
+    workers: WorkersOpt = 2,
 ) -> None:
     """Routing statistics: per-layer load skew, transition concentration vs. independence, entropy."""
     from placement.graph import graph_stats, load_stats
@@ -125,7 +157,9 @@ def stats_cmd(
         if is_loads_file(trace):
             s = load_stats(read_loads(trace))
         else:
-            s = graph_stats(_build_graph(_open(trace, num_experts), with_coact=False), top_m=top_m)
+            tr = _open(trace, num_experts)
+            g = ray_graph(tr, False, address, workers) if ray else _build_graph(tr, with_coact=False)
+            s = graph_stats(g, top_m=top_m)
     if as_json:
         echo_json(s)
     else:
