@@ -5,9 +5,11 @@ live demo model."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import replace
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +33,7 @@ from placement.runtime.replay import LocalExperts, ModelSpec
 from placement.solvers.base import PlanSpec
 from placement.trace.schema import TraceMeta
 from profiler.api import load_model, load_prompts
+from tests.conftest import Cli
 
 TOL = 1e-5
 SMALL = ModelSpec(hidden=32, ffn=16, seed=5)
@@ -176,3 +179,37 @@ def test_live_model_after_migration_equals_single_process() -> None:
     assert rep.after.job.cross_rank_bytes != rep.before.job.cross_rank_bytes
     with pytest.raises(EPError, match="does not match the plan's 4 GPUs"):
         live_migrate_bench("builtin", a, b, 2, ["hello"])
+
+
+def test_cli_ep_bench_migrate_to(tmp_path: Path, cli: Cli) -> None:
+    a, b = plan_pair(4)
+    pa, pb, npz, mv = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "t.npz", tmp_path / "moves.json"
+    a.save(pa)
+    b.save(pb)
+    np.savez(npz, routes=routes(), num_experts=8)
+    ml = move_list(a, b, EXPERT_BYTES)
+    mv.write_text(ml.to_json())
+    base = ["ep-bench", "--plan", pa, "--migrate-to", pb, "--trace", npz, "--ranks", 4, "--hidden", 32, "--ffn", 16]
+    code, out, err = cli(*base, "--moves", mv, "--json", "--backend", "gloo")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["bytes_equal"] and d["measured_bytes_total"] == d["listed_bytes_total"] == ml.total_bytes
+    assert d["after"]["max_rel_error"] <= TOL and d["migrate_to"] == str(pb)
+    code, out, err = cli(*base, "--backend", "gloo")
+    assert code == 0 and "equal per rank pair: yes" in out, err
+    mv.write_text(replace(ml, moves=tuple(replace(m, bytes=4) for m in ml.moves)).to_json())
+    code, _, err = cli(*base, "--moves", mv)
+    assert code == 1 and err.count("\n") == 1 and "an expert of this runtime has 6144" in err, err
+    code, _, err = cli(*base, "--mode", "both")
+    assert code == 1 and "--migrate-to runs one --mode" in err, err
+
+
+def test_cli_ep_bench_migrate_live_model(tmp_path: Path, cli: Cli) -> None:
+    a, b = live_plans(4)
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    a.save(pa)
+    b.save(pb)
+    args = ["--plan", pa, "--migrate-to", pb, "--model", "builtin", "--ranks", 4, "--limit", 2, "--max-len", 24]
+    code, out, err = cli("ep-bench", *args)
+    assert code == 0, err
+    assert out.count("max relative output error vs dense reference") == 2 and "equal per rank pair: yes" in out

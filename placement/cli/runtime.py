@@ -76,6 +76,37 @@ def _run_live(
     return live_bench(model, jobs, ranks, texts, max_len=max_len, repeats=repeats)
 
 
+def _migrate_text(rep: Any) -> str:
+    """Text of a ``migrate.MigrateReport``: the forward before, the migration, the forward after."""
+    parts = []
+    for title, fwd in (
+        ("before the migration (--plan)", rep.before),
+        ("after the migration (--migrate-to)", rep.after),
+    ):
+        job = getattr(fwd, "job", fwd)
+        parts.append(f"{title}\n{_text_report(job)}" + (f"\n{_live_lines(fwd)}" if job is not fwd else ""))
+    d = rep.to_dict()
+    parts.append(
+        "\n".join(
+            [
+                f"migration: {rep.num_moves} expert copies in {rep.num_rounds} rounds, {rep.expert_bytes:,} bytes "
+                f"each; at most {rep.peak_held} distinct experts of one layer on a rank ({rep.slots_per_gpu} slots)",
+                *_pair_table("weight bytes sent", rep.measured_bytes_GG),
+                f"  weight bytes: sent {d['measured_bytes_total']:,}, received {d['received_bytes_total']:,}, "
+                f"move list {d['listed_bytes_total']:,}; equal per rank pair: {'yes' if rep.bytes_equal else 'NO'}",
+                f"  migration wall time: {rep.seconds * 1e3:.1f} ms",
+            ]
+        )
+    )
+    return "\n".join(parts)
+
+
+def _moves(path: Path | None) -> Any:
+    from placement.replan.moves import MoveList
+
+    return None if path is None else MoveList.from_json(path.read_text(), where=str(path)).moves
+
+
 def register(app: typer.Typer) -> None:
     @app.command("ep-bench")
     def ep_bench_cmd(
@@ -98,6 +129,17 @@ def register(app: typer.Typer) -> None:
         prompts: Annotated[str, typer.Option("--prompts", help="--model: builtin, .txt or .jsonl.")] = "builtin",
         limit: Annotated[int, typer.Option("--limit", help="--model: run the first N prompts.")] = 16,
         max_len: Annotated[int, typer.Option("--max-len", help="--model: tokens per prompt at most.")] = 256,
+        migrate_to: Annotated[
+            Path | None,
+            typer.Option(
+                "--migrate-to",
+                help="Run under --plan, move the running ranks' expert weights to this plan, run again (one --mode).",
+            ),
+        ] = None,
+        moves: Annotated[
+            Path | None,
+            typer.Option("--moves", help="--migrate-to: move list JSON (default: placement.replan's for the plans)."),
+        ] = None,
     ) -> None:
         """Replay a trace's routing (--trace) or run a live model's prompts (--model) through R
         expert-parallel ranks under a plan.
@@ -105,7 +147,11 @@ def register(app: typer.Typer) -> None:
         Reports measured cross-rank bytes per rank pair vs the evaluator's prediction, the max relative
         error vs a single-process dense reference (hidden states, or logits of the live model), and wall
         time per MoE layer. With --model every rank holds the dense parts and only its slots' experts, routes
-        its own tokens live, and predictions come from the routing the run recorded (gloo on CPU)."""
+        its own tokens live, and predictions come from the routing the run recorded (gloo on CPU).
+
+        With --migrate-to the ranks then copy expert weights to each other by the move list, round by round,
+        and run again under the new plan: weight bytes sent and received are compared with the list's, and
+        both runs with the reference."""
         from placement.plan import Plan
         from placement.runtime.dispatch import EPError
         from placement.runtime.launch import ep_bench
@@ -120,6 +166,22 @@ def register(app: typer.Typer) -> None:
             modes = ("home", "follow") if mode == "both" else (mode,)
             if tokens < 1:
                 raise EPError(f"--tokens {tokens}: must be >= 1")
+            if migrate_to is not None and len(modes) != 1:
+                raise EPError("--migrate-to runs one --mode: home or follow")
+            if moves is not None and migrate_to is None:
+                raise EPError("--moves needs --migrate-to PLAN")
+        if model and migrate_to is not None:
+            from placement.runtime.migrate import live_migrate_bench
+            from profiler.api import load_prompts
+
+            with user_errors():
+                if limit < 1:
+                    raise EPError(f"--limit {limit}: must be >= 1")
+                plans = Plan.load(plan), Plan.load(migrate_to)
+                texts = load_prompts(prompts)[:limit]
+                rep = live_migrate_bench(model, *plans, ranks, texts, moves=_moves(moves), mode=mode, max_len=max_len)
+            _migrate_out(rep, as_json, {"plan": str(plan), "migrate_to": str(migrate_to), "model": model})
+            return
         if model:
             with user_errors():
                 live = _run_live(model, plan, ranks, modes, prompts, limit, max_len, repeats)
@@ -138,8 +200,20 @@ def register(app: typer.Typer) -> None:
             n = min(tokens, routes.num_tokens)
             sub = routes.take(np.arange(n))
             spec = ModelSpec(hidden=hidden, ffn=ffn or max(1, hidden // 2), seed=seed)
-            jobs = [EPJob(m, p, m, sub.expert_ids_TLK, sub.gate_weights_TLK) for m in modes]
-            reports = ep_bench(jobs, ranks, spec, backend=backend, repeats=repeats)
+            if migrate_to is not None:
+                from placement.runtime.migrate import migrate_bench
+
+                p_b, mv = Plan.load(migrate_to), _moves(moves)
+                ids, gates = sub.expert_ids_TLK, sub.gate_weights_TLK
+                rep = migrate_bench(
+                    p, p_b, ids, ranks, moves=mv, gates_TLK=gates, mode=mode, model=spec, backend=backend
+                )
+            else:
+                jobs = [EPJob(m, p, m, sub.expert_ids_TLK, sub.gate_weights_TLK) for m in modes]
+                reports = ep_bench(jobs, ranks, spec, backend=backend, repeats=repeats)
+        if migrate_to is not None:
+            _migrate_out(rep, as_json, {"plan": str(plan), "migrate_to": str(migrate_to), "trace": trace})
+            return
         if as_json:
             echo_json(
                 {
@@ -153,3 +227,13 @@ def register(app: typer.Typer) -> None:
             typer.echo("\n".join(_text_report(r) for r in reports))
         if not all(r.bytes_equal for r in reports):
             raise fail("measured bytes differ from the evaluator's prediction (a runtime or evaluator bug)")
+
+
+def _migrate_out(rep: Any, as_json: bool, head: dict[str, Any]) -> None:
+    if as_json:
+        echo_json(head | rep.to_dict())
+    else:
+        typer.echo(_migrate_text(rep))
+    jobs = [getattr(f, "job", f) for f in (rep.before, rep.after)]
+    if not (rep.bytes_equal and all(j.bytes_equal for j in jobs)):
+        raise fail("measured bytes differ from the move list or the evaluator (a runtime or evaluator bug)")
