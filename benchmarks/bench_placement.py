@@ -12,6 +12,13 @@ Instances (../shared/traces is read in place, never copied):
 - mixtral: Mixtral-8x7B (32 x 8, top-2), fitted on the prefill tokens, evaluated on the decode tokens; G = 4.
 - dsv3: synthetic DeepSeek-V3 shape (58 x 256, top-8), 32 GPUs on 4 nodes, 32 redundant slots.
 - kimi-k2: synthetic Kimi-K2 shape (60 x 384, top-8), 64 GPUs on 8 nodes.
+- v2-lite-frontier: colocation against unseen imbalance_max of eplb, the affinity default (no --balance),
+  --unseen --balance 0.08 and --robust 1 --balance 0.1, over several half splits (mean, median, min, max);
+  G = 4, 8, 16 and R = 0, 8, 16 (G = 16: R = 0, 16).
+- skewed-top1: synthetic top-1 model, 128 experts, one layer sending 99.9 % of its tokens to one expert; G = 8,
+  8 redundant slots; eplb beside the default.
+- dsv3-weak: DeepSeek-V3 shape with weakly dependent layers, 32 GPUs / 4 nodes, 32 redundant; eplb beside the
+  default.
 For the synthetic shapes affinity gets --balance equal to what eplb achieves, so it is compared at equal or
 better imbalance. Columns: colocation and imbalance_max (../shared/METRICS.md) on the fit and held-out tokens,
 the plan's forecast of held-out imbalance_max (median / 90th percentile, from the fitted prompts alone),
@@ -28,13 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from placement.graph import graph_from_routes
+from placement.graph import graph_from_routes, graph_stats
 from placement.metrics import evaluate
 from placement.planner import make_plan
 from placement.solvers.base import PlanSpec
 from placement.trace.dataset import open_trace
 from placement.trace.schema import RouteArrays, TraceMeta, split_by_prompt
-from placement.trace.synthetic import synthetic_trace
+from placement.trace.synthetic import skewed_top1_trace, synthetic_trace
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 
@@ -192,6 +199,84 @@ def synthetic(
     return rows
 
 
+FRONTIER_CASES: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("eplb", "eplb", {}),
+    ("affinity default", "affinity", {"auto_balance": True}),
+    ("affinity --unseen --balance 0.08", "affinity", {"balance_eps": 0.08, "options": {"unseen": True}}),
+    ("affinity --robust 1 --balance 0.1", "affinity", {"balance_eps": 0.1, "options": {"kappa": 1.0}}),
+)
+
+
+def frontier(
+    name: str,
+    meta: TraceMeta,
+    r: RouteArrays,
+    G: int,
+    N: int,
+    R: int,
+    seeds: int,
+    limit: float,
+    labels: tuple[str, ...],
+) -> list[dict[str, Any]]:
+    """Colocation against imbalance_max on unseen prompts (fitted on a seeded half of the prompts, evaluated on
+    the other half) for each case of FRONTIER_CASES named in ``labels``, over ``seeds`` splits."""
+    rows: list[dict[str, Any]] = []
+    for seed in range(seeds):
+        m = split_by_prompt(r.seq_ids_T, 0.5, seed=seed)
+        for label, solver, kw in FRONTIER_CASES:
+            if label not in labels:
+                continue
+            spec = PlanSpec(G, N, R, time_limit=limit, seed=0, **kw)
+            row = run_case(f"{name}-s{seed}", meta, r.take(m), r.take(~m), spec, solver, traffic=False)
+            row["label"] = label
+            rows.append(row)
+            print_row(row)
+    for label in labels:
+        sel = [x for x in rows if x["label"] == label]
+        col, imb = (np.array([x[k] for x in sel]) for k in ("test_coloc", "test_imb"))
+        worst_s = max(x["solve_s"] for x in sel)
+        print(
+            f"  {name} G={G} N={N} R={R} {label} over {len(sel)} splits: test colocation mean {col.mean():.4f} "
+            f"(min {col.min():.4f}, max {col.max():.4f}); test imbalance_max mean {imb.mean():.4f}, median "
+            f"{np.median(imb):.4f} (min {imb.min():.4f}, max {imb.max():.4f}); solve <= {worst_s:.1f} s",
+            flush=True,
+        )
+    return rows
+
+
+def ds_v2_lite_frontier(quick: bool) -> list[dict[str, Any]]:
+    tr = open_trace(SHARED / "deepseek-v2-lite-chat.dev.npz")
+    r = tr.read_all(with_gates=False)
+    rows: list[dict[str, Any]] = []
+    grid = ((8, 0), (8, 8)) if quick else ((8, 0), (8, 8), (8, 16), (4, 0), (4, 8), (4, 16), (16, 0), (16, 16))
+    labels = tuple(c[0] for c in FRONTIER_CASES)
+    for G, R in grid:
+        main = G == 8 and R in (0, 8)
+        rows += frontier(
+            "v2-lite", tr.meta, r, G, 1, R, 2 if quick else (3 if main else 2), 30.0, labels[:2] if not main else labels
+        )
+    return rows
+
+
+def skewed_frontier(quick: bool) -> list[dict[str, Any]]:
+    """Top-1, 128 experts, one layer sending 99.9 % of its tokens to one expert; 8 GPUs, 8 redundant slots."""
+    meta, r = skewed_top1_trace(12, 128, 16384 if quick else 49152, hot_layer=5, hot_share=0.999, seed=0)
+    labels = ("eplb", "affinity default")
+    return frontier("skewed-top1", meta, r, 8, 1, 8, 2 if quick else 3, 30.0, labels)
+
+
+def dsv3_weak(quick: bool) -> list[dict[str, Any]]:
+    """DeepSeek-V3 shape with weakly dependent layers (follow = 0.25: adjacent-layer concentration close to the
+    independent value), 32 GPUs on 4 nodes, 32 redundant slots, default time limit, eplb beside it."""
+    meta, r = synthetic_trace(58, 256, 8, 16384 if quick else 32768, follow=0.25, seed=0, model_name="dsv3-weak")
+    stats = graph_stats(graph_from_routes(r.expert_ids_TLK, meta, with_coact=False))["summary"]
+    print(
+        f"  dsv3-weak: transition concentration {stats['concentration_mean']:.3f} "
+        f"(independent {stats['independent_mean']:.3f})"
+    )
+    return frontier("dsv3-weak", meta, r, 32, 4, 32, 1, 30.0, ("eplb", "affinity default"))
+
+
 HEADER = (
     f"{'instance':<18}{'G':>4}{'N':>3}{'R':>4}{'eps':>6} {'solver':<12}{'fit col':>8}{'fit imb':>8}"
     f"{'test col':>9}{'test imb':>9}{'fcst p50/p90':>13}{'home B/tok':>12}{'solve s':>9} {'status':<10}{'gap':>7}"
@@ -223,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         "ds-v2-lite-cv": lambda: ds_v2_lite_cv(args.quick),
         "ds-v2-lite-seeds": lambda: ds_v2_lite_seeds(args.quick),
         "mixtral": lambda: mixtral(args.quick),
+        "v2-lite-frontier": lambda: ds_v2_lite_frontier(args.quick),
+        "skewed-top1": lambda: skewed_frontier(args.quick),
+        "dsv3-weak": lambda: dsv3_weak(args.quick),
         "dsv3": lambda: synthetic("dsv3", 58, 256, 32, 4, 32, 16384 if args.quick else 65536, 60.0, True),
         "kimi-k2": lambda: synthetic("kimi-k2", 60, 384, 64, 8, 0, 16384 if args.quick else 49152, 60.0, False),
     }

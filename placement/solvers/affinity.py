@@ -316,6 +316,8 @@ def solve_for_unseen(
                 + (" or add --redundant slots" if spec.num_redundant == 0 else "")
             )
         for _ in range(steps - 2):
+            if time.perf_counter() - t0 + per_solve > per_solve * steps:  # solves overran: stop refining
+                break
             mid = 0.5 * (lo + hi)
             if attempt(mid) > target:
                 lo = mid
