@@ -17,16 +17,18 @@ import base64
 import html
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from placement.graph import RoutingGraph, build_graph, graph_stats
+from placement.graph import RoutingGraph, build_graph, graph_from_routes, graph_stats
 from placement.metrics import evaluate, gpu_load
 from placement.plan import Plan
-from placement.trace.dataset import atomic_write_bytes, open_trace
+from placement.trace.dataset import Trace, atomic_write_bytes, open_trace
+from placement.trace.schema import TraceError, split_by_prompt
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -244,12 +246,14 @@ def render_html(
     evals: dict[str, dict[str, Any]],
     pngs: dict[str, bytes],
     title: str,
+    evaluated_on: str = "",
 ) -> str:
     s = stats["summary"]
     summary = (
         f"<table><tr><th>model</th><td>{_fmt(g.meta.model_name)}</td></tr>"
-        f"<tr><th>tokens</th><td>{_fmt(g.num_tokens)}</td></tr>"
-        f"<tr><th>MoE layers</th><td>{_fmt(g.num_layers)}</td></tr>"
+        + (f"<tr><th>prompts</th><td>{html.escape(evaluated_on)}</td></tr>" if evaluated_on else "")
+        + f"<tr><th>tokens</th><td>{_fmt(g.num_tokens)}</td></tr>"
+        + f"<tr><th>MoE layers</th><td>{_fmt(g.num_layers)}</td></tr>"
         f"<tr><th>experts / top-k</th><td>{g.num_experts} / {g.meta.top_k}</td></tr>"
         f"<tr><th>load skew max / mean</th><td>{_fmt(s['load_skew_max'])} / "
         f"{_fmt(s['load_skew_mean'])}</td></tr>"
@@ -270,7 +274,8 @@ def render_html(
     if "transitions" in pngs:
         parts += ["<h2>Layer-to-layer transitions</h2>", _img("transitions", pngs["transitions"])]
     if plans:
-        parts += ["<h2>Plan comparison</h2>", plan_table(plans, evals)]
+        scope = f" Every plan is evaluated on {html.escape(evaluated_on)}." if evaluated_on else ""
+        parts += ["<h2>Plan comparison</h2>", f"<p>{len(plans)} plans.{scope}</p>", plan_table(plans, evals)]
         parts.append("<p class='muted'>↑ higher is better, ↓ lower is better; traffic per docs/metrics.md.</p>")
         for name in plans:
             parts.append(f"<h2>Plan {html.escape(name)}</h2>")
@@ -292,20 +297,50 @@ def _plan_names(paths: list[Path]) -> list[str]:
 
 def build_report(
     trace: str | os.PathLike[str],
-    plan_paths: list[str | os.PathLike[str]] | None = None,
+    plan_paths: Sequence[str | os.PathLike[str]] | None = None,
     title: str | None = None,
+    prompts: str = "all",
+    train_fraction: float = 0.5,
+    split_seed: int = 0,
 ) -> Report:
-    """Read the trace and plans, evaluate each plan, draw the figures and the page."""
+    """Read the trace and plans, evaluate each plan, draw the figures and the page.
+
+    ``prompts`` all, train or test: the prompts of the trace to show and evaluate on (the seeded split of
+    ``moeplace plan/eval --prompts``); the page says which."""
     tr = open_trace(trace)
-    g = build_graph(tr, with_coact=False)
+    if prompts == "all":
+        g = build_graph(tr, with_coact=False)
+        routes = None
+        evaluated_on = f"all {_num_prompts(tr)} prompts of the trace"
+    elif prompts in ("train", "test"):
+        every = tr.read_all(with_gates=False)
+        mask_T = split_by_prompt(every.seq_ids_T, train_fraction, split_seed)
+        routes = every.take(mask_T if prompts == "train" else ~mask_T)
+        g = graph_from_routes(routes.expert_ids_TLK, tr.meta, with_coact=False)
+        n_all, n = np.unique(every.seq_ids_T).size, np.unique(routes.seq_ids_T).size
+        evaluated_on = (
+            f"the {n} {prompts} prompts of {n_all} (seeded split, --train-fraction {train_fraction}, --split-seed "
+            f"{split_seed}; plans fitted on the train prompts never saw the test prompts)"
+        )
+    else:
+        raise TraceError(f"--prompts {prompts!r}: use all, train or test")
     paths = [Path(p) for p in plan_paths or []]
     plans: dict[str, Plan] = {}
     for name, p in zip(_plan_names(paths), paths, strict=True):
         plan = Plan.load(p)
         plan.check_trace(g.meta, where=str(p))
         plans[name] = plan
-    routes = tr.read_all(with_gates=False) if plans else None
+    if plans and routes is None:
+        routes = tr.read_all(with_gates=False)
     evals = {name: evaluate(plan, g, routes) for name, plan in plans.items()}
     pngs = figures(g, plans, evals)
-    page = render_html(g, graph_stats(g), plans, evals, pngs, title or f"moeplace report: {g.meta.model_name}")
-    return Report(page, pngs)
+    name = title or f"moeplace report: {g.meta.model_name}"
+    return Report(render_html(g, graph_stats(g), plans, evals, pngs, name, evaluated_on), pngs)
+
+
+def _num_prompts(tr: Trace) -> str:
+    """Distinct prompts of a trace (read from the seq_id column only), as text."""
+    seen: set[int] = set()
+    for b in tr.iter_batches(with_ids=True, with_pos=False):
+        seen.update(np.unique(b.seq_ids_T).tolist())
+    return f"{len(seen):,}"

@@ -61,6 +61,14 @@ def report_cmd(
     plan: Annotated[list[Path] | None, typer.Option(help="Plan JSON to compare (repeat for several).")] = None,
     title: Annotated[str | None, typer.Option(help="Page title.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing report.")] = False,
+    prompts: Annotated[
+        str,
+        typer.Option(
+            help="Prompts to show and evaluate on: all, train or test (the seeded split of plan/eval --prompts)."
+        ),
+    ] = "all",
+    train_fraction: Annotated[float, typer.Option(help="Share of prompts in the train split.")] = 0.5,
+    split_seed: Annotated[int, typer.Option(help="Seed of the train/test prompt split.")] = 0,
 ) -> None:
     """Render a self-contained HTML report of TRACE (loads, transitions) and of each PLAN on it."""
     from placement.report import build_report
@@ -69,7 +77,7 @@ def report_cmd(
         if out.suffix.lower() not in (".html", ".htm"):
             raise UserError(f"--out {out}: name the report *.html")
         check_output(out, force=force)
-        report = build_report(trace, [str(p) for p in plan or []], title)
+        report = build_report(trace, [str(p) for p in plan or []], title, prompts, train_fraction, split_seed)
         paths = report.write(out)
     typer.echo(f"wrote {paths[-1]} and {len(paths) - 1} PNGs next to it", err=True)
 
