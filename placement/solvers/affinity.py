@@ -284,7 +284,8 @@ def solve_for_unseen(
 ) -> SolveResult:
     """Most co-located plan whose forecast imbalance_max on unseen prompts (median, placement/solvers/robust.py)
     is <= ``target`` (default 1 + eps; the fitted prompts are held to 1 + eps): bisection on the robustness
-    kappa, ``steps`` solves sharing ``budget`` seconds (default the time limit). Raises PlanError when even
+    kappa (regula falsi on the forecast), ``steps`` solves sharing ``budget`` seconds (default the time limit).
+    Raises PlanError when even
     ``kappa_max`` misses the target, naming the forecast reached."""
     if graph.fold_load_SLE is None:
         raise PlanError("--unseen needs prompt ids in the trace (seq_id) to forecast unseen prompts")
@@ -307,8 +308,10 @@ def solve_for_unseen(
         return float(fc["p50"])
 
     lo, hi = 0.0, kappa_max
-    if attempt(lo) > target:
-        if attempt(hi) > target:
+    f_lo = attempt(lo)
+    if f_lo > target:
+        f_hi = attempt(hi)
+        if f_hi > target:
             reached = f"{min(t[1] for t in tried):.3f}" if tried else "none (the fitted prompts miss it already)"
             raise PlanError(
                 f"--balance {target - 1:g} on unseen prompts was not reached: forecast median imbalance "
@@ -318,11 +321,14 @@ def solve_for_unseen(
         for _ in range(steps - 2):
             if time.perf_counter() - t0 + per_solve > per_solve * steps:  # solves overran: stop refining
                 break
-            mid = 0.5 * (lo + hi)
-            if attempt(mid) > target:
-                lo = mid
+            # regula falsi on the forecast, kept inside the middle 80% of the bracket
+            frac = (f_lo - target) / (f_lo - f_hi) if np.isfinite(f_lo) and f_lo > f_hi else 0.5
+            mid = lo + min(max(frac, 0.1), 0.9) * (hi - lo)
+            f_mid = attempt(mid)
+            if f_mid > target:
+                lo, f_lo = mid, f_mid
             else:
-                hi = mid
+                hi, f_hi = mid, f_mid
     kappa, _, best = max((t for t in tried if t[1] <= target), key=lambda t: t[2].info["colocated_fit"])
     info = {**best.info, "unseen_target": target, "kappa": kappa, "kappa_tried": [[k, p] for k, p, _ in tried]}
     return replace(best, solve_seconds=time.perf_counter() - t0, info=info)
