@@ -139,12 +139,14 @@ def test_bad_move_lists_fail_before_any_process_starts(monkeypatch: pytest.Monke
     moves = move_list(a, b, EXPERT_BYTES).moves
     m0 = moves[0]
     wrong_src = next(g for g in range(4) if not a.holders_LEG[m0.layer, m0.expert, g])
+    relay = next(g for g in range(4) if g not in (m0.src_gpu, m0.dst_gpu))  # from m0's destination, same round
     cases = [
         (moves[1:], "leaves expert"),
         ((replace(m0, src_gpu=wrong_src), *moves[1:]), "source does not hold"),
         ((replace(m0, bytes=1), *moves[1:]), "an expert of this runtime has 6144"),
         ((replace(m0, dst_gpu=m0.src_gpu), *moves[1:]), "same GPU"),
         ((replace(m0, layer=7), *moves[1:]), "out of range"),
+        ((*moves, replace(m0, src_gpu=m0.dst_gpu, dst_gpu=relay)), "hold the expert before the round"),
     ]
     for mv, msg in cases:
         with pytest.raises(EPError, match=msg) as info:

@@ -94,7 +94,14 @@ def check_moves(plan_a: Plan, plan_b: Plan, moves: Sequence[MoveLike], expert_by
         )
     L, E, G = plan_a.num_layers, plan_a.num_experts, plan_a.num_gpus
     holds_LEG = plan_a.holders_LEG > 0
+    landed: list[tuple[int, int, int]] = []  # copies of the round in progress land when it ends
+    current: int | None = None
     for i, m in sorted(enumerate(moves), key=lambda im: im[1].round):
+        if m.round != current:
+            for l, e, g in landed:
+                holds_LEG[l, e, g] = True
+            landed.clear()
+            current = m.round
         where = f"move {i} (layer {m.layer}, expert {m.expert}, GPU {m.src_gpu} -> {m.dst_gpu}, round {m.round})"
         if not (0 <= m.layer < L and 0 <= m.expert < E and 0 <= m.src_gpu < G and 0 <= m.dst_gpu < G):
             raise EPError(f"{where}: out of range for {L} layers, {E} experts, {G} GPUs; use this plan's move list")
@@ -103,8 +110,10 @@ def check_moves(plan_a: Plan, plan_b: Plan, moves: Sequence[MoveLike], expert_by
         if m.bytes != expert_bytes:
             raise EPError(f"{where}: lists {m.bytes} bytes, an expert of this runtime has {expert_bytes}")
         if not holds_LEG[m.layer, m.expert, m.src_gpu]:
-            raise EPError(f"{where}: the source does not hold the expert by then; the list is not for plan A")
-        holds_LEG[m.layer, m.expert, m.dst_gpu] = True
+            raise EPError(f"{where}: the source does not hold the expert before the round; the list is not for plan A")
+        landed.append((m.layer, m.expert, m.dst_gpu))
+    for l, e, g in landed:
+        holds_LEG[l, e, g] = True
     missing_X3 = np.argwhere((plan_b.holders_LEG > 0) & ~holds_LEG)
     if missing_X3.size:
         l, e, g = (int(v) for v in missing_X3[0])
@@ -177,6 +186,10 @@ def migrate(
         got_G = ex.counts(send_G)
         if not np.array_equal(got_G, listed_G):
             raise EPError(f"rank {r}, round {rnd}: senders announce {got_G.tolist()} experts, the list {listed_G}")
+        lost = [m for m in send if (m.layer, m.expert) not in held]
+        if lost:
+            m = lost[0]
+            raise EPError(f"rank {r}, round {rnd}: sends expert {m.expert} of layer {m.layer}, which it does not hold")
         rows = [expert_row(held[(m.layer, m.expert)]) for m in send]
         x_NX = torch.stack(rows) if rows else torch.empty((0, X), dtype=dtype, device=dev)
         y_MX = ex.rows(x_NX, send_G, got_G)
