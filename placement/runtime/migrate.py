@@ -170,7 +170,9 @@ def migrate(
     slot_expert_LS, slot_of_LE = slot_maps(plan_b, r)
     keep = {(l, int(e)) for l in range(L) for e in slot_expert_LS[l]}
     last_send: dict[tuple[int, int], int] = {}
+    by_round: dict[int, list[MoveLike]] = {}
     for m in moves:
+        by_round.setdefault(m.round, []).append(m)
         if m.src_gpu == r:
             key = (m.layer, m.expert)
             last_send[key] = max(last_send.get(key, m.round), m.round)
@@ -178,14 +180,16 @@ def migrate(
     peak_L = np.bincount([l for l, _ in held], minlength=L).astype(np.int64)
     ex.barrier()
     t0 = time.perf_counter()
-    for rnd in sorted({m.round for m in moves}):
-        send = sorted((m for m in moves if m.round == rnd and m.src_gpu == r), key=lambda m: m.dst_gpu)
-        recv = sorted((m for m in moves if m.round == rnd and m.dst_gpu == r), key=lambda m: m.src_gpu)
+    for rnd in sorted(by_round):
+        send = sorted((m for m in by_round[rnd] if m.src_gpu == r), key=lambda m: m.dst_gpu)  # stable: list order
+        recv = sorted((m for m in by_round[rnd] if m.dst_gpu == r), key=lambda m: m.src_gpu)
         send_G = np.bincount([m.dst_gpu for m in send], minlength=G).astype(np.int64)
         listed_G = np.bincount([m.src_gpu for m in recv], minlength=G).astype(np.int64)
         got_G = ex.counts(send_G)
         if not np.array_equal(got_G, listed_G):
-            raise EPError(f"rank {r}, round {rnd}: senders announce {got_G.tolist()} experts, the list {listed_G}")
+            raise EPError(
+                f"rank {r}, round {rnd}: senders announce {got_G.tolist()} experts, the list {listed_G.tolist()}"
+            )
         lost = [m for m in send if (m.layer, m.expert) not in held]
         if lost:
             m = lost[0]
