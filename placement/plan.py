@@ -53,10 +53,18 @@ class Plan:
         if phy2log_LP.ndim != 2 or phy2log_LP.shape[0] != len(self.layers):
             raise PlanError(f"phy2log must have shape [L={len(self.layers)}, P], got {list(phy2log_LP.shape)}")
         P = phy2log_LP.shape[1]
-        if P < E or P % G:
-            raise PlanError(f"phy2log has P={P} slots per layer: need P >= num_experts={E} and P divisible by {G}")
-        if phy2log_LP.size and (phy2log_LP.min() < 0 or phy2log_LP.max() >= E):
-            raise PlanError(f"phy2log holds expert ids outside 0..{E - 1}")
+        if P < E:
+            raise PlanError(f"phy2log has P={P} slots per layer, fewer than num_experts={E}; every expert needs a slot")
+        if P % G:
+            raise PlanError(
+                f"phy2log has P={P} slots per layer, not divisible by num_gpus={G}; every GPU holds P/G slots"
+            )
+        bad_LP = (phy2log_LP < 0) | (phy2log_LP >= E)
+        if bad_LP.any():
+            l, p = np.argwhere(bad_LP)[0]
+            raise PlanError(
+                f"phy2log[{l}, {p}] = {phy2log_LP[l, p]}: expert ids must be in 0..{E - 1} (num_experts={E})"
+            )
         cnt_LE = self.logcnt
         if (cnt_LE == 0).any():
             l, e = np.argwhere(cnt_LE == 0)[0]

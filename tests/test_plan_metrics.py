@@ -73,17 +73,38 @@ def test_plan_derived_maps_round_trip() -> None:
 @pytest.mark.parametrize(
     ("phy2log", "G", "N", "needle"),
     [
-        ([[0, 1, 2]], 2, 1, "divisible"),
+        ([[0, 1, 2]], 2, 1, "P=3 slots per layer, fewer than num_experts=4"),
+        ([[0, 1, 2, 3, 0]], 2, 1, "P=5 slots per layer, not divisible by num_gpus=2"),
         ([[1, 1, 2, 3]], 2, 1, "no slot for expert 0"),
         ([[0, 1, 2, 3]], 4, 3, "not divisible by num_nodes"),
-        ([[0, 1, 2, 9]], 2, 1, None),
+        ([[0, 1, 2, 9]], 2, 1, "phy2log[0, 3] = 9: expert ids must be in 0..3"),
+        ([[0, 1, 2, 3], [0, 1, 2, -1]], 2, 1, "phy2log[1, 3] = -1: expert ids must be in 0..3"),
     ],
 )
-def test_plan_validation(phy2log: list[list[int]], G: int, N: int, needle: str | None) -> None:
+def test_plan_validation(phy2log: list[list[int]], G: int, N: int, needle: str) -> None:
+    layers = tuple(range(len(phy2log)))
     with pytest.raises(PlanError) as exc:
-        Plan(G, N, 4, (0,), np.asarray(phy2log))
-    if needle:
-        assert needle in str(exc.value)
+        Plan(G, N, 4, layers, np.asarray(phy2log))
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+    # the JSON loader refuses the same plan with the same one line, naming the file
+    text = json.dumps({"num_gpus": G, "num_nodes": N, "num_experts": 4, "layers": list(layers), "phy2log": phy2log})
+    with pytest.raises(PlanError) as exc:
+        Plan.from_json(text, where="p.json")
+    assert str(exc.value).startswith("p.json: ") and needle in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("phy2log", "G"),
+    [([[0, 1, 2, 3, 0]], 2), ([[0, 1, 2, -1]], 2)],
+)
+def test_cli_refuses_bad_plan_at_load_with_one_line(cli, tmp_path, phy2log: list[list[int]], G: int) -> None:
+    """P % G != 0 (once an IndexError deep in the evaluator) and a negative id (once silently expert E-1)."""
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"num_gpus": G, "num_nodes": 1, "num_experts": 4, "layers": [0], "phy2log": phy2log}))
+    code, out, err = cli("export", "--plan", path, "--format", "deepseek", "--out", tmp_path / "x.pt")
+    assert code != 0 and not (tmp_path / "x.pt").exists()
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert len(lines) == 1 and str(path) in lines[0] and "phy2log" in lines[0], lines
 
 
 def test_plan_from_bad_json() -> None:

@@ -62,7 +62,7 @@ def eplb_phy2log(load_LE: np.ndarray, num_slots: int, num_gpus: int, num_nodes: 
     G_n, P_n, E_n = num_gpus // N, num_slots // N, E // N
     w = load_LE.astype(np.float64)
     # Step 1: experts -> nodes, E/N per node, heaviest first into the lightest node.
-    node_LE, rank_LE = balanced_packing(w, N)
+    node_LE, rank_LE = _eplb_packing(w, N)
     node_expert_LNI = np.empty((L, N, E_n), dtype=np.int64)
     l_idx = np.repeat(np.arange(L), E)
     node_expert_LNI[l_idx, node_LE.reshape(-1), rank_LE.reshape(-1)] = np.tile(np.arange(E), L)
@@ -71,12 +71,20 @@ def eplb_phy2log(load_LE: np.ndarray, num_slots: int, num_gpus: int, num_nodes: 
     phy_XQ, cnt_XI = replicate_hottest(w_XI, P_n)
     per_phy_XQ = np.take_along_axis(w_XI / cnt_XI, phy_XQ, axis=1)
     # Step 3: physical experts of each node -> its GPUs, P/G per GPU.
-    gpu_XQ, slot_XQ = balanced_packing(per_phy_XQ, G_n)
+    gpu_XQ, slot_XQ = _eplb_packing(per_phy_XQ, G_n)
     local_slot_XQ = gpu_XQ * (P_n // G_n) + slot_XQ
     item_XQ = np.empty_like(phy_XQ)
     np.put_along_axis(item_XQ, local_slot_XQ, phy_XQ, axis=1)
     logical_XQ = np.take_along_axis(node_expert_LNI.reshape(L * N, E_n), item_XQ, axis=1)
     return logical_XQ.reshape(L, N * P_n)
+
+
+def _eplb_packing(weight_XI: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
+    """``balanced_packing``, except that with one item per pack item i stays in pack i (deepseek-ai/EPLB does so)."""
+    X, I = weight_XI.shape
+    if I != num_packs:
+        return balanced_packing(weight_XI, num_packs)
+    return np.tile(np.arange(I, dtype=np.int64), (X, 1)), np.zeros((X, I), dtype=np.int64)
 
 
 def contiguous_phy2log(load_LE: np.ndarray, num_slots: int, num_gpus: int) -> np.ndarray:
