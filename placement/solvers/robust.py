@@ -82,7 +82,8 @@ class LoadModel:
         # Residuals in load units are summed, not averaged per token: a long prompt moves the shares as much
         # as many short ones together.
         res_SLE = (f_SLE - f_SLE.sum(axis=2, keepdims=True) * (load_LE / tot_L1)[None]) / div_LE
-        cov_LEE = np.einsum("sle,slf->lef", res_SLE, res_SLE) * (S / (S - 1.0)) / (tot_L1[:, :, None] ** 2)
+        res_LSE = np.ascontiguousarray(res_SLE.transpose(1, 0, 2))
+        cov_LEE = np.matmul(res_LSE.transpose(0, 2, 1), res_LSE) * (S / (S - 1.0)) / (tot_L1[:, :, None] ** 2)
         cov_LEE *= 1.0 + 1.0 / max(holdout_ratio, 1e-9)
         return cls(share_LE, cov_LEE, float(kappa))
 
