@@ -29,6 +29,7 @@ from placement.trace.schema import (
     TraceError,
     TraceMeta,
     arrow_schema,
+    one_line,
     validate_gates,
     validate_routes,
 )
@@ -269,7 +270,7 @@ class ParquetTrace:
                         yield _batch_to_routes(rb.slice(0, whole), L, K, layers_L, shard, with_gates)
             except (OSError, pa.ArrowException) as exc:
                 raise TraceError(
-                    f"{shard}: cannot read Parquet data ({exc}); the file is damaged or truncated"
+                    f"{shard}: cannot read Parquet data ({one_line(exc)}); the file is damaged or truncated"
                 ) from exc
             if carry is not None and carry.num_rows:
                 raise TraceError(
@@ -316,7 +317,9 @@ def _open_shard(path: Path, meta: TraceMeta | None) -> pq.ParquetFile:
     try:
         pf = pq.ParquetFile(path, memory_map=True)  # ~20% faster decode than buffered reads, measured
     except (OSError, pa.ArrowException) as exc:
-        raise TraceError(f"{path}: not a readable Parquet file ({exc}); the file is damaged or truncated") from exc
+        raise TraceError(
+            f"{path}: not a readable Parquet file ({one_line(exc)}); the file is damaged or truncated"
+        ) from exc
     expected = arrow_schema()
     schema = pf.schema_arrow
     for fld in expected:

@@ -90,6 +90,8 @@ class TraceMeta:
     def from_json(cls, text: str | bytes, where: str = "trace metadata") -> TraceMeta:
         try:
             d = json.loads(text)
+            if not isinstance(d, dict):
+                raise TraceError(f"{where}: moeplace metadata is a JSON object, got {type(d).__name__}")
             version = int(d.get("schema_version", SCHEMA_VERSION))
             if version != SCHEMA_VERSION:
                 raise TraceError(
@@ -169,6 +171,12 @@ def validate_routes(expert_ids_TLK: np.ndarray, meta: TraceMeta, where: str) -> 
             )
         if lo < -1:
             raise TraceError(f"{where}: expert id {lo} < -1; use -1 for 'not recorded'")
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """A library's exception message as one line (pyarrow's and zipfile's span several), cut to ``limit``."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _F32_MAX = float(np.finfo(np.float32).max)

@@ -76,6 +76,9 @@ def _iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 )
             if rec.get("block", "decoder") != "decoder" or "mtp_idx" in rec:
                 continue
+            for key in ("step", "layer", "topk", "num_tokens"):
+                if key in rec and (type(rec[key]) is not int or rec[key] < (1 if key == "topk" else 0)):
+                    raise TraceError(f"{path}:{lineno}: {key}={rec[key]!r}; expected an integer >= 0 (topk >= 1)")
             yield lineno, rec
 
 
@@ -92,9 +95,14 @@ def _iter_groups(paths: list[Path]) -> Iterator[_Group]:
             where = f"{path}:{lineno}"
             K = int(rec["topk"])
             try:
-                ids = np.asarray(rec["top_indices"], dtype=np.int64)
-            except (TypeError, ValueError) as exc:
+                ids = np.asarray(rec["top_indices"])
+            except (TypeError, ValueError) as exc:  # ragged lists
                 raise TraceError(f"{where}: top_indices is not a [num_tokens, topk] integer list ({exc})") from exc
+            if (ids.size and ids.dtype.kind not in "iu") or ids.dtype.kind not in "iuf":
+                raise TraceError(f"{where}: top_indices holds {ids.dtype} values, not expert ids (integers)")
+            if ids.size and (ids.dtype == np.uint64 or int(ids.max()) > np.iinfo(np.int16).max):
+                raise TraceError(f"{where}: expert id {int(ids.max())} in top_indices does not fit int16")
+            ids = ids.astype(np.int64)
             if ids.size == 0:
                 ids = ids.reshape(0, K)
             if ids.ndim != 2 or ids.shape[1] != K:

@@ -14,11 +14,13 @@ Dimension key: T tokens, L MoE layers, K top-k, S prompts.
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from placement.trace.schema import RouteArrays, TraceError, TraceMeta, validate_routes
+from placement.trace.schema import RouteArrays, TraceError, TraceMeta, one_line, validate_gates, validate_routes
 
 
 def _as_routes_TLK(arr: np.ndarray, where: str) -> np.ndarray:
@@ -33,6 +35,17 @@ def _as_routes_TLK(arr: np.ndarray, where: str) -> np.ndarray:
     if arr.size and np.issubdtype(arr.dtype, np.signedinteger) and int(arr.min()) < -1:
         raise TraceError(f"{where}: expert id {int(arr.min())} < -1; use -1 for 'not recorded'")
     return arr.astype(np.int16)
+
+
+def _ints(a: object, where: str, key: str, *, scalar: bool = False) -> np.ndarray:
+    """``a`` as int64 after checking it holds integers (one, if ``scalar``; else at most one dimension)."""
+    arr = np.asarray(a)
+    if arr.dtype.kind not in "iu" or (arr.size != 1 if scalar else arr.ndim > 1):
+        want = "one integer" if scalar else "a 1-D integer array"
+        raise TraceError(f"{where}: {key} must be {want}, got {arr.dtype} of shape {list(arr.shape)}")
+    if arr.size and arr.dtype == np.uint64 and int(arr.max()) > np.iinfo(np.int64).max:
+        raise TraceError(f"{where}: {key} holds {int(arr.max())}, too large")
+    return arr.reshape(-1).astype(np.int64)
 
 
 def routes_from_arrays(
@@ -52,7 +65,7 @@ def routes_from_arrays(
     T, L, K = ids_TLK.shape
     if num_experts is None:
         num_experts = int(ids_TLK.max()) + 1 if ids_TLK.size else 1
-    layer_ids = np.arange(L) if layers is None else np.asarray(layers).reshape(-1)
+    layer_ids = np.arange(L) if layers is None else _ints(layers, where, "layers")
     if layer_ids.shape != (L,):
         raise TraceError(f"{where}: layers has {layer_ids.size} ids but routes have L={L} layers")
     meta = TraceMeta(model_name, int(num_experts), K, tuple(int(x) for x in layer_ids), source=source)
@@ -61,10 +74,10 @@ def routes_from_arrays(
         seq_T = np.zeros(T, dtype=np.int64)
         pos_T = np.arange(T, dtype=np.int32)
     else:
-        lens_S = np.asarray(prompt_lens).astype(np.int64).reshape(-1)
+        lens_S = _ints(prompt_lens, where, "prompt_lens")
         if (lens_S < 0).any() or int(lens_S.sum()) != T:
             raise TraceError(f"{where}: prompt_lens sum to {int(lens_S.sum())} but routes have T={T} tokens")
-        ids_S = np.arange(lens_S.size) if prompt_ids is None else np.asarray(prompt_ids).astype(np.int64)
+        ids_S = np.arange(lens_S.size) if prompt_ids is None else _ints(prompt_ids, where, "prompt_ids")
         if ids_S.shape != lens_S.shape:
             raise TraceError(f"{where}: prompt_ids has {ids_S.size} entries, prompt_lens {lens_S.size}")
         seq_T = np.repeat(ids_S, lens_S)
@@ -72,11 +85,15 @@ def routes_from_arrays(
         pos_T = (np.arange(T) - np.repeat(starts_S, lens_S)).astype(np.int32)
     gates = None
     if scores is not None:
-        gates = np.asarray(scores, dtype=np.float32)
+        if np.asarray(scores).dtype.kind not in "fiu":
+            raise TraceError(f"{where}: scores must be numbers (gate weights), got {np.asarray(scores).dtype}")
+        gates = np.asarray(scores)
         if gates.ndim == 2:
             gates = gates[:, :, None]
         if gates.shape != ids_TLK.shape:
             raise TraceError(f"{where}: scores shape {gates.shape} != routes shape {ids_TLK.shape}")
+        validate_gates(gates, meta, where, seq_T, pos_T)  # before the float32 cast: NaN, inf, < 0, too large
+        gates = gates.astype(np.float32)
     return meta, RouteArrays(ids_TLK, seq_T, pos_T, gates)
 
 
@@ -91,36 +108,47 @@ def read_npz(
     if p.suffix == ".npy":
         try:
             arr = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise TraceError(f"{p}: not a readable .npy file ({exc})") from exc
+        except (OSError, EOFError, ValueError) as exc:
+            raise TraceError(f"{p}: not a readable .npy file ({one_line(exc)})") from exc
         return routes_from_arrays(arr, where=where, model_name=model_name or p.stem, num_experts=num_experts)
     try:
         data = np.load(p, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise TraceError(f"{p}: not a readable .npz file ({exc})") from exc
-    with data:
-        name = key or "routes"
-        if name not in data.files:
-            have = ", ".join(data.files) or "nothing"
-            raise TraceError(
-                f"{where}: no array {name!r} (the file has: {have}); store routes [T, L, K] as 'routes' "
-                "or pick an array with FILE.npz:NAME"
-            )
-        if num_experts is None and "num_experts" in data.files:
-            num_experts = int(data["num_experts"])
-        layers = next((data[k] for k in ("layers", "moe_layer_ids") if k in data.files), None)
-        if model_name is None:
-            model_name = str(data["model_name"]) if "model_name" in data.files else p.name.split(".")[0]
-        scores = data["scores"] if "scores" in data.files and name == "routes" else None
-        lens = data["prompt_lens"] if "prompt_lens" in data.files and name == "routes" else None
-        pids = data["prompt_ids"] if "prompt_ids" in data.files and name == "routes" else None
-        return routes_from_arrays(
-            data[name],
-            where=where,
-            model_name=model_name,
-            num_experts=num_experts,
-            layers=layers,
-            prompt_lens=lens,
-            prompt_ids=pids,
-            scores=scores,
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise TraceError(f"{p}: not a readable .npz file ({one_line(exc)})") from exc
+    try:
+        with data:
+            return _read_members(data, p, where, key, num_experts, model_name)
+    except TraceError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:  # a member that does not decode
+        raise TraceError(f"{where}: damaged .npz member ({type(exc).__name__}: {one_line(exc)})") from exc
+
+
+def _read_members(
+    data: Any, p: Path, where: str, key: str | None, num_experts: int | None, model_name: str | None
+) -> tuple[TraceMeta, RouteArrays]:
+    name = key or "routes"
+    if name not in data.files:
+        have = ", ".join(data.files) or "nothing"
+        raise TraceError(
+            f"{where}: no array {name!r} (the file has: {have}); store routes [T, L, K] as 'routes' "
+            "or pick an array with FILE.npz:NAME"
         )
+    if num_experts is None and "num_experts" in data.files:
+        num_experts = int(_ints(data["num_experts"], where, "num_experts", scalar=True)[0])
+    layers = next((data[k] for k in ("layers", "moe_layer_ids") if k in data.files), None)
+    if model_name is None:
+        model_name = str(data["model_name"]) if "model_name" in data.files else p.name.split(".")[0]
+    scores = data["scores"] if "scores" in data.files and name == "routes" else None
+    lens = data["prompt_lens"] if "prompt_lens" in data.files and name == "routes" else None
+    pids = data["prompt_ids"] if "prompt_ids" in data.files and name == "routes" else None
+    return routes_from_arrays(
+        data[name],
+        where=where,
+        model_name=model_name,
+        num_experts=num_experts,
+        layers=layers,
+        prompt_lens=lens,
+        prompt_ids=pids,
+        scores=scores,
+    )

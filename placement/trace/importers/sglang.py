@@ -19,8 +19,6 @@ Dimension key: A all model layers (L_all), L MoE layers, T tokens, K top-k, P ph
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +44,7 @@ class SGLangRoutes:
     def iter_batches(self) -> Iterator[RouteArrays]:
         seq_base = 0
         for path, dump in self.dumps:
-            phy2log_AP = _np(dump["last_physical_to_logical_map"], path, "last_physical_to_logical_map")
+            phy2log_AP = _phy2log(dump, path)
             for i, rec in enumerate(dump["records"]):
                 routes = _record_routes(rec, phy2log_AP, self, f"{path}: records[{i}]", seq_base)
                 seq_base = int(routes.seq_ids_T.max()) + 1 if routes.num_tokens else seq_base
@@ -62,6 +60,25 @@ def _np(obj: Any, path: Path, key: str) -> np.ndarray:
         raise TraceError(f"{path}: {key} is not an array ({exc})") from exc
 
 
+def _phy2log(dump: dict[str, Any], path: Path) -> np.ndarray:
+    """int64 [L_all, P] ``last_physical_to_logical_map`` after checking it (non-empty, ids 0..32766)."""
+    a = _np(dump["last_physical_to_logical_map"], path, "last_physical_to_logical_map")
+    if a.ndim != 2 or a.size == 0 or a.dtype.kind not in "iu" or int(a.min()) < 0 or int(a.max()) > 32766:
+        raise TraceError(
+            f"{path}: last_physical_to_logical_map must be a non-empty int [L_all, P] of expert ids 0..32766, "
+            f"got {a.dtype} {list(a.shape)}"
+        )
+    return a.astype(np.int64)
+
+
+def _int_list(obj: Any, path: Path, key: str) -> np.ndarray:
+    """int64 [n] of a 1-D integer list or tensor (an empty one may be of any number type)."""
+    a = _np(obj, path, key)
+    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu") or a.dtype.kind not in "iuf":
+        raise TraceError(f"{path}: {key} must be a 1-D list of integers, got {a.dtype} {list(a.shape)}")
+    return a.astype(np.int64)
+
+
 def load_dump(path: Path) -> dict[str, Any]:
     """torch.load a dump (tensors, lists, numbers only: ``weights_only=True``) and check its layout."""
     import torch
@@ -70,7 +87,7 @@ def load_dump(path: Path) -> dict[str, Any]:
         raise TraceError(f"{path}: no such file")
     try:
         dump = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+    except Exception as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise TraceError(f"{path}: not a readable torch.save file ({msg[:200]})") from exc
     if not isinstance(dump, dict):
@@ -135,6 +152,8 @@ def read_sglang(
     for p, d in dumps:
         if "logical_count" in d and "records" not in d:
             kinds.add("stat")
+        elif not _DETAIL_KEYS <= set(d):
+            raise TraceError(f"{p}: a per_token or per_pass dump needs both {' and '.join(sorted(_DETAIL_KEYS))}")
         else:
             kinds.update(_check_record(r, f"{p}: records[{i}]") for i, r in enumerate(d["records"]))
     if len(kinds) > 1:
@@ -171,7 +190,7 @@ def _pass_loads(
 ) -> LoadTrace:
     total_AE: np.ndarray | None = None
     for p, d in dumps:
-        phy2log_AP = _np(d["last_physical_to_logical_map"], p, "last_physical_to_logical_map").astype(np.int64)
+        phy2log_AP = _phy2log(d, p)
         A, P = phy2log_AP.shape
         E = int(phy2log_AP.max()) + 1
         phys_AP = np.zeros((A, P), np.int64)
@@ -203,9 +222,7 @@ def _token_routes(
     used_K = np.zeros(0, bool)
     max_logical = 0
     for p, d in dumps:
-        phy2log_AP = _np(d["last_physical_to_logical_map"], p, "last_physical_to_logical_map")
-        if phy2log_AP.ndim != 2 or not np.issubdtype(phy2log_AP.dtype, np.integer) or phy2log_AP.min() < 0:
-            raise TraceError(f"{p}: last_physical_to_logical_map must be int >= 0 [L_all, P], got {phy2log_AP.shape}")
+        phy2log_AP = _phy2log(d, p)
         if A < 0:
             A = phy2log_AP.shape[0]
             used_A = np.zeros(A, bool)
@@ -254,12 +271,14 @@ def _record_routes(
     ids_TLK = np.ascontiguousarray(log_LTK.transpose(1, 0, 2)).astype(np.int16)
     validate_routes(ids_TLK, meta, where)
     T = ids_TLK.shape[0]
-    pos_T = np.asarray(rec["positions"], dtype=np.int64).reshape(-1)
+    pos_T = _int_list(rec["positions"], Path(where), "positions")
     if pos_T.shape != (T,):
         raise TraceError(f"{where}: positions has {pos_T.size} entries, topk_ids_of_layer has T={T} tokens")
+    if pos_T.size and (pos_T.min() < 0 or pos_T.max() > np.iinfo(np.int32).max):
+        raise TraceError(f"{where}: positions must lie in 0..{np.iinfo(np.int32).max}")
     lens = rec.get("extend_seq_lens")
-    if lens is not None and len(lens) and int(np.sum(lens)) == T:
-        lens_S = np.asarray(lens, dtype=np.int64)
+    lens_S = None if lens is None else _int_list(lens, Path(where), "extend_seq_lens")
+    if lens_S is not None and lens_S.size and lens_S.min() >= 0 and int(lens_S.sum()) == T:
         seq_T = seq_base + np.repeat(np.arange(lens_S.size), lens_S)
     else:  # decode pass: one token per sequence
         seq_T = seq_base + np.arange(T)
