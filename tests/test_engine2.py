@@ -167,3 +167,23 @@ def test_eplb_shares_gpus_on_deepseek_v2_lite_as_its_help_says(traces_dir: Path)
     ep = make_plan(g, PlanSpec(8, 1, 8), "eplb")
     doubled = int((ep.holders_LEG - 1).clip(min=0).sum())
     assert doubled == 11 and ep.num_layers * 8 == 208
+
+
+def test_cli_default_never_fails_on_a_skewed_top1_trace(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The command that used to exit with '--balance 0.1 was not reached' now plans without --balance; an
+    explicit unreachable --balance still fails, naming what eplb reaches."""
+    _, r = skewed_top1_trace(5, 32, 6000, hot_layer=1, tokens_per_prompt=30, seed=5)
+    trace = tmp_path / "skewed.npz"
+    lens = np.bincount(r.seq_ids_T)
+    np.savez(trace, routes=r.expert_ids_TLK, prompt_lens=lens, prompt_ids=np.arange(lens.size), num_experts=32)
+    out = tmp_path / "plan.json"
+    code, _, stderr = cli("plan", "--trace", trace, "--gpus", 8, "--redundant", 8, "--time-limit", 3, "--out", out)
+    assert code == 0, stderr
+    plan = Plan.load(out)
+    assert plan.provenance["options"]["auto_balance"] is True
+    assert (plan.holders_LEG.max(axis=2) <= 1).all()
+    code, _, stderr = cli(
+        "plan", "--trace", trace, "--gpus", 8, "--balance", 0, "--solver", "affinity", "--time-limit", 1,
+        "--out", tmp_path / "tight.json",
+    )  # fmt: skip
+    assert code != 0 and "eplb reaches" in stderr

@@ -1,11 +1,15 @@
 """Affinity-aware replication: fill redundant slots with copies that relieve load *and* co-locate traffic.
 
-Which experts get extra copies is decided by load (as EPLB does: the expert with the most load per copy gets
-the next one), so that no single expert's share sets a GPU's pace. Where each extra copy goes is decided by
-affinity: layer by layer (so that copies at layer l count when layer l+1 is filled), the copies are assigned to
-the GPUs' redundant slots by a linear assignment maximising the transition traffic they newly co-locate with the
-experts (and copies) at layers l-1 and l+1 on that GPU, then balance is repaired with swaps. A copy never goes
-to a GPU that already holds its expert. Load is shared equally among copies, as ../shared/METRICS.md defines.
+Which experts get extra copies is decided by their load on unseen traffic (``replica_counts``): the next copy
+goes to the expert with the most training share plus one standard deviation of its share across prompt folds,
+per copy, so hot experts come first (in skewed top-1 models a 99.9 % expert takes a copy on every GPU) and,
+among similar ones, those whose load swings with the prompt mix. No expert gets more copies than GPUs. Where each
+extra copy goes is decided by affinity: layer by layer (so that copies at layer l count when layer l+1 is
+filled), the copies are assigned to the GPUs' redundant slots by a linear assignment maximising the transition
+traffic they newly co-locate with the experts (and copies) at layers l-1 and l+1 on that GPU, then balance is
+repaired with swaps (``robust_repair`` judges primaries and copies together on unseen prompts when a robustness
+kappa is asked). Two copies of one expert never share a GPU (``separate_slots``). Load is shared equally among
+copies, as ../shared/METRICS.md defines.
 
 Dimension key: L layers, E experts, G GPUs, P slots, C extra copies of one layer (= P - E).
 """
