@@ -169,7 +169,7 @@ def test_eplb_shares_gpus_on_deepseek_v2_lite_as_its_help_says(traces_dir: Path)
     assert doubled == 11 and ep.num_layers * 8 == 208
 
 
-def test_cli_default_never_fails_on_a_skewed_top1_trace(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_cli_default_never_fails_on_a_skewed_top1_trace(cli, tmp_path: Path) -> None:
     """The command that used to exit with '--balance 0.1 was not reached' now plans without --balance; an
     explicit unreachable --balance still fails, naming what eplb reaches."""
     _, r = skewed_top1_trace(5, 32, 6000, hot_layer=1, tokens_per_prompt=30, seed=5)
