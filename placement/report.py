@@ -45,16 +45,22 @@ class Report:
     pngs: dict[str, bytes]
 
     def write(self, out: str | os.PathLike[str]) -> list[Path]:
-        """Write ``{stem}_{name}.png`` next to ``out``, then ``out`` itself; each file atomically."""
+        """Write ``{stem}_{name}.png`` next to ``out``, then ``out`` itself; each file atomically, and none of them
+        if one fails (a full disk: the PNGs written so far are removed again)."""
         out_path = Path(out)
         umask = os.umask(0)
         os.umask(umask)
         written = []
-        for name, png in self.pngs.items():
-            p = out_path.with_name(f"{out_path.stem}_{name}.png")
-            atomic_write_bytes(p, png)
-            written.append(p)
-        atomic_write_bytes(out_path, self.html.encode())
+        try:
+            for name, png in self.pngs.items():
+                p = out_path.with_name(f"{out_path.stem}_{name}.png")
+                atomic_write_bytes(p, png)
+                written.append(p)
+            atomic_write_bytes(out_path, self.html.encode())
+        except BaseException:
+            for p in written:
+                p.unlink(missing_ok=True)
+            raise
         for p in [*written, out_path]:
             p.chmod(0o666 & ~umask)  # the temp files were private; a report is for sharing
         return [*written, out_path]

@@ -220,3 +220,19 @@ def test_help_wraps_to_the_terminal(cli) -> None:
     assert code == 0
     assert max(len(ln) for ln in out.splitlines()) <= 80  # CliRunner's terminal is 80 columns
     assert not any(ln.strip() in ("routes", "experts,") for ln in out.splitlines())  # no orphan words
+
+
+def test_failed_report_leaves_no_figures(cli, files: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    import placement.report as report
+
+    real = report.atomic_write_bytes
+
+    def full_at_html(path: Path, data: bytes) -> None:
+        if path.suffix == ".html":
+            raise OSError(28, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(report, "atomic_write_bytes", full_at_html)
+    line = _one_error(cli, "report", "--trace", files["trace"], "--out", tmp_path / "r.html")
+    assert line == f"error: {tmp_path / 'r.html'}: No space left on device"
+    assert list(tmp_path.iterdir()) == []
