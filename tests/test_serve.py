@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -165,3 +166,46 @@ def test_rollback_formats_and_metrics(server: Server) -> None:
     assert value["moeplace_live_colocation"] == pytest.approx(st["live"]["colocation"])
     assert families["moeplace_moves"].type == "counter" and value["moeplace_moves"] == st["moves_total"]
     assert {"moeplace_decisions", "moeplace_bytes_moved", "moeplace_shards_quarantined"} <= set(families)
+
+
+@pytest.mark.slow
+def test_ingest_replan_and_restart_keep_tokens_and_version(tmp_path: Path) -> None:
+    initial_plan(tmp_path / "plan.json")
+    meta, a = traffic(3000, seed=11)
+    _, b = traffic(2000, seed=12)
+    _, c = traffic(700, seed=13)
+    ds, state = tmp_path / "ds", tmp_path / "state"
+    s = Server(tmp_path / "plan.json", state, ds, "--time-limit", "3", "--interval", "1", "--half-life", "20000")
+    try:
+        write_shard(ds, meta, a, "w1")
+        write_shard(ds, meta, b, "w1")
+        st = s.wait_for(lambda st: st["observed_tokens"] == 5000)
+        st = s.wait_for(lambda st: st["decisions"] >= 1)  # --interval 1: the watcher decided on its own
+        r = s.post("/v1/replan")
+        assert r.status_code == 200
+        res = r.json()
+        assert isinstance(res["changed"], bool) and res["reason"].startswith("request: ")
+        st = s.status()
+        assert res["version"] == st["plan_version"] and st["decisions"] >= 2
+        cur = s.get("/v1/plan")
+        assert int(cur.headers["x-plan-version"]) == st["plan_version"]
+        plan = Plan.from_json(cur.content)
+        assert (plan.num_gpus, plan.num_experts) == (4, E)
+        if st["plan_version"] > 1:  # the move list of the last version takes the previous plan to this one
+            prev = Plan.from_json(s.get(f"/v1/plan/{st['plan_version'] - 1}").content)
+            assert s.get(f"/v1/moves/{st['plan_version']}").json()["num_moves"] == count_moves(prev, plan)
+    finally:
+        assert s.stop() in (0, -15)
+    before = {k: st[k] for k in ("observed_tokens", "plan_version", "shards_ingested", "moves_total")}
+
+    s = Server(tmp_path / "plan.json", state, ds, "--half-life", "20000")  # restart mid-stream
+    try:
+        st = s.status()
+        assert {k: st[k] for k in before} == before
+        assert s.get("/v1/plan").headers["x-plan-version"] == str(before["plan_version"])
+        write_shard(ds, meta, c, "w1")
+        st = s.wait_for(lambda st: st["observed_tokens"] == before["observed_tokens"] + 700)
+        time.sleep(0.5)  # a few more scans: nothing is counted twice
+        assert s.status()["observed_tokens"] == 5700 and s.status()["shards_ingested"] == 3
+    finally:
+        assert s.stop() in (0, -15)
