@@ -239,7 +239,6 @@ def never_below_eplb(
     every balance that eplb reaches, with at least eplb's colocation there."""
     from placement.metrics import colocation, imbalance
     from placement.solvers.baselines import eplb_phy2log
-    from placement.solvers.replicate import distinct_copies
 
     G, N, E, L = spec.num_gpus, spec.num_nodes, graph.num_experts, graph.num_layers
     limit = 1.0 + spec.balance_eps + 1e-9
@@ -250,7 +249,7 @@ def never_below_eplb(
         return imbalance(plan, graph)[1] <= limit, colocation(plan, graph)
 
     ok, coloc = score(phy2log_LP)
-    start_LP = distinct_copies(eplb_phy2log(load_LE, E + spec.num_redundant, G, N), load_LE, G)
+    start_LP = eplb_start(eplb_phy2log(load_LE, E + spec.num_redundant, G, N), graph, G, limit)
     start_ok, start_coloc = score(start_LP)
     if not start_ok or (ok and coloc >= start_coloc):
         return phy2log_LP
@@ -272,6 +271,29 @@ def never_below_eplb(
             start_LP, start_coloc = grown_LP, grown_coloc
     info["from_eplb"] = True
     return start_LP if not ok or start_coloc > coloc else phy2log_LP
+
+
+def eplb_start(eplb_LP: np.ndarray, graph: RoutingGraph, num_gpus: int, limit: float) -> np.ndarray:
+    """EPLB's plan with no two copies of one expert on a GPU, the better balanced of: each second copy swaps
+    slots with an expert of another GPU (the expert keeps its copies, now on more GPUs), or becomes a copy of
+    another expert; then GPUs still over ``limit`` swap single-copy experts."""
+    from placement.metrics import imbalance
+    from placement.solvers.replicate import distinct_copies, robust_repair, separate_slots
+
+    if eplb_LP.shape[1] == graph.num_experts:
+        return eplb_LP
+    load_LE = graph.load_LE.astype(np.float64)
+    share_LE = load_LE / np.maximum(load_LE.sum(axis=1, keepdims=True), 1e-12)
+    L, E = share_LE.shape
+    fitted = LoadModel(share_LE, np.zeros((L, E, E)), 0.0)
+    trans = graph.trans_LEE.astype(np.float64)
+    best_LP, best = eplb_LP, np.inf
+    for moved_LP in (separate_slots(eplb_LP, load_LE, num_gpus), distinct_copies(eplb_LP, load_LE, num_gpus)):
+        out_LP = distinct_copies(robust_repair(moved_LP, trans, fitted, num_gpus, limit), load_LE, num_gpus)
+        worst = imbalance(Plan(num_gpus, 1, E, graph.meta.layers, out_LP), graph)[1]
+        if worst < best:
+            best_LP, best = out_LP, worst
+    return best_LP
 
 
 def solve_for_unseen(
