@@ -5,11 +5,16 @@ deepseek-ai/EPLB lay physical experts out over EP ranks.
 
 - ``sglang``: ``{"physical_to_logical_map": [L_all, P]}`` for ``--init-expert-location FILE.json`` (or the
   same key in a ``.pt`` file), one row per model layer; dense layers (and layers not in the plan) get the
-  trivial row ``arange(P) % E`` that SGLang itself uses.
-- ``vllm``: a directory with ``initial_expert_map.json`` ([L, P] physical-to-logical per MoE layer, the format
-  of vLLM's proposed ``eplb_config.initial_expert_map_path``), ``expert_map.json`` (vllm-ascend's
-  ``expert_map_path``: ``moe_layer_count``, ``layer_list[l].device_list[g].device_expert``) and
-  ``export.json`` (model layer ids, nodes, launch flags), enough to rebuild the plan (``plan_from_vllm``).
+  trivial row ``arange(P) % E`` that SGLang itself uses. SGLang (0.5.23, ``ExpertLocationMetadata.
+  init_by_mapping``) reads row l as model layer l and checks neither the row count nor the width, so the map
+  must have exactly ``num_hidden_layers`` rows and be launched with ``--ep-num-redundant-experts P - E``.
+- ``vllm``: vLLM (0.33) cannot load a custom placement: ``--eplb-config`` has no ``initial_expert_map_path``
+  (its parser exits 2) and ``--expert-placement-strategy`` is ``linear`` or ``round_robin``. The route that
+  works is ``permute-checkpoint`` (a plan without replicas) served with linear placement
+  (``vllm_linear_flags``). This format writes a directory of documented files for forks that read one:
+  ``initial_expert_map.json`` ([L, P] physical-to-logical per MoE layer), ``expert_map.json`` (vllm-ascend's
+  expert map: ``moe_layer_count``, ``layer_list[l].device_list[g].device_expert``) and ``export.json`` (model
+  layer ids, nodes), enough to rebuild the plan (``plan_from_vllm``).
 - ``deepseek``: a torch file with ``phy2log`` int64 [L, P], ``log2phy`` int64 [L, E, R] (slots of each expert,
   padded -1) and ``logcnt`` int64 [L, E], the triple deepseek-ai/EPLB's ``rebalance_experts`` returns.
 - ``permute-checkpoint``: placement/deploy/checkpoint.py.
@@ -21,7 +26,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +61,12 @@ def sglang_map(plan: Plan, num_model_layers: int | None = None) -> np.ndarray:
 
 
 def sglang_flags(plan: Plan, path: Path) -> tuple[str, ...]:
+    """``sglang serve`` flags that load the map: EP over the G tensor-parallel ranks, P - E redundant slots."""
     return (
-        f"--init-expert-location {path}",
-        f"--ep-num-redundant-experts {plan.num_slots - plan.num_experts}",
+        f"--tp-size {plan.num_gpus}",
         f"--ep-size {plan.num_gpus}",
+        f"--ep-num-redundant-experts {plan.num_slots - plan.num_experts}",
+        f"--init-expert-location {shlex.quote(str(path))}",
     )
 
 
@@ -110,27 +119,32 @@ def vllm_ascend_map(plan: Plan) -> dict[str, Any]:
     }
 
 
-def vllm_flags(plan: Plan, out_dir: Path) -> tuple[str, ...]:
-    R = plan.num_slots - plan.num_experts
-    static = 10**12  # EPLB steps between rebalances: never, so the plan stays
-    initial = json.dumps(
-        {
-            "initial_expert_map_path": str(out_dir / VLLM_INITIAL_MAP),
-            "num_redundant_experts": R,
-            "step_interval": static,
-        }
-    )
-    ascend = json.dumps(
-        {"eplb_config": {"expert_map_path": str(out_dir / VLLM_ASCEND_MAP), "num_redundant_experts": R}}
-    )
+def vllm_linear_flags(plan: Plan) -> tuple[str, ...]:
+    """``vllm serve CHECKPOINT`` flags under which GPU g holds experts [g E/G, (g + 1) E/G) of every MoE layer
+    (vLLM 0.33 linear placement, EP over the G tensor-parallel ranks, no EPLB to move them)."""
     return (
-        f"vllm (initial expert map proposal): --enable-expert-parallel --enable-eplb --eplb-config '{initial}'",
-        f"vllm-ascend: --enable-expert-parallel --additional-config '{ascend}'",
+        "--enable-expert-parallel",
+        f"--tensor-parallel-size {plan.num_gpus}",
+        "--expert-placement-strategy linear",
+    )
+
+
+def vllm_route(plan: Plan) -> str:
+    """One line: how to serve ``plan`` on vLLM 0.33, which cannot load a placement file."""
+    if plan.num_slots > plan.num_experts:
+        return (
+            f"vLLM 0.33 cannot serve this plan: it has {plan.num_slots - plan.num_experts} replicas and vLLM places "
+            "replicas only by its own EPLB; plan with --redundant 0 for vLLM, or serve it on SGLang (--format sglang)"
+        )
+    return (
+        "vLLM 0.33 cannot load these files (no --eplb-config initial_expert_map_path; --expert-placement-strategy is "
+        "linear or round_robin); serve this plan on vLLM with `moeplace export --format permute-checkpoint "
+        "--checkpoint MODEL_DIR --out DIR` and `vllm serve DIR` with the flags below"
     )
 
 
 def write_vllm(plan: Plan, out: Path, force: bool) -> ExportResult:
-    flags = vllm_flags(plan, out)
+    flags = vllm_linear_flags(plan) if plan.num_slots == plan.num_experts else ()
     info = {
         "model_name": plan.model_name,
         "layers": list(plan.layers),
@@ -138,7 +152,8 @@ def write_vllm(plan: Plan, out: Path, force: bool) -> ExportResult:
         "num_nodes": plan.num_nodes,
         "num_experts": plan.num_experts,
         "num_slots": plan.num_slots,
-        "flags": list(flags),
+        "vllm": vllm_route(plan),
+        "flags_for_permuted_checkpoint": list(flags),
     }
     with atomic_output(out, force, is_dir=True) as tmp:
         write_json(tmp / VLLM_INITIAL_MAP, vllm_initial_map(plan))
@@ -146,8 +161,8 @@ def write_vllm(plan: Plan, out: Path, force: bool) -> ExportResult:
         write_json(tmp / VLLM_INFO, info)
     paths = (out / VLLM_INITIAL_MAP, out / VLLM_ASCEND_MAP, out / VLLM_INFO)
     warnings = (
-        "vLLM's initial_expert_map_path is an upstream proposal (vllm-project/vllm#49572): check your vLLM",
-        "keep EPLB's step_interval huge, or vLLM's online rebalancer replaces this placement",
+        vllm_route(plan),
+        f"{VLLM_INITIAL_MAP} and {VLLM_ASCEND_MAP} are for vLLM forks that read a placement file (docs/deploy.md)",
     )
     return ExportResult(paths, flags, warnings)
 
@@ -244,7 +259,8 @@ def _permute(plan: Plan, checkpoint: str | os.PathLike[str] | None, out: Path, f
 
     if checkpoint is None:
         raise ExportError("--format permute-checkpoint needs --checkpoint DIR (a Hugging Face safetensors model)")
-    return permute_checkpoint(plan, Path(checkpoint), out, force=force)
+    res = permute_checkpoint(plan, Path(checkpoint), out, force=force)
+    return replace(res, flags=vllm_linear_flags(plan))
 
 
 __all__ = [
@@ -258,4 +274,5 @@ __all__ = [
     "sglang_map",
     "vllm_ascend_map",
     "vllm_initial_map",
+    "vllm_linear_flags",
 ]
