@@ -54,7 +54,19 @@ def test_plan_then_eval(cli, dataset: Path, tmp_path: Path, solver: str) -> None
     code, stdout, stderr = cli("eval", "--plan", out, "--trace", dataset, "--prompts", "test", "--json")
     assert code == 0, stderr
     res = json.loads(stdout)
-    assert 0.0 <= res["colocation"] <= 1.0 and res["imbalance_max"] >= 1.0
+    # the CLI's numbers are evaluate()'s on the held-out half of the prompts (default split: 0.5, seed 0)
+    from placement.graph import graph_from_routes
+    from placement.metrics import evaluate
+    from placement.trace.dataset import open_trace
+    from placement.trace.schema import split_by_prompt
+
+    tr = open_trace(dataset)
+    routes = tr.read_all(with_gates=False)
+    held_out = routes.take(~split_by_prompt(routes.seq_ids_T, 0.5, 0))
+    want = evaluate(plan, graph_from_routes(held_out.expert_ids_TLK, tr.meta, with_coact=False))
+    for key in ("colocation", "imbalance_max", "imbalance_mean"):
+        assert res[key] == pytest.approx(want[key], rel=1e-9), key
+    assert res["imbalance_max"] > 1.0  # 8 experts on 4 GPUs never balance exactly on unseen prompts
     assert res["home"]["bytes_total"] == res["home"]["bytes_intra_node"]
 
 
