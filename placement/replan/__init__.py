@@ -1,11 +1,26 @@
 """Migration-aware re-planning: from the deployed plan, trade forecast balance and colocation against moves.
 
-``moves`` counts and schedules migrations between plans (../shared/METRICS.md moves); ``solve`` re-plans under
-a move budget; ``decide`` is the service's policy (re-plan only when the forecast gain outweighs the cost).
+``moves`` counts and schedules migrations between plans (../shared/METRICS.md moves, rounds for one spare slot
+per GPU); ``solve`` re-plans under a move budget (affinity target, layer mix, swap search, exact model where it
+fits); ``policy.decide`` is the service's policy (re-plan only when the forecast gain outweighs the cost).
 """
 
 from __future__ import annotations
 
-from placement.replan.moves import MoveList, apply_moves, count_moves, holders_LEG, move_list, relabel_gpus
+from placement.replan.moves import Move, MoveList, apply_moves, count_moves, holders_LEG, move_list, relabel_gpus
+from placement.replan.policy import decide, default_budget
+from placement.replan.solve import ReplanResult, replan
 
-__all__ = ["MoveList", "apply_moves", "count_moves", "holders_LEG", "move_list", "relabel_gpus"]
+__all__ = [
+    "Move",
+    "MoveList",
+    "ReplanResult",
+    "apply_moves",
+    "count_moves",
+    "decide",
+    "default_budget",
+    "holders_LEG",
+    "move_list",
+    "relabel_gpus",
+    "replan",
+]

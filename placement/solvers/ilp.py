@@ -37,7 +37,7 @@ from placement.solvers.base import PlanSpec, SolveResult, relative_gap
 from placement.solvers.greedy import balance_cap_L, distance_GG, gpu_cost, greedy_gpu_of
 from placement.solvers.ilp_backends import BACKENDS, MipModel, MipSolution, solve
 
-__all__ = ["MipModel", "MipSolution", "build_model", "solve", "solve_ilp"]
+__all__ = ["MipModel", "MipSolution", "ModelBuilder", "add_capacity_cuts", "build_model", "solve", "solve_ilp"]
 
 
 class _Builder:
@@ -245,6 +245,11 @@ def _add_capacity_cuts(m: _Builder, key_A: np.ndarray, y_AU: np.ndarray, x_KU: n
         -np.inf,
         0.0,
     )
+
+
+# for other exact models built the same way (placement/replan/exact.py)
+ModelBuilder = _Builder
+add_capacity_cuts = _add_capacity_cuts
 
 
 def _add_symmetry_rows(m: _Builder, x0_EG: np.ndarray, num_nodes: int) -> None:

@@ -1,0 +1,255 @@
+"""``replan``: from the deployed plan, a better plan for recent traffic within a move budget.
+
+1. Target: the project's affinity optimiser (placement.planner.make_plan, robust balance) on the recent graph,
+   same GPUs, nodes and redundant slots as the current plan; its GPUs renamed to minimise moves (one renaming
+   for all layers, so its metrics are kept; placement/replan/moves.py).
+2. If the target fits the budget it is a candidate as it is. Otherwise (one replica per expert) the best mix of
+   current and target layers (exact dynamic programme over the layer chain), then swap search under the budget
+   (placement/replan/search.py); with replicas, the layer mix alone.
+3. Exact where it fits (one replica, few block combinations, e.g. Mixtral): the bounded-move model
+   (placement/replan/exact.py) with the best heuristic answer as its hint; its proven bound is reported.
+4. Every candidate (the current plan included) is scored by its forecast imbalance_max on unseen prompts
+   (placement/solvers/robust.py) first, colocation on the recent graph second; the best one is returned, with
+   its move list. The budget is never exceeded (every candidate is checked with ``count_moves``).
+
+Dimension key: L layers, E experts, G GPUs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from placement.graph import RoutingGraph
+from placement.plan import Plan, PlanError, gpu_of_expert_to_phy2log
+from placement.replan.moves import MoveList, align_slots, count_moves, move_list, relabel_gpus
+from placement.replan.search import layer_states, robust_ratio_LG, swap_search
+from placement.solvers.robust import LoadModel, predict_unseen_imbalance
+
+EXACT_MODES = ("auto", "off", "cpsat", "pulp")
+# forecasts closer than this count as equal, and colocation decides
+IMBALANCE_TIE = 0.005
+
+
+@dataclass(frozen=True)
+class ReplanResult:
+    """The chosen plan, its move list from the current plan, whether it differs, why, and the scores before and
+    after (``forecast_imbalance`` median on unseen prompts, ``imbalance_max`` and ``colocation`` on the graph,
+    ``moves``, ``bytes``; ``after`` also has ``time_s``, and ``gap``/``bound`` when the exact model ran)."""
+
+    plan: Plan
+    moves: MoveList
+    changed: bool
+    reason: str
+    before: dict[str, Any]
+    after: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def summary(self) -> dict[str, Any]:
+        return {"changed": self.changed, "reason": self.reason, "before": self.before, "after": self.after}
+
+
+def scores(plan: Plan, graph: RoutingGraph, seed: int = 0) -> dict[str, Any]:
+    """Forecast imbalance (median; training imbalance without prompt folds), imbalance and colocation."""
+    from placement.metrics import colocation, imbalance
+
+    fc = predict_unseen_imbalance(plan, graph.load_LE, graph.fold_load_SLE, seed=seed)
+    imb = imbalance(plan, graph)[1]
+    return {
+        "forecast_imbalance": float(fc["p50"]) if fc else imb,
+        "imbalance_max": imb,
+        "colocation": colocation(plan, graph),
+    }
+
+
+def better(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Score ``a`` beats ``b``: lower forecast imbalance (beyond the tie), else higher colocation."""
+    if a["forecast_imbalance"] < b["forecast_imbalance"] - IMBALANCE_TIE:
+        return True
+    if a["forecast_imbalance"] > b["forecast_imbalance"] + IMBALANCE_TIE:
+        return False
+    return bool(a["colocation"] > b["colocation"] + 1e-9)
+
+
+def target_plan(current: Plan, graph: RoutingGraph, eps: float, kappa: float, time_limit: float, seed: int) -> Plan:
+    """The affinity optimiser's plan for ``graph`` on the current plan's GPUs, nodes and slots; the tolerance is
+    raised to what EPLB (a pure balancer) reaches on the graph when ``eps`` is below it."""
+    from placement.metrics import imbalance
+    from placement.planner import make_plan
+    from placement.solvers.base import PlanSpec
+    from placement.solvers.baselines import eplb_phy2log
+
+    G, N, P = current.num_gpus, current.num_nodes, current.num_slots
+    eplb = replace(current, phy2log=eplb_phy2log(np.asarray(graph.load_LE, dtype=np.float64), P, G, N))
+    reach = imbalance(eplb, graph)[1] - 1.0 + 1e-6
+    spec = PlanSpec(G, N, P - current.num_experts, max(eps, reach), max(time_limit, 0.05), seed,
+                    options={"kappa": kappa})  # fmt: skip
+    return make_plan(graph, spec, "affinity")
+
+
+def _gpu_of(plan: Plan) -> np.ndarray:
+    from placement.solvers.greedy import phy2log_to_gpu_of
+
+    return phy2log_to_gpu_of(plan.phy2log, plan.num_gpus)
+
+
+def replan(
+    current: Plan,
+    graph: RoutingGraph,
+    *,
+    max_moves: int | None = None,
+    expert_bytes: int = 0,
+    balance_eps: float | None = None,
+    time_limit: float = 10.0,
+    seed: int = 0,
+    exact: str = "auto",
+    kappa: float = 2.0,
+) -> ReplanResult:
+    """Re-plan ``current`` for ``graph`` with at most ``max_moves`` moves (None: any); module docstring."""
+    t0 = time.perf_counter()
+    deadline = t0 + time_limit
+    current.check_trace(graph.meta, where="current plan")
+    if exact not in EXACT_MODES:
+        raise PlanError(f"exact={exact!r}: choose one of {', '.join(EXACT_MODES)}")
+    if max_moves is not None and max_moves < 0:
+        raise PlanError(f"--max-moves {max_moves}: must be >= 0")
+    if time_limit <= 0:
+        raise PlanError(f"--time-limit {time_limit}: must be > 0 seconds")
+    before = {**scores(current, graph, seed), "moves": 0, "bytes": 0}
+    empty = MoveList(current.model_name, current.num_gpus, expert_bytes, (), current.layers)
+    if max_moves == 0:
+        return ReplanResult(current, empty, False, "move budget 0: the current plan stays", before, dict(before))
+    K = current.num_layers * current.num_slots if max_moves is None else int(max_moves)
+    eps = 0.1 if balance_eps is None else float(balance_eps)
+    one_replica = current.num_slots == current.num_experts
+    target = relabel_gpus(current, target_plan(current, graph, eps, kappa, 0.45 * time_limit, seed))
+    candidates: list[tuple[str, Plan]] = [("current", current)]
+    if count_moves(current, target) <= K:
+        candidates.append(("target", target))
+    info: dict[str, Any] = {"target_moves": count_moves(current, target)}
+    lm = LoadModel.from_graph(graph, kappa=kappa)
+    if one_replica:
+        G = current.num_gpus
+        cur_LE, tgt_LE = _gpu_of(current), _gpu_of(target)
+        limit = 1.0 + eps
+        if balance_eps is None:  # what the target reaches, or the current plan where it is better balanced
+            limit = max(float(robust_ratio_LG(tgt_LE, lm, G).max()), 1.0)
+        trans = np.asarray(graph.trans_LEE, dtype=np.float64)
+        mixed_LE = layer_states(cur_LE, tgt_LE, trans, lm, limit, K)
+        search_end = t0 + (0.75 if exact != "off" else 1.0) * time_limit
+        best_LE = swap_search(mixed_LE, cur_LE, trans, lm, limit, K, search_end)
+        candidates.append(("search", _plan_of(current, best_LE, "replan-search")))
+        if exact != "off":
+            # leave time for scoring and the move list
+            res = _exact(current, graph, cur_LE, best_LE, K, limit, exact, deadline - 0.05 * time_limit - 0.2, seed)
+            if res is not None:
+                info["exact"] = res[1]
+                if res[0] is not None:
+                    candidates.append(("exact", res[0]))
+    elif count_moves(current, target) > K:
+        cur_H, tgt_H = current.phy2log, target.phy2log
+        mixed = _layer_mix(current, target, graph, lm, K)
+        if not np.array_equal(mixed, cur_H) and not np.array_equal(mixed, tgt_H):
+            candidates.append(("layer-mix", replace(current, phy2log=mixed)))
+    scored = []
+    for name, plan in candidates:
+        if count_moves(current, plan) > K:  # pragma: no cover - every candidate is built within the budget
+            continue
+        scored.append((name, plan, scores(plan, graph, seed)))
+    name, best, after = scored[0]
+    for cand in scored[1:]:
+        if better(cand[2], after):
+            name, best, after = cand
+    changed = name != "current" and count_moves(current, best) > 0
+    if not changed:
+        best, name = current, "current"
+    moves = move_list(current, best, expert_bytes) if changed else empty
+    after = {**after, "moves": len(moves.moves), "bytes": moves.total_bytes, "time_s": time.perf_counter() - t0}
+    if "exact" in info:
+        after.update({k: info["exact"].get(k) for k in ("status", "gap", "bound")})
+    reason = _reason(name, before, after, max_moves)
+    prov = {**best.provenance, "replan": {"chosen": name, "max_moves": max_moves, "reason": reason}}
+    best = replace(best, provenance=prov) if changed else best
+    return ReplanResult(best, moves, changed, reason, before, after, info)
+
+
+def _plan_of(current: Plan, gpu_LE: np.ndarray, solver: str) -> Plan:
+    phy2log = align_slots(current, gpu_of_expert_to_phy2log(gpu_LE, current.num_gpus))
+    return replace(current, phy2log=phy2log, provenance={"solver": solver})
+
+
+def _layer_mix(current: Plan, target: Plan, graph: RoutingGraph, lm: LoadModel, K: int) -> np.ndarray:
+    """With replicas: target layers adopted one at a time, best colocation gain per move first, within K."""
+    from placement.metrics import colocation
+
+    moves_L = (target.holders_LEG > 0) & ~(current.holders_LEG > 0)
+    cost_L = moves_L.sum(axis=(1, 2))
+    phy = current.phy2log.copy()
+    used = 0
+    base = colocation(current, graph)
+    gains = []
+    for l in range(current.num_layers):
+        trial = phy.copy()
+        trial[l] = target.phy2log[l]
+        gains.append((colocation(replace(current, phy2log=trial), graph) - base) / max(int(cost_L[l]), 1))
+    for l in np.argsort(-np.asarray(gains)):
+        if gains[l] > 0 and used + int(cost_L[l]) <= K:
+            phy[l] = target.phy2log[l]
+            used += int(cost_L[l])
+    return phy
+
+
+def _exact(
+    current: Plan,
+    graph: RoutingGraph,
+    cur_LE: np.ndarray,
+    hint_LE: np.ndarray,
+    K: int,
+    limit: float,
+    mode: str,
+    deadline: float,
+    seed: int,
+) -> tuple[Plan | None, dict[str, Any]] | None:
+    """The bounded-move model where it fits (None when skipped); caps: ``limit`` on the training loads, or the
+    hint's load where that is higher, so the hint is feasible."""
+    from placement.replan.exact import flow_num_vars, solve_bounded
+
+    G = current.num_gpus
+    load_LE = np.asarray(graph.load_LE, dtype=np.float64)
+    mean_L = load_LE.sum(axis=1) / G
+    hint_load_LG = np.einsum("le,leg->lg", load_LE, (hint_LE[:, :, None] == np.arange(G)).astype(np.float64))
+    cap_L = np.maximum(limit * mean_L, hint_load_LG.max(axis=1))
+    if mode == "auto" and flow_num_vars(load_LE, G, cap_L) > 150_000:
+        return None
+    left = deadline - time.perf_counter()
+    if left < 0.5:
+        return None
+    res = solve_bounded(cur_LE, load_LE, graph.trans_LEE, G, cap_L, K, hint_LE,
+                        "pulp" if mode == "pulp" else "cpsat", left, seed)  # fmt: skip
+    total = float(np.asarray(graph.trans_LEE).sum()) or 1.0
+    gap = None
+    if res.bound is not None and res.objective is not None:
+        gap = max(0.0, (res.bound - res.objective) / max(res.bound, 1e-12))
+    info = {
+        "status": res.status,
+        "objective_colocation": None if res.objective is None else res.objective / total,
+        "bound": None if res.bound is None else res.bound / total,
+        "gap": gap,
+        "seconds": round(res.seconds, 3),
+        **res.info,
+    }
+    plan = None if res.gpu_LE is None else _plan_of(current, res.gpu_LE, "replan-exact")
+    return plan, info
+
+
+def _reason(name: str, before: dict[str, Any], after: dict[str, Any], max_moves: int | None) -> str:
+    if name == "current":
+        return "no plan within the move budget beats the current one (forecast imbalance, then colocation)"
+    budget = "any" if max_moves is None else str(max_moves)
+    return (
+        f"{name}: forecast imbalance {before['forecast_imbalance']:.3f} -> {after['forecast_imbalance']:.3f}, "
+        f"colocation {before['colocation']:.3f} -> {after['colocation']:.3f}, {after['moves']} moves (budget {budget})"
+    )
