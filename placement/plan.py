@@ -177,7 +177,7 @@ class Plan:
             )
         except PlanError as exc:
             raise PlanError(f"{where}: {exc}") from exc
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: a number beyond int64 (fuzzed)
             raise PlanError(f"{where}: malformed field ({exc}); pass a plan written by `moeplace plan`") from exc
 
     def save(self, path: str | os.PathLike[str]) -> None:

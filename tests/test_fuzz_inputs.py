@@ -350,3 +350,29 @@ def test_ci_profile_is_time_boxed() -> None:
     ci = settings.get_profile("ci")
     assert ci.max_examples <= 50 and ci.deadline is not None
     assert settings.get_profile("long").max_examples >= 1000
+
+
+# ------------------------------------------------------------------ what the long run found (docs/testing.md)
+
+
+def test_plan_number_beyond_int64_is_a_plan_error(tmp_path: Path) -> None:
+    doc = _valid_plan()
+    doc["phy2log"] = 9.223372036854776e18
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    with pytest.raises(PlanError, match="malformed field"):
+        Plan.load(tmp_path / "p.json")
+
+
+@pytest.mark.parametrize(("offset", "value", "why"), [(8, 1, "encrypted"), (10, 99, "compression")])
+def test_npz_member_flags_a_reader_cannot_handle(tmp_path: Path, offset: int, value: int, why: str) -> None:
+    """A zip entry marked encrypted, or compressed with an unknown method (a flipped header bit)."""
+    _valid_npz(tmp_path / "ok.npz")
+    buf = bytearray((tmp_path / "ok.npz").read_bytes())
+    at = buf.index(b"PK\x01\x02") + offset  # the first central-directory entry
+    buf[at] |= value
+    (tmp_path / "ok.npz").unlink()
+    (tmp_path / "bad.npz").write_bytes(bytes(buf))
+    with pytest.raises(TraceError, match=rf"bad.npz.*{why}") as info:
+        import_trace(tmp_path / "bad.npz", "npz", tmp_path / "out")
+    _one_line(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz"]

@@ -268,7 +268,9 @@ class ParquetTrace:
                     carry = rb.slice(whole) if whole < rb.num_rows else None
                     if whole:
                         yield _batch_to_routes(rb.slice(0, whole), L, K, layers_L, shard, with_gates)
-            except (OSError, pa.ArrowException) as exc:
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                if isinstance(exc, TraceError):
+                    raise
                 raise TraceError(
                     f"{shard}: cannot read Parquet data ({one_line(exc)}); the file is damaged or truncated"
                 ) from exc
@@ -316,12 +318,12 @@ def _batch_to_routes(
 def _open_shard(path: Path, meta: TraceMeta | None) -> pq.ParquetFile:
     try:
         pf = pq.ParquetFile(path, memory_map=True)  # ~20% faster decode than buffered reads, measured
-    except (OSError, pa.ArrowException) as exc:
+        schema = pf.schema_arrow
+    except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: undecodable metadata bytes
         raise TraceError(
             f"{path}: not a readable Parquet file ({one_line(exc)}); the file is damaged or truncated"
         ) from exc
     expected = arrow_schema()
-    schema = pf.schema_arrow
     for fld in expected:
         if fld.name not in schema.names:
             raise TraceError(f"{path}: column {fld.name!r} is missing; this is not a moeplace trace shard")

@@ -113,14 +113,15 @@ def read_npz(
         return routes_from_arrays(arr, where=where, model_name=model_name or p.stem, num_experts=num_experts)
     try:
         data = np.load(p, allow_pickle=False)
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+    except (OSError, EOFError, ValueError, RuntimeError, NotImplementedError, zipfile.BadZipFile) as exc:
         raise TraceError(f"{p}: not a readable .npz file ({one_line(exc)})") from exc
     try:
         with data:
             return _read_members(data, p, where, key, num_experts, model_name)
     except TraceError:
         raise
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:  # a member that does not decode
+    except (OSError, EOFError, ValueError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error) as exc:
+        # a member that does not decode (RuntimeError: "encrypted"; NotImplementedError: unknown compression)
         raise TraceError(f"{where}: damaged .npz member ({type(exc).__name__}: {one_line(exc)})") from exc
 
 
