@@ -11,6 +11,7 @@ import typer
 COMMAND_MODULES = (
     "placement.cli.trace",  # import, stats, graph
     "placement.cli.plan",  # plan, eval
+    "placement.cli.replan",  # replan
     "profiler.cli",  # profile
     "placement.cli.runtime",  # ep-bench
     "placement.cli.export",  # export, report

@@ -33,8 +33,11 @@ def synthetic_trace(
     tokens_per_prompt: int = 64,
     seed: int = 0,
     model_name: str = "synthetic",
+    topic_probs: np.ndarray | None = None,
 ) -> tuple[TraceMeta, RouteArrays]:
-    """A synthetic trace: (meta, routes) with int16 expert ids [T, L, K] and prompt ids."""
+    """A synthetic trace: (meta, routes) with int16 expert ids [T, L, K] and prompt ids. ``topic_probs`` [C]
+    (default uniform) is the prompts' topic mix; the same seed with another mix gives the same model (popularity
+    and preferred sets) under shifted traffic."""
     L, E, K, T = num_layers, num_experts, top_k, num_tokens
     M = min(num_preferred or max(1, E // 16), E)
     rng = np.random.default_rng(seed)
@@ -45,7 +48,7 @@ def synthetic_trace(
     S = -(-T // tokens_per_prompt)
     seq_T = np.repeat(np.arange(S, dtype=np.int64), tokens_per_prompt)[:T]
     pos_T = np.tile(np.arange(tokens_per_prompt, dtype=np.int32), S)[:T]
-    topic_T = rng.integers(C, size=S)[seq_T]
+    topic_T = (rng.integers(C, size=S) if topic_probs is None else rng.choice(C, size=S, p=topic_probs))[seq_T]
 
     def draw(l: int, shape: tuple[int, ...]) -> np.ndarray:
         return np.minimum(np.searchsorted(cdf_LE[l], rng.random(shape)), E - 1)

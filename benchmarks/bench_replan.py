@@ -1,0 +1,229 @@
+"""Re-planning replay: a prompt-ordered stream in windows; each policy plans on what it has seen and is scored on
+the NEXT window (no peeking), moves counted between consecutive plans (../shared/METRICS.md).
+
+    python benchmarks/bench_replan.py [--quick] [--only NAME ...] [--json OUT]
+
+Streams (../shared/traces is read in place, never copied):
+- ds-v2-lite: DeepSeek-V2-Lite-Chat dev prompts in file order, windows of 125 prompts, G = 8.
+- mixtral: Mixtral-8x7B, the prefill tokens then the decode tokens of one HumanEval problem, 4 windows of about
+  55 tokens (pseudo-prompts of 8 consecutive tokens for the forecast's folds), G = 4.
+- synthetic-shift: synthetic DeepSeek-V2-Lite shape (26 x 64, top-6), 8 windows of 125 prompts whose topic mix
+  moves from topics 0-15 to 16-31 halfway (same model), G = 8.
+
+Policies (all start from a plan fitted on the first window, scored from the second window on):
+- static: the affinity plan (robust 2) of the first window, never changed.
+- eplb: EPLB recomputed after every window, on all traffic so far and on the last two windows; each relabelled per
+  layer to minimise moves from the deployed plan, and the better balanced on the next window is taken (an oracle
+  choice: EPLB's best case).
+- affinity: the affinity optimiser (robust 2) recomputed on all traffic so far, GPUs relabelled (one renaming).
+- decide: ``placement.replan.decide`` with its defaults on the traffic so far, decayed (half-life 2 windows).
+A policy is any callable ``(history, current_plan) -> Plan | tuple[Plan, ...]`` where ``history`` is the list of
+window graphs seen so far; ``replay`` is what the service's end-to-end benchmark reuses to add its own column.
+Columns: next-window imbalance_max and colocation, moves and bytes moved, decision seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from placement.graph import PROMPT_FOLDS, RoutingGraph, graph_from_routes
+from placement.metrics import colocation, imbalance
+from placement.plan import Plan
+from placement.replan import count_moves, decide, relabel_gpus
+from placement.replan.solve import target_plan
+from placement.solvers.baselines import eplb_phy2log
+from placement.trace.dataset import open_trace
+from placement.trace.schema import RouteArrays, TraceMeta
+from placement.trace.synthetic import synthetic_trace
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+Policy = Callable[[list[RoutingGraph], Plan], "Plan | tuple[Plan, ...]"]
+
+# Expert weights (3 matrices of hidden x intermediate, bf16) of the models the streams come from.
+EXPERT_BYTES = {
+    "ds-v2-lite": 3 * 2048 * 1408 * 2,
+    "mixtral": 3 * 4096 * 14336 * 2,
+    "synthetic-shift": 3 * 2048 * 1408 * 2,
+}
+
+
+def window_graphs(meta: TraceMeta, routes: RouteArrays, prompts_per_window: int) -> list[RoutingGraph]:
+    """Graphs of consecutive windows of prompts, in the order the prompts first appear."""
+    seq_T = routes.seq_ids_T
+    _, first = np.unique(seq_T, return_index=True)
+    order = seq_T[np.sort(first)]
+    rank = np.empty(int(order.max()) + 1, dtype=np.int64)
+    rank[order] = np.arange(order.size)
+    win_T = rank[seq_T] // prompts_per_window
+    out = []
+    for w in range(int(win_T.max()) + 1):
+        part = routes.take(win_T == w)
+        out.append(graph_from_routes(part.expert_ids_TLK, meta, False, part.seq_ids_T, PROMPT_FOLDS))
+    return out
+
+
+def merged(graphs: Sequence[RoutingGraph], weights: Sequence[float] | None = None) -> RoutingGraph:
+    """Sum of window graphs, weighted (float counts) or not."""
+    w_W = np.ones(len(graphs)) if weights is None else np.asarray(weights, dtype=np.float64)
+
+    def total(arrays: list[np.ndarray]) -> np.ndarray:
+        out = np.tensordot(w_W, np.stack(arrays), axes=1)
+        return out.astype(np.int64) if weights is None else out
+
+    folds = [g.fold_load_SLE for g in graphs]
+    fold = None if any(f is None for f in folds) else total([f for f in folds if f is not None])
+    loads, trans = total([g.load_LE for g in graphs]), total([g.trans_LEE for g in graphs])
+    return RoutingGraph(graphs[0].meta, int(sum(g.num_tokens for g in graphs)), loads, trans, None, fold)
+
+
+def decayed(history: Sequence[RoutingGraph], half_life: float = 2.0) -> RoutingGraph:
+    n = len(history)
+    return merged(history, [0.5 ** ((n - 1 - k) / half_life) for k in range(n)])
+
+
+def replay(
+    windows: Sequence[RoutingGraph],
+    policies: dict[str, Policy],
+    initial: dict[str, Plan],
+    expert_bytes: int,
+) -> list[dict[str, Any]]:
+    """Rows (policy, window, next-window imbalance_max and colocation, moves, bytes, seconds): window w >= 1 is
+    served by the plan decided after windows 0..w-1 (the initial plan, fitted on window 0, serves window 1). A
+    policy returning several plans gets the best balanced on the next window (an oracle, for baselines only)."""
+    rows = []
+    for name, policy in policies.items():
+        current = initial[name]
+        for w in range(1, len(windows)):
+            t0 = time.perf_counter()
+            moves = 0
+            if w > 1:
+                out = policy(list(windows[:w]), current)
+                options = out if isinstance(out, tuple) else (out,)
+                new = min(options, key=lambda p: imbalance(p, windows[w])[1])
+                moves = count_moves(current, new)
+                current = new
+            rows.append({
+                "policy": name, "window": w, "imbalance_max": imbalance(current, windows[w])[1],
+                "colocation": colocation(current, windows[w]), "moves": moves, "bytes": moves * expert_bytes,
+                "seconds": time.perf_counter() - t0,
+            })  # fmt: skip
+    return rows
+
+
+def eplb_plan(graph: RoutingGraph, like: Plan) -> Plan:
+    phy = eplb_phy2log(np.asarray(graph.load_LE, dtype=np.float64), like.num_slots, like.num_gpus, like.num_nodes)
+    return replace(like, phy2log=phy, provenance={"solver": "eplb"})
+
+
+def policies(time_limit: float) -> dict[str, Policy]:
+    def eplb(history: list[RoutingGraph], cur: Plan) -> tuple[Plan, ...]:
+        fits = [merged(history), merged(history[-2:])]
+        return tuple(relabel_gpus(cur, eplb_plan(g, cur), per_layer=True) for g in fits)
+
+    def affinity(history: list[RoutingGraph], cur: Plan) -> Plan:
+        return relabel_gpus(cur, target_plan(cur, merged(history), 0.1, 2.0, time_limit, 0))
+
+    def decide_policy(history: list[RoutingGraph], cur: Plan) -> Plan:
+        return decide(cur, decayed(history), time_limit=time_limit).plan
+
+    return {"static": lambda h, cur: cur, "eplb": eplb, "affinity": affinity, "decide": decide_policy}
+
+
+def initial_plans(first: RoutingGraph, G: int, time_limit: float) -> dict[str, Plan]:
+    L, E = first.load_LE.shape
+    blank = Plan(G, 1, E, first.meta.layers, np.tile(np.arange(E), (L, 1)), first.meta.model_name)
+    aff = target_plan(blank, first, 0.1, 2.0, time_limit, 0)
+    return {"static": aff, "eplb": eplb_plan(first, blank), "affinity": aff, "decide": aff}
+
+
+def streams(quick: bool) -> dict[str, tuple[list[RoutingGraph], int]]:
+    out: dict[str, tuple[list[RoutingGraph], int]] = {}
+    if (SHARED / "README.md").exists():
+        tr = open_trace(SHARED / "deepseek-v2-lite-chat.dev.npz")
+        wins = window_graphs(tr.meta, tr.read_all(with_gates=False), 125)
+        out["ds-v2-lite"] = (wins[:4] if quick else wins, 8)
+        parts = []
+        for arr in ("prefill", "decode"):
+            t = open_trace(f"{SHARED / 'mixtral-8x7b-instruct.humaneval0.npz'}:{arr}")
+            r = t.read_all(with_gates=False)
+            parts.append((t.meta, r.expert_ids_TLK))
+        ids = np.concatenate([p[1] for p in parts])
+        T = ids.shape[0]
+        seq = np.arange(T) // 8  # pseudo-prompts of 8 tokens for the folds
+        routes = RouteArrays(ids, seq.astype(np.int64), np.zeros(T, np.int32))
+        out["mixtral"] = (window_graphs(parts[0][0], routes, -(-T // 8 // 4)), 4)
+    else:
+        print(f"note: {SHARED} not found; only the synthetic stream runs", file=sys.stderr)
+    n_win, C, prompts, tpp = (4 if quick else 8), 32, 125, 64
+    graphs: list[RoutingGraph] = []
+    for half in range(2):  # same seed: the same model (popularity, preferred experts), another topic mix
+        mix = np.zeros(C)
+        mix[half * C // 2 : (half + 1) * C // 2] = 2.0 / C
+        meta, r = synthetic_trace(26, 64, 6, n_win // 2 * prompts * tpp, num_topics=C, tokens_per_prompt=tpp,
+                                  seed=7, model_name="synthetic-v2-lite", topic_probs=mix)  # fmt: skip
+        r = RouteArrays(r.expert_ids_TLK, r.seq_ids_T + half * n_win * prompts, r.token_pos_T)
+        graphs += window_graphs(meta, r, prompts)
+    out["synthetic-shift"] = (graphs, 8)
+    return out
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for name in dict.fromkeys(r["policy"] for r in rows):
+        rs = [r for r in rows if r["policy"] == name]
+        out.append({
+            "policy": name, "imbalance_max": float(np.mean([r["imbalance_max"] for r in rs])),
+            "colocation": float(np.mean([r["colocation"] for r in rs])), "moves": sum(r["moves"] for r in rs),
+            "bytes": sum(r["bytes"] for r in rs), "seconds": float(np.mean([r["seconds"] for r in rs])),
+        })  # fmt: skip
+    return out
+
+
+def print_stream(name: str, rows: list[dict[str, Any]]) -> None:
+    print(f"\n== {name}: per window (scored on the next window)")
+    print(f"{'policy':<10} {'win':>3} {'imb_max':>8} {'coloc':>7} {'moves':>6} {'GB moved':>9} {'dec s':>6}")
+    for r in rows:
+        print(f"{r['policy']:<10} {r['window']:>3} {r['imbalance_max']:>8.4f} {r['colocation']:>7.4f} "
+              f"{r['moves']:>6} {r['bytes'] / 1e9:>9.2f} {r['seconds']:>6.2f}")  # fmt: skip
+    summ = summarise(rows)
+    eplb = next((s for s in summ if s["policy"] == "eplb"), None)
+    print(f"-- {name}: totals (mean imbalance_max and colocation, total moves and bytes, mean decision s)")
+    for s in summ:
+        rel = ""
+        if eplb is not None and eplb["colocation"] > 0:
+            ratio, share = s["colocation"] / eplb["colocation"], s["moves"] / max(eplb["moves"], 1)
+            rel = f"  coloc x{ratio:.2f} vs eplb, moves {share:.0%} of eplb's"
+        print(f"{s['policy']:<10} {s['imbalance_max']:>8.4f} {s['colocation']:>7.4f} {s['moves']:>6} "
+              f"{s['bytes'] / 1e9:>9.2f} {s['seconds']:>6.2f}{rel}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="CI size: 3 windows per stream, short time limits")
+    ap.add_argument("--only", nargs="*", help="stream names to run (ds-v2-lite, mixtral, synthetic-shift)")
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds per plan (default 8, quick 2)")
+    ap.add_argument("--json", type=Path, help="write all rows as JSON")
+    args = ap.parse_args(argv)
+    tl = args.time_limit or (2.0 if args.quick else 8.0)
+    everything: dict[str, Any] = {}
+    for name, (wins, G) in streams(args.quick).items():
+        if args.only and name not in args.only:
+            continue
+        rows = replay(wins, policies(tl), initial_plans(wins[0], G, tl), EXPERT_BYTES[name])
+        print_stream(name, rows)
+        everything[name] = {"rows": rows, "summary": summarise(rows)}
+    if args.json:
+        args.json.write_text(json.dumps(everything, indent=1))
+
+
+if __name__ == "__main__":
+    main()
