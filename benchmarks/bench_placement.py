@@ -67,7 +67,7 @@ def run_case(
         "G": spec.num_gpus,
         "N": spec.num_nodes,
         "R": spec.num_redundant,
-        "eps": spec.balance_eps,
+        "eps": None if spec.auto_balance else spec.balance_eps,
         "solver": pv["solver"],
         "fit_coloc": a["colocation"],
         "fit_imb": a["imbalance_max"],
@@ -287,8 +287,9 @@ def print_row(r: dict[str, Any]) -> None:
     home = "-" if r["home_B_tok"] is None else f"{r['home_B_tok']:,.0f}"
     gap = "-" if r["gap"] is None else f"{r['gap']:.3f}"
     fcst = "-" if r.get("fcst_p50") is None else f"{r['fcst_p50']:.3f}/{r['fcst_p90']:.3f}"
+    eps = "auto" if r["eps"] is None else f"{r['eps']:.3f}"
     print(
-        f"{r['instance']:<18}{r['G']:>4}{r['N']:>3}{r['R']:>4}{r['eps']:>6.3f} {r['solver']:<12}"
+        f"{r['instance']:<18}{r['G']:>4}{r['N']:>3}{r['R']:>4}{eps:>6} {r['solver']:<12}"
         f"{r['fit_coloc']:>8.4f}{r['fit_imb']:>8.3f}{r['test_coloc']:>9.4f}{r['test_imb']:>9.3f}{fcst:>13}{home:>12}"
         f"{r['solve_s']:>9.2f} {r['status']:<10}{gap:>7}",
         flush=True,

@@ -305,10 +305,9 @@ def solve_for_unseen(
     budget: float | None = None,
 ) -> SolveResult:
     """Most co-located plan whose forecast imbalance_max on unseen prompts (median, placement/solvers/robust.py)
-    is <= ``target`` (default 1 + eps; the fitted prompts are held to 1 + eps): bisection on the robustness
-    kappa (regula falsi on the forecast), ``steps`` solves sharing ``budget`` seconds (default the time limit).
-    Raises PlanError when even
-    ``kappa_max`` misses the target, naming the forecast reached."""
+    is <= ``target`` (default 1 + eps; the fitted prompts are held to 1 + eps): a search on the robustness kappa
+    (Illinois regula falsi on the forecast), ``steps`` solves sharing ``budget`` seconds (default the time
+    limit). Raises PlanError when even ``kappa_max`` misses the target, naming the forecast reached."""
     if graph.fold_load_SLE is None:
         raise PlanError("--unseen needs prompt ids in the trace (seq_id) to forecast unseen prompts")
     t0 = time.perf_counter()
@@ -340,17 +339,21 @@ def solve_for_unseen(
                 f"{reached} at robustness up to {kappa_max:g}; raise --balance"
                 + (" or add --redundant slots" if spec.num_redundant == 0 else "")
             )
+        # Illinois regula falsi on h(kappa) = forecast - target: an end kept twice in a row has its h halved,
+        # so a forecast that falls steeply at small kappa does not pin the steps to the high end.
+        h_lo, h_hi, kept = f_lo - target, f_hi - target, 0
         for _ in range(steps - 2):
             if time.perf_counter() - t0 + per_solve > per_solve * steps:  # solves overran: stop refining
                 break
-            # regula falsi on the forecast, kept inside the middle 80% of the bracket
-            frac = (f_lo - target) / (f_lo - f_hi) if np.isfinite(f_lo) and f_lo > f_hi else 0.5
-            mid = lo + min(max(frac, 0.1), 0.9) * (hi - lo)
-            f_mid = attempt(mid)
-            if f_mid > target:
-                lo, f_lo = mid, f_mid
+            frac = h_lo / (h_lo - h_hi) if np.isfinite(h_lo) else 0.5
+            mid = lo + min(max(frac, 0.05), 0.95) * (hi - lo)
+            h_mid = attempt(mid) - target
+            if h_mid > 0:
+                lo, h_lo = mid, h_mid
+                h_hi, kept = (h_hi / 2 if kept == 1 else h_hi), 1
             else:
-                hi, f_hi = mid, f_mid
+                hi, h_hi = mid, h_mid
+                h_lo, kept = (h_lo / 2 if kept == -1 else h_lo), -1
     kappa, _, best = max((t for t in tried if t[1] <= target), key=lambda t: t[2].info["colocated_fit"])
     info = {**best.info, "unseen_target": target, "kappa": kappa, "kappa_tried": [[k, p] for k, p, _ in tried]}
     return replace(best, solve_seconds=time.perf_counter() - t0, info=info)
