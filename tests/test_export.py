@@ -197,6 +197,8 @@ def test_permuted_mixtral_same_logits_and_contiguous_placement_is_the_plan(mixtr
     assert set(index["weight_map"]) == set(new)
     assert json.loads((out / PERMUTATION_NAME).read_text())["new_to_old"] == plan.phy2log.tolist()
     assert res.info["shards"] > 1
+    # the vLLM 0.33 flags under which GPU g holds positions [g S, (g + 1) S): the plan (tests/test_engines.py)
+    assert res.flags == ("--enable-expert-parallel", "--tensor-parallel-size 4", "--expert-placement-strategy linear")
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
