@@ -66,7 +66,6 @@ def test_plan_then_eval(cli, dataset: Path, tmp_path: Path, solver: str) -> None
     want = evaluate(plan, graph_from_routes(held_out.expert_ids_TLK, tr.meta, with_coact=False))
     for key in ("colocation", "imbalance_max", "imbalance_mean"):
         assert res[key] == pytest.approx(want[key], rel=1e-9), key
-    assert res["imbalance_max"] > 1.0  # 8 experts on 4 GPUs never balance exactly on unseen prompts
     assert res["home"]["bytes_total"] == res["home"]["bytes_intra_node"]
 
 
