@@ -28,12 +28,13 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from placement.plan import Plan
+from placement.replan.moves import Move, move_list
 from placement.runtime.dispatch import EPError, Exchanger, ReplicaTable
 from placement.runtime.replay import (
     EPJob,
@@ -49,31 +50,12 @@ from placement.runtime.replay import (
 )
 
 
-class MoveLike(Protocol):
-    """One weight copy of a move list (``placement.replan.moves.Move``)."""
-
-    @property
-    def layer(self) -> int: ...
-    @property
-    def expert(self) -> int: ...
-    @property
-    def src_gpu(self) -> int: ...
-    @property
-    def dst_gpu(self) -> int: ...
-    @property
-    def bytes(self) -> int: ...
-    @property
-    def round(self) -> int: ...
-
-
-def plan_moves(plan_a: Plan, plan_b: Plan, expert_bytes: int) -> tuple[MoveLike, ...]:
+def plan_moves(plan_a: Plan, plan_b: Plan, expert_bytes: int) -> tuple[Move, ...]:
     """The move list from plan A to plan B (``placement.replan.moves.move_list``) as the runtime runs it."""
-    from placement.replan.moves import move_list
-
     return tuple(move_list(plan_a, plan_b, expert_bytes).moves)
 
 
-def listed_bytes_GG(moves: Sequence[MoveLike], num_gpus: int) -> np.ndarray:
+def listed_bytes_GG(moves: Sequence[Move], num_gpus: int) -> np.ndarray:
     """int64 [G, G]: the move list's bytes src -> dst."""
     out = np.zeros((num_gpus, num_gpus), dtype=np.int64)
     for m in moves:
@@ -81,7 +63,7 @@ def listed_bytes_GG(moves: Sequence[MoveLike], num_gpus: int) -> np.ndarray:
     return out
 
 
-def check_moves(plan_a: Plan, plan_b: Plan, moves: Sequence[MoveLike], expert_bytes: int) -> None:
+def check_moves(plan_a: Plan, plan_b: Plan, moves: Sequence[Move], expert_bytes: int) -> None:
     """Raise EPError (one line) unless ``moves``, run in round order, turn plan A's holdings into plan B's."""
     if (plan_a.num_layers, plan_a.num_experts, plan_a.num_gpus) != (
         plan_b.num_layers,
@@ -153,7 +135,7 @@ def row_expert(row_X: torch.Tensor, shapes: Sequence[torch.Size]) -> ExpertW:
 
 
 def migrate(
-    ex: Exchanger, local: LocalExperts, plan_b: Plan, moves: Sequence[MoveLike]
+    ex: Exchanger, local: LocalExperts, plan_b: Plan, moves: Sequence[Move]
 ) -> tuple[LocalExperts, MigrationStats]:
     """Run ``moves`` on this rank (collective: every rank calls it with the same list); returns the experts of
     this rank's plan-B slots and what moved. ``local`` must hold this rank's plan-A slots."""
@@ -170,7 +152,7 @@ def migrate(
     slot_expert_LS, slot_of_LE = slot_maps(plan_b, r)
     keep = {(l, int(e)) for l in range(L) for e in slot_expert_LS[l]}
     last_send: dict[tuple[int, int], int] = {}
-    by_round: dict[int, list[MoveLike]] = {}
+    by_round: dict[int, list[Move]] = {}
     for m in moves:
         by_round.setdefault(m.round, []).append(m)
         if m.src_gpu == r:
@@ -225,7 +207,7 @@ class MigrateTask:
     model: ModelSpec
     job_a: EPJob
     job_b: EPJob
-    moves: tuple[MoveLike, ...]
+    moves: tuple[Move, ...]
 
 
 def run_migrate_rank(ex: Exchanger, task: MigrateTask) -> tuple[RankResult, MigrationStats, RankResult]:
@@ -254,7 +236,7 @@ class LiveMigrateTask:
     batches: tuple[Any, ...]
     job_a: Any
     job_b: Any
-    moves: tuple[MoveLike, ...]
+    moves: tuple[Move, ...]
 
 
 def run_live_migrate_rank(ex: Exchanger, task: LiveMigrateTask) -> tuple[Any, MigrationStats, Any]:
@@ -324,7 +306,7 @@ class MigrateReport:
 
 
 def _report(
-    before: Any, after: Any, stats: Sequence[MigrationStats], moves: Sequence[MoveLike], plan_b: Plan, nbytes: int
+    before: Any, after: Any, stats: Sequence[MigrationStats], moves: Sequence[Move], plan_b: Plan, nbytes: int
 ) -> MigrateReport:
     G = len(stats)
     return MigrateReport(
@@ -348,7 +330,7 @@ def migrate_bench(
     ids_TLK: np.ndarray,
     world: int,
     *,
-    moves: Sequence[MoveLike] | None = None,
+    moves: Sequence[Move] | None = None,
     gates_TLK: np.ndarray | None = None,
     mode: str = "home",
     model: ModelSpec | None = None,
@@ -384,7 +366,7 @@ def live_migrate_bench(
     world: int,
     prompts: Sequence[str],
     *,
-    moves: Sequence[MoveLike] | None = None,
+    moves: Sequence[Move] | None = None,
     mode: str = "home",
     batch_size: int = 8,
     max_len: int = 256,
