@@ -184,6 +184,7 @@ def test_vllm_export_says_how_to_serve_the_plan(cli, tmp_path: Path) -> None:
     _v2_lite_plan(R=0).save(flat)
     code, out, err = cli("export", "--plan", flat, "--format", "vllm", "--out", tmp_path / "v")
     assert code == 0 and "permute-checkpoint" in err and "vLLM 0.33 cannot load" in err
+    assert "launch flags for `vllm serve PERMUTED_CHECKPOINT ...`:" in err
     assert out.split() == "--enable-expert-parallel --tensor-parallel-size 8 --expert-placement-strategy linear".split()
     replicated = tmp_path / "rep.json"
     _v2_lite_plan().save(replicated)

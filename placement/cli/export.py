@@ -15,7 +15,14 @@ __all__ = ["register"]
 
 def export_cmd(
     plan: Annotated[Path, typer.Option(help="Plan JSON written by `moeplace plan`.")],
-    format: Annotated[str, typer.Option("--format", help="sglang, vllm, deepseek or permute-checkpoint.")],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="sglang, vllm (files for vLLM forks; vLLM 0.33 itself serves a permute-checkpoint), deepseek or "
+            "permute-checkpoint (docs/deploy.md).",
+        ),
+    ],
     out: Annotated[
         Path,
         typer.Option(
@@ -48,7 +55,8 @@ def export_cmd(
     for path in res.paths:
         typer.echo(f"wrote {path}", err=True)
     if res.flags:
-        typer.echo("launch flags:", err=True)
+        launch = res.info.get("launch")
+        typer.echo(f"launch flags for `{launch} ...`:" if launch else "launch flags:", err=True)
         for f in res.flags:
             typer.echo(f)
 

@@ -89,7 +89,8 @@ def write_sglang(plan: Plan, out: Path, force: bool, num_model_layers: int | Non
             f"assumed the model has {map_LP.shape[0]} layers (last MoE layer + 1); "
             "pass --num-model-layers N if it has more (e.g. num_hidden_layers)"
         )
-    return ExportResult((out,), sglang_flags(plan, out), tuple(warnings), {"shape": list(map_LP.shape)})
+    info = {"shape": list(map_LP.shape), "launch": "sglang serve --model-path MODEL"}
+    return ExportResult((out,), sglang_flags(plan, out), tuple(warnings), info)
 
 
 # --------------------------------------------------------------------------------------------------- vLLM
@@ -164,7 +165,7 @@ def write_vllm(plan: Plan, out: Path, force: bool) -> ExportResult:
         vllm_route(plan),
         f"{VLLM_INITIAL_MAP} and {VLLM_ASCEND_MAP} are for vLLM forks that read a placement file (docs/deploy.md)",
     )
-    return ExportResult(paths, flags, warnings)
+    return ExportResult(paths, flags, warnings, {"launch": "vllm serve PERMUTED_CHECKPOINT"} if flags else {})
 
 
 def plan_from_vllm(out_dir: str | os.PathLike[str]) -> Plan:
@@ -260,7 +261,9 @@ def _permute(plan: Plan, checkpoint: str | os.PathLike[str] | None, out: Path, f
     if checkpoint is None:
         raise ExportError("--format permute-checkpoint needs --checkpoint DIR (a Hugging Face safetensors model)")
     res = permute_checkpoint(plan, Path(checkpoint), out, force=force)
-    return replace(res, flags=vllm_linear_flags(plan))
+    return replace(
+        res, flags=vllm_linear_flags(plan), info={**res.info, "launch": f"vllm serve {shlex.quote(str(out))}"}
+    )
 
 
 __all__ = [
