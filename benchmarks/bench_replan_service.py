@@ -1,19 +1,17 @@
-"""Re-planning through the real service: `moeplace serve` in a subprocess, driven over its HTTP API.
+"""Re-planning through the real service: `moeplace serve` in a subprocess, driven over its HTTP API, as one more
+policy column of benchmarks/bench_replan.py's replay (same streams, windows, initial plan and scoring).
 
-    python benchmarks/bench_replan_service.py [--quick] [--stream NAME ...] [--half-life TOKENS ...] [--json OUT]
+    python benchmarks/bench_replan_service.py [--quick] [--only NAME ...] [--half-life WINDOWS ...] [--json OUT]
 
-A prompt-ordered stream is cut into windows. Window 0 fits the initial plan (the service's version 1). Then for
-each window i: its tokens are written into the watched dataset as one shard (as `moeplace import` or a Ray job
-would), the script waits until GET /v1/status shows them in `observed_tokens`, POSTs /v1/replan (timed: the
-decision time), GETs /v1/plan, and scores that plan on window i+1 (no peeking): imbalance_max and colocation of
-../shared/METRICS.md, moves (from the decision's move list) and bytes moved.
+The service policy, after windows 0..w-1: every window not yet sent is written into the watched dataset as one
+shard (as `moeplace import` or a Ray job would), the script waits until GET /v1/status shows them in
+`observed_tokens`, POSTs /v1/replan (the service's default policy, placement.replan.decide, on its decayed
+window) and GETs /v1/plan, which bench_replan's ``replay`` scores on window w (no peeking). The service starts
+from the plan the other policies start from (fitted on window 0). Its half-life is given in windows and passed in
+tokens (mean window size); `--with` adds bench_replan's other policies for comparison (default: static, eplb,
+decide; affinity recompute is slow).
 
-Streams (../shared/traces is read in place):
-- ds-v2-lite: DeepSeek-V2-Lite-Chat dev prompts in their order, windows of 125 prompts, G = 8;
-- mixtral: Mixtral-8x7B prefill -> decode (two windows), G = 4;
-- shift: synthetic 26 x 64 top-6 stream whose topic mix changes halfway, windows of 125 prompts, G = 8.
-
-Dimension key: T tokens, L MoE layers, E experts.
+Dimension key: T tokens.
 """
 
 from __future__ import annotations
@@ -27,35 +25,59 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
-from placement.graph import graph_from_routes
-from placement.metrics import colocation, imbalance
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_replan import EXPERT_BYTES, SHARED, initial_plans, policies, print_stream, replay, summarise
+
+from placement.graph import PROMPT_FOLDS, RoutingGraph, graph_from_routes
 from placement.plan import Plan
-from placement.trace.dataset import TraceWriter
+from placement.trace.dataset import TraceWriter, open_trace
 from placement.trace.schema import RouteArrays, TraceMeta
+from placement.trace.synthetic import synthetic_trace
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "traces"
 TOKEN = "bench-token"
 
 
 def prompt_windows(routes: RouteArrays, prompts_per_window: int) -> list[RouteArrays]:
-    """Consecutive windows of whole prompts, in the order prompts first appear in the trace."""
-    _, first = np.unique(routes.seq_ids_T, return_index=True)
-    order = routes.seq_ids_T[np.sort(first)]
-    rank = {int(s): i for i, s in enumerate(order)}
-    win_T = np.array([rank[int(s)] for s in routes.seq_ids_T]) // prompts_per_window
+    """Consecutive windows of whole prompts, in the order prompts first appear (bench_replan.window_graphs' cut)."""
+    seq_T = routes.seq_ids_T
+    _, first = np.unique(seq_T, return_index=True)
+    order = seq_T[np.sort(first)]
+    rank = np.empty(int(order.max()) + 1, dtype=np.int64)
+    rank[order] = np.arange(order.size)
+    win_T = rank[seq_T] // prompts_per_window
     return [routes.take(win_T == w) for w in range(int(win_T.max()) + 1)]
 
 
-def score(plan: Plan, meta: TraceMeta, window: RouteArrays) -> dict[str, float]:
-    g = graph_from_routes(window.expert_ids_TLK, meta, with_coact=False)
-    return {"imbalance_max": imbalance(plan, g)[1], "colocation": colocation(plan, g)}
+def stream_windows(quick: bool) -> dict[str, tuple[TraceMeta, list[RouteArrays], int]]:
+    """bench_replan's streams as routes per window: (meta, windows, G)."""
+    out: dict[str, tuple[TraceMeta, list[RouteArrays], int]] = {}
+    if (SHARED / "README.md").exists():
+        tr = open_trace(SHARED / "deepseek-v2-lite-chat.dev.npz")
+        wins = prompt_windows(tr.read_all(with_gates=False), 125)
+        out["ds-v2-lite"] = (tr.meta, wins[:4] if quick else wins, 8)
+        parts = [open_trace(f"{SHARED / 'mixtral-8x7b-instruct.humaneval0.npz'}:{a}") for a in ("prefill", "decode")]
+        ids = np.concatenate([p.read_all(with_gates=False).expert_ids_TLK for p in parts])
+        T = ids.shape[0]
+        routes = RouteArrays(ids, (np.arange(T) // 8).astype(np.int64), np.zeros(T, np.int32))
+        out["mixtral"] = (parts[0].meta, prompt_windows(routes, -(-T // 8 // 4)), 4)
+    n_win, C, prompts, tpp = (4 if quick else 8), 32, 125, 64
+    wins = []
+    for half in range(2):
+        mix = np.zeros(C)
+        mix[half * C // 2 : (half + 1) * C // 2] = 2.0 / C
+        meta, r = synthetic_trace(26, 64, 6, n_win // 2 * prompts * tpp, num_topics=C, tokens_per_prompt=tpp,
+                                  seed=7, model_name="synthetic-v2-lite", topic_probs=mix)  # fmt: skip
+        wins += prompt_windows(RouteArrays(r.expert_ids_TLK, r.seq_ids_T + half * n_win * prompts, r.token_pos_T), 125)
+    out["synthetic-shift"] = (meta, wins, 8)
+    return out
 
 
 class Service:
@@ -86,14 +108,13 @@ class Service:
         while self.http.get("/v1/status").json()["observed_tokens"] < n:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"observed_tokens never reached {n}")
-            time.sleep(0.05)
+            time.sleep(0.02)
 
-    def replan(self) -> tuple[dict[str, Any], float]:
-        t0 = time.perf_counter()
+    def replan(self) -> dict[str, Any]:
         r = self.http.post("/v1/replan", headers={"Authorization": f"Bearer {TOKEN}"})
         r.raise_for_status()
         out: dict[str, Any] = r.json()
-        return out, time.perf_counter() - t0
+        return out
 
     def plan(self) -> Plan:
         return Plan.from_json(self.http.get("/v1/plan").content)
@@ -104,139 +125,71 @@ class Service:
         self.proc.wait(120)
 
 
-def service_replay(
-    meta: TraceMeta,
-    windows: list[RouteArrays],
-    initial: Plan,
-    *,
-    half_life: float,
-    expert_bytes: int = 0,
-    max_moves: int | None = None,
-    time_limit: float = 10.0,
-) -> list[dict[str, Any]]:
-    """Per window i >= 1 (the decision after seeing windows 0..i-1... see module docstring): the service's plan
-    after window i scored on window i+1. Window 0 is what the initial plan was fitted on: it is ingested first."""
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        root = Path(tmp)
-        initial.save(root / "plan.json")
-        extra = ["--half-life", str(half_life), "--expert-bytes", str(expert_bytes), "--time-limit", str(time_limit)]
-        extra += [] if max_moves is None else ["--max-moves", str(max_moves)]
-        svc = Service(root / "plan.json", root / "state", root / "ds", *extra)
-        try:
-            seen = 0
-            for i, w in enumerate(windows[:-1]):
-                with TraceWriter(root / "ds", meta, writer_id=f"win{i:03d}") as wr:
-                    wr.write(w.expert_ids_TLK, w.seq_ids_T, w.token_pos_T)
-                seen += w.num_tokens
-                svc.wait_tokens(seen)
-                if i == 0:
-                    continue  # the initial plan was fitted on window 0
-                res, wall = svc.replan()
-                plan = svc.plan()
-                rows.append(
-                    {
-                        "window": i,
-                        **score(plan, meta, windows[i + 1]),
-                        "moves": res["moves"],
-                        "bytes": res["bytes"],
-                        "changed": res["changed"],
-                        "decision_s": round(wall, 3),
-                        "version": res["version"],
-                    }
-                )
-        finally:
-            svc.stop()
-    return rows
+def service_policy(
+    svc: Service, meta: TraceMeta, windows: list[RouteArrays], dataset: Path, log: list[dict[str, Any]]
+) -> Callable[[list[RoutingGraph], Plan], Plan]:
+    """A bench_replan policy that sends the windows seen so far to the service and takes its plan."""
+    sent = [0]
 
-
-def eplb_replay(meta: TraceMeta, windows: list[RouteArrays], initial: Plan, last: int | None) -> list[dict[str, Any]]:
-    """Periodic EPLB recompute on all traffic so far (``last`` None) or the last ``last`` windows, GPUs relabelled
-    per layer to minimise moves (its best case); same rows as ``service_replay``."""
-    from placement.replan.moves import count_moves, relabel_gpus
-    from placement.solvers.baselines import eplb_phy2log
-
-    rows, plan = [], initial
-    load_WLE = [graph_from_routes(w.expert_ids_TLK, meta, with_coact=False).load_LE for w in windows]
-    for i in range(1, len(windows) - 1):
+    def policy(history: list[RoutingGraph], current: Plan) -> Plan:
+        for w in range(sent[0], len(history)):
+            win = windows[w]
+            with TraceWriter(dataset, meta, writer_id=f"win{w:03d}") as wr:
+                wr.write(win.expert_ids_TLK, win.seq_ids_T, win.token_pos_T)
+        sent[0] = len(history)
+        svc.wait_tokens(sum(w.num_tokens for w in windows[: len(history)]))
         t0 = time.perf_counter()
-        load_LE = np.sum(load_WLE[: i + 1] if last is None else load_WLE[max(0, i + 1 - last) : i + 1], axis=0)
-        fresh = Plan(plan.num_gpus, plan.num_nodes, plan.num_experts, plan.layers,
-                     eplb_phy2log(load_LE, plan.num_slots, plan.num_gpus, plan.num_nodes))  # fmt: skip
-        new = relabel_gpus(plan, fresh, per_layer=True)
-        moves = count_moves(plan, new)
-        wall = time.perf_counter() - t0
-        plan = new
-        rows.append({"window": i, **score(plan, meta, windows[i + 1]), "moves": moves, "decision_s": round(wall, 3)})
-    return rows
+        res = svc.replan()
+        log.append({**res, "post_s": round(time.perf_counter() - t0, 3)})
+        return svc.plan()
 
-
-def static_replay(meta: TraceMeta, windows: list[RouteArrays], initial: Plan) -> list[dict[str, Any]]:
-    return [{"window": i, **score(initial, meta, windows[i + 1]), "moves": 0, "decision_s": 0.0}
-            for i in range(1, len(windows) - 1)]  # fmt: skip
-
-
-def load_stream(name: str) -> tuple[TraceMeta, list[RouteArrays], int]:
-    """(meta, windows, G) of a stream of the module docstring."""
-    from placement.trace.dataset import open_trace
-
-    if name == "ds-v2-lite":
-        tr = open_trace(SHARED / "deepseek-v2-lite-chat.dev.npz")
-        return tr.meta, prompt_windows(tr.read_all(with_gates=False), 125), 8
-    if name == "mixtral":
-        pre = open_trace(str(SHARED / "mixtral-8x7b-instruct.humaneval0.npz") + ":prefill")
-        dec = open_trace(str(SHARED / "mixtral-8x7b-instruct.humaneval0.npz") + ":decode")
-        return pre.meta, [pre.read_all(with_gates=False), dec.read_all(with_gates=False)], 4
-    raise SystemExit(f"unknown stream {name!r}")
-
-
-def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
-    return {
-        "imbalance_max": float(np.mean([r["imbalance_max"] for r in rows])),
-        "colocation": float(np.mean([r["colocation"] for r in rows])),
-        "moves": float(sum(r["moves"] for r in rows)),
-        "decision_s": float(np.mean([r["decision_s"] for r in rows])),
-    }
+    return policy
 
 
 def main(argv: list[str] | None = None) -> None:
-    from placement.planner import make_plan
-    from placement.solvers.base import PlanSpec
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stream", nargs="+", default=["ds-v2-lite"], help="ds-v2-lite, mixtral")
-    ap.add_argument("--half-life", type=float, nargs="*", default=[0.0], help="service --half-life values")
-    ap.add_argument("--max-moves", type=int, default=None, help="service --max-moves")
-    ap.add_argument("--time-limit", type=float, default=10.0, help="solver seconds (initial plan and decisions)")
-    ap.add_argument("--json", type=Path, help="write every row as JSON")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="CI size: 4 windows per stream, short time limits")
+    ap.add_argument("--only", nargs="*", help="stream names to run (ds-v2-lite, mixtral, synthetic-shift)")
+    ap.add_argument("--half-life", type=float, nargs="+", default=[2.0], help="service half-life in windows")
+    ap.add_argument("--with", dest="others", nargs="*", default=["static", "eplb", "decide"], help="other policies")
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds per plan (default 8, quick 2)")
+    ap.add_argument("--json", type=Path, help="write all rows as JSON")
     args = ap.parse_args(argv)
-    out: dict[str, Any] = {}
-    for name in args.stream:
-        meta, windows, G = load_stream(name)
-        w0 = windows[0]
-        g0 = graph_from_routes(w0.expert_ids_TLK, meta, with_coact=False, seq_ids_T=w0.seq_ids_T)
-        initial = make_plan(g0, PlanSpec(G, time_limit=args.time_limit, auto_balance=True), "auto")
-        policies = {
-            "static": static_replay(meta, windows, initial),
-            "eplb all": eplb_replay(meta, windows, initial, None),
-            "eplb last 2": eplb_replay(meta, windows, initial, 2),
-        }
-        for hl in args.half_life:
-            policies[f"service hl={hl:g}"] = service_replay(
-                meta, windows, initial, half_life=hl, max_moves=args.max_moves, time_limit=args.time_limit
-            )
-        out[name] = policies
-        print(f"\n{name}: {len(windows)} windows, G = {G}; each plan scored on the next window")
-        print(f"{'policy':<22}{'imbalance_max':>14}{'colocation':>12}{'moves':>8}{'decision s':>12}")
-        for pol, rows in policies.items():
-            sm = summary(rows)
-            print(f"{pol:<22}{sm['imbalance_max']:>14.3f}{sm['colocation']:>12.3f}{sm['moves']:>8.0f}"
-                  f"{sm['decision_s']:>12.2f}")  # fmt: skip
-        for pol, rows in policies.items():
-            per = " ".join(f"{r['imbalance_max']:.3f}/{r['colocation']:.3f}/{r['moves']}" for r in rows)
-            print(f"  {pol}: {per}")
+    tl = args.time_limit or (2.0 if args.quick else 8.0)
+    everything: dict[str, Any] = {}
+    for name, (meta, windows, G) in stream_windows(args.quick).items():
+        if args.only and name not in args.only:
+            continue
+        graphs = [graph_from_routes(w.expert_ids_TLK, meta, False, w.seq_ids_T, PROMPT_FOLDS) for w in windows]
+        init = initial_plans(graphs[0], G, tl)
+        pols = {k: v for k, v in policies(tl).items() if k in args.others}
+        starts = {k: init[k] for k in pols}
+        logs: dict[str, list[dict[str, Any]]] = {}
+        services = []
+        with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+            init["decide"].save(Path(tmp) / "plan.json")
+            tokens_per_window = float(np.mean([w.num_tokens for w in windows]))
+            for hl in args.half_life:
+                col = f"service {hl:g}w"
+                root = Path(tmp) / f"hl{hl:g}"
+                extra = ["--half-life", f"{hl * tokens_per_window:.0f}", "--time-limit", str(tl)]
+                extra += ["--expert-bytes", str(EXPERT_BYTES[name])]
+                svc = Service(Path(tmp) / "plan.json", root / "state", root / "ds", *extra)
+                services.append(svc)
+                logs[col] = []
+                pols[col] = service_policy(svc, meta, windows, root / "ds", logs[col])
+                starts[col] = init["decide"]
+            try:
+                rows = replay(graphs, pols, starts, EXPERT_BYTES[name])
+            finally:
+                for svc in services:
+                    svc.stop()
+        print_stream(name, rows)
+        for col, log in logs.items():
+            print(f"{col}: POST /v1/replan seconds {[r['post_s'] for r in log]}, changed {[r['changed'] for r in log]}")
+        everything[name] = {"rows": rows, "summary": summarise(rows), "service_decisions": logs}
     if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+        args.json.write_text(json.dumps(everything, indent=1))
 
 
 if __name__ == "__main__":
