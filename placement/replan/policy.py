@@ -16,7 +16,7 @@ from placement.replan.moves import MoveList
 from placement.replan.solve import IMBALANCE_TIE, ReplanResult, replan
 
 # Per-decision budget as a share of all (layer, slot) placements, and the gains that pay for moves.
-BUDGET_SHARE = 0.1
+BUDGET_SHARE = 0.2
 MIN_IMBALANCE_GAIN = 0.01
 COLOCATION_PER_MOVE = 2e-5
 
@@ -35,6 +35,7 @@ def decide(
     min_imbalance_gain: float = MIN_IMBALANCE_GAIN,
     colocation_per_move: float = COLOCATION_PER_MOVE,
     balance_eps: float | None = None,
+    kappa: float = 2.0,
     time_limit: float = 10.0,
     seed: int = 0,
     exact: str = "auto",
@@ -43,7 +44,7 @@ def decide(
     result has ``changed=False`` and the current plan otherwise, with the reason either way."""
     k = default_budget(current) if budget is None else budget
     res = replan(current, graph, max_moves=k, expert_bytes=expert_bytes, balance_eps=balance_eps,
-                 time_limit=time_limit, seed=seed, exact=exact)  # fmt: skip
+                 kappa=kappa, time_limit=time_limit, seed=seed, exact=exact)  # fmt: skip
     if not res.changed:
         return res
     b, a = res.before, res.after
