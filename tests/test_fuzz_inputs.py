@@ -376,3 +376,11 @@ def test_npz_member_flags_a_reader_cannot_handle(tmp_path: Path, offset: int, va
         import_trace(tmp_path / "bad.npz", "npz", tmp_path / "out")
     _one_line(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz"]
+
+
+@pytest.mark.parametrize("layer", [32768, -1])
+def test_layer_id_outside_the_int16_column(tmp_path: Path, layer: int) -> None:
+    np.savez(tmp_path / "src.npz", routes=np.zeros((1, 1, 1), np.int8), layers=np.asarray([layer]))
+    with pytest.raises(TraceError, match=r"model layer ids must lie in 0\.\.32767"):
+        import_trace(tmp_path / "src.npz", "npz", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.npz"]

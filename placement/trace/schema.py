@@ -65,6 +65,8 @@ class TraceMeta:
             raise TraceError("layers is empty: a trace needs at least one MoE layer id")
         if len(set(self.layers)) != len(self.layers):
             raise TraceError(f"layers {list(self.layers)} has repeated layer ids")
+        if min(self.layers) < 0 or max(self.layers) > 32767:  # the int16 layer column
+            raise TraceError(f"layers {_short(self.layers)}: model layer ids must lie in 0..32767")
 
     @property
     def num_layers(self) -> int:
@@ -110,6 +112,10 @@ class TraceMeta:
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise TraceError(f"{where}: malformed moeplace metadata ({exc!r}); re-import the trace") from exc
+
+
+def _short(xs: tuple[int, ...]) -> str:
+    return str(list(xs)) if len(xs) <= 6 else f"[{xs[0]}, {xs[1]}, ..., {xs[-1]}] ({len(xs)} ids)"
 
 
 def arrow_schema(meta: TraceMeta | None = None) -> pa.Schema:
