@@ -16,7 +16,7 @@ Policies (all start from a plan fitted on the first window, scored from the seco
   layer to minimise moves from the deployed plan, and the better balanced on the next window is taken (an oracle
   choice: EPLB's best case).
 - affinity: the affinity optimiser (robust 2) recomputed on all traffic so far, GPUs relabelled (one renaming).
-- decide: ``placement.replan.decide`` with its defaults on the traffic so far, decayed (half-life 2 windows).
+- decide: ``placement.replan.decide`` with its defaults on the traffic so far, decayed (half-life 4 windows).
 A policy is any callable ``(history, current_plan) -> Plan | tuple[Plan, ...]`` where ``history`` is the list of
 window graphs seen so far; ``replay`` is what the service's end-to-end benchmark reuses to add its own column.
 Columns: next-window imbalance_max and colocation, moves and bytes moved, decision seconds.
@@ -85,7 +85,7 @@ def merged(graphs: Sequence[RoutingGraph], weights: Sequence[float] | None = Non
     return RoutingGraph(graphs[0].meta, int(sum(g.num_tokens for g in graphs)), loads, trans, None, fold)
 
 
-def decayed(history: Sequence[RoutingGraph], half_life: float = 2.0) -> RoutingGraph:
+def decayed(history: Sequence[RoutingGraph], half_life: float = 4.0) -> RoutingGraph:
     n = len(history)
     return merged(history, [0.5 ** ((n - 1 - k) / half_life) for k in range(n)])
 

@@ -15,8 +15,10 @@ from placement.plan import Plan
 from placement.replan.moves import MoveList
 from placement.replan.solve import IMBALANCE_TIE, ReplanResult, replan
 
-# Per-decision budget as a share of all (layer, slot) placements, and the gains that pay for moves.
+# Per-decision budget as a share of all (layer, slot) placements, the robustness of the balance (standard
+# deviations of unseen-prompt load kept within the tolerance), and the gains that pay for moves.
 BUDGET_SHARE = 0.2
+KAPPA = 4.0
 MIN_IMBALANCE_GAIN = 0.01
 COLOCATION_PER_MOVE = 2e-5
 
@@ -35,7 +37,7 @@ def decide(
     min_imbalance_gain: float = MIN_IMBALANCE_GAIN,
     colocation_per_move: float = COLOCATION_PER_MOVE,
     balance_eps: float | None = None,
-    kappa: float = 2.0,
+    kappa: float = KAPPA,
     time_limit: float = 10.0,
     seed: int = 0,
     exact: str = "auto",
