@@ -144,3 +144,21 @@ def test_version_written_but_never_checkpointed_is_set_aside(tmp_path: Path) -> 
     assert s.status()["plan_version"] == 1
     assert (tmp_path / "state" / "versions" / "v000002.orphan").exists()
     s.stop()
+
+
+def test_serve_cli_errors_are_one_line(cli, tmp_path: Path) -> None:
+    initial_plan(tmp_path / "plan.json")
+    base = ["serve", "--plan", tmp_path / "plan.json", "--state", tmp_path / "state", "--token", "t0ken"]
+    held = StateStore(tmp_path / "state")
+    held.open()  # a service already runs on this state directory
+    cases = [
+        ([*base, "--port", "0"], "another moeplace serve"),
+        ([*base[:2], tmp_path / "missing.json", *base[3:]], "no such plan file"),
+        ([*base, "--watch", tmp_path / "plan.json"], "not a directory"),
+        ([*base, "--expert-bytes", "10", "--hf-config", tmp_path], "pass one of them"),
+        ([*base, "--token-file", tmp_path / "nope"], "not both"),
+    ]
+    for args, msg in cases:
+        code, _, err = cli(*args)
+        assert code == 1 and err.startswith("error: ") and msg in err and err.count("\n") == 1, err
+    held.close()

@@ -46,14 +46,23 @@ def serve_cmd(
     ] = None,
     token_file: Annotated[Path | None, typer.Option("--token-file", help="File holding the bearer token.")] = None,
     half_life: Annotated[
-        float, typer.Option("--half-life", min=0, help="Tokens after which old routing weighs half (0: no decay).")
-    ] = 200_000,
+        float,
+        typer.Option(
+            "--half-life",
+            min=0,
+            help="Tokens after which old routing weighs half (0: no decay; docs/service.md on choosing it).",
+        ),
+    ] = 50_000,
     max_moves: Annotated[
         int | None, typer.Option("--max-moves", min=0, help="Expert copies allowed per decision (default: policy's).")
     ] = None,
     expert_bytes: Annotated[
         int, typer.Option("--expert-bytes", min=0, help="Bytes of one expert's weights (for bytes moved).")
     ] = 0,
+    hf_config: Annotated[
+        Path | None,
+        typer.Option("--hf-config", help="Hugging Face model dir or config.json giving the expert size instead."),
+    ] = None,
     interval: Annotated[
         float, typer.Option("--interval", min=0, help="Seconds between automatic decisions (0: only POST /v1/replan).")
     ] = 300,
@@ -82,6 +91,12 @@ def serve_cmd(
             raise UserError(f"--log-level {log_level!r}: use debug, info, warning or error")
         if watch is not None and watch.exists() and not watch.is_dir():
             raise UserError(f"--watch {watch}: not a directory; pass the dataset directory")
+        if expert_bytes and hf_config is not None:
+            raise UserError("--expert-bytes and --hf-config both give the expert size; pass one of them")
+        if hf_config is not None:
+            from placement.replan.moves import expert_bytes_from_hf_config
+
+            expert_bytes = expert_bytes_from_hf_config(hf_config)
         initial = Plan.load(plan)
         secret = _token(token, token_file, state)
         cfg = ServiceConfig(state, watch, half_life, max_moves, expert_bytes, interval, poll, time_limit)
