@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="CI size: 4 windows per stream, short time limits")
     ap.add_argument("--only", nargs="*", help="stream names to run (ds-v2-lite, mixtral, synthetic-shift)")
     ap.add_argument("--half-life", type=float, nargs="+", default=[2.0], help="service half-life in windows")
+    ap.add_argument("--max-moves", type=int, default=None, help="service --max-moves (default: the policy's)")
     ap.add_argument("--with", dest="others", nargs="*", default=["static", "eplb", "decide"], help="other policies")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds per plan (default 8, quick 2)")
     ap.add_argument("--json", type=Path, help="write all rows as JSON")
@@ -170,10 +171,11 @@ def main(argv: list[str] | None = None) -> None:
             init["decide"].save(Path(tmp) / "plan.json")
             tokens_per_window = float(np.mean([w.num_tokens for w in windows]))
             for hl in args.half_life:
-                col = f"service {hl:g}w"
+                col = f"service {hl:g}w" + ("" if args.max_moves is None else f" K{args.max_moves}")
                 root = Path(tmp) / f"hl{hl:g}"
                 extra = ["--half-life", f"{hl * tokens_per_window:.0f}", "--time-limit", str(tl)]
                 extra += ["--expert-bytes", str(EXPERT_BYTES[name])]
+                extra += [] if args.max_moves is None else ["--max-moves", str(args.max_moves)]
                 svc = Service(Path(tmp) / "plan.json", root / "state", root / "ds", *extra)
                 services.append(svc)
                 logs[col] = []
