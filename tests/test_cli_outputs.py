@@ -56,11 +56,13 @@ def _commands(f: dict[str, Path]) -> dict[str, tuple[list[object], str]]:
         "report": (["report", "--trace", f["trace"]], "--out"),
         "profile": (["profile", "--limit", 2], "--out"),
         "demo": (["demo", "--gpus", 4, "--no-report"], "--out"),
+        "replan": (["replan", "--current", f["plan"], "--trace", f["trace"], "--max-moves", 0], "--out"),
+        "serve": (["serve", "--plan", f["plan"], "--token", "t0ken", "--port", 0], "--state"),
     }
 
 
-WRITERS = ["plan", "export", "import", "import-loads", "graph", "report", "profile", "demo"]
-FILE_OUTPUTS = ["plan", "export", "import-loads", "graph", "report"]
+WRITERS = ["plan", "export", "import", "import-loads", "graph", "report", "profile", "demo", "replan", "serve"]
+FILE_OUTPUTS = ["plan", "export", "import-loads", "graph", "report", "replan"]
 
 
 def _one_error(cli, *args: object) -> str:
@@ -108,7 +110,7 @@ def test_out_naming_a_directory(cli, files: dict[str, Path], tmp_path: Path, cmd
     assert sorted(p.name for p in tmp_path.iterdir()) == [d.name]  # no temp file left behind
 
 
-@pytest.mark.parametrize("cmd", ["import", "profile", "demo"])
+@pytest.mark.parametrize("cmd", ["import", "profile", "demo", "serve"])
 def test_dataset_output_that_is_a_file(cli, files: dict[str, Path], cmd: str) -> None:
     args, opt = _commands(files)[cmd]
     assert "exists and is not a dataset directory" in _one_error(cli, *args, opt, files["file"])
@@ -134,6 +136,15 @@ def test_one_overwrite_rule_for_files(cli, files: dict[str, Path], tmp_path: Pat
     assert "already exists" in _one_error(cli, *ilp)
     assert "--balance" in _one_error(cli, *ilp, "--force")  # the solve runs only once the output is fine
     assert out.read_text() == "keep me"
+
+
+def test_replan_checks_its_move_list_output_too(cli, files: dict[str, Path], tmp_path: Path) -> None:
+    args = ["replan", "--current", files["plan"], "--trace", files["trace"], "--max-moves", 0]
+    args += ["--out", tmp_path / "new.json", "--moves-out"]
+    assert "--moves-out" in _one_error(cli, *args, tmp_path / "no" / "m.json")
+    (tmp_path / "m.json").write_text("keep me")
+    assert "--moves-out" in (line := _one_error(cli, *args, tmp_path / "m.json")) and "already exists" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]  # the plan was not written either
 
 
 def test_datasets_are_appended_not_replaced(cli, files: dict[str, Path], tmp_path: Path) -> None:

@@ -9,12 +9,13 @@ import typer
 
 from placement.cli.common import UserError, echo_json, user_errors
 from placement.cli.plan import TraceArg, load_graph_and_routes
+from placement.trace.outputs import check_output
 
 
 def replan_cmd(
     current: Annotated[Path, typer.Option("--current", help="The deployed plan (JSON written by `moeplace plan`).")],
     trace: TraceArg,
-    out: Annotated[Path, typer.Option("--out", help="New plan JSON to write (atomically).")],
+    out: Annotated[Path, typer.Option("--out", help="New plan JSON to write (atomically; its directory must exist).")],
     max_moves: Annotated[
         int | None,
         typer.Option("--max-moves", help="Most expert copies onto GPUs that lack them (0 keeps the current plan)."),
@@ -41,6 +42,7 @@ def replan_cmd(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print before/after scores and the decision as JSON.")
     ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out / --moves-out.")] = False,
 ) -> None:
     """Re-plan the deployed plan for recent traffic, moving at most --max-moves experts."""
     from placement.graph import PROMPT_FOLDS
@@ -59,6 +61,9 @@ def replan_cmd(
 
         tr = open_trace(trace)
         cur.check_trace(tr.meta, where=str(current))
+        check_output(out, force=force)  # before the re-plan, not after it
+        if moves_out is not None:
+            check_output(moves_out, force=force, flag="--moves-out")
         g, _ = load_graph_and_routes(tr, "all", 0.5, 0, need_routes=False, num_folds=PROMPT_FOLDS)
         res = replan(cur, g, max_moves=max_moves, expert_bytes=size, balance_eps=balance,  # type: ignore[arg-type]
                      time_limit=time_limit, seed=seed, exact=exact)  # fmt: skip

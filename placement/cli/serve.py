@@ -84,6 +84,7 @@ def serve_cmd(
     from placement.plan import Plan
     from placement.serve.app import create_app
     from placement.serve.service import ReplanService, ServiceConfig
+    from placement.trace.outputs import check_output
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with user_errors():
@@ -98,6 +99,7 @@ def serve_cmd(
 
             expert_bytes = expert_bytes_from_hf_config(hf_config)
         initial = Plan.load(plan)
+        check_output(state, kind="dataset", flag="--state")  # a state directory: created (parent must exist) or resumed
         secret = _token(token, token_file, state)
         cfg = ServiceConfig(state, watch, half_life, max_moves, expert_bytes, interval, poll, time_limit)
         service = ReplanService(initial, cfg)
