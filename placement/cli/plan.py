@@ -155,6 +155,20 @@ def plan_cmd(
             f"the mean load (80% of the time between {fc['p10']:.2f}x and {fc['p90']:.2f}x; "
             f"imbalance_max, bootstrapped over {fc['folds']} prompt folds)."
         )
+    info = pv.get("info") or {}
+    if info.get("balance"):  # the default balance (no --balance): what it aimed for and what it chose
+        aim = info.get("eplb_forecast")
+        typer.echo(
+            f"Default balance ({info['balance']}): "
+            + (
+                f"planned for a forecast of at most {info['unseen_target']:.3f} on new prompts (eplb's forecast "
+                f"{aim:.3f}, less {aim - info['unseen_target']:.2f} for the optimism of searched forecasts); "
+                if aim is not None
+                else "no prompt ids to forecast with, so eplb's balance on this trace; "
+            )
+            + f"eplb's imbalance_max on this trace is {info['eplb_fit_imbalance']:.3f}. Pass --balance to choose "
+            "another trade."
+        )
 
 
 def eval_cmd(
