@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from placement.trace.dataset import DATASET_JSON, MANIFEST_JSON, open_trace, write_trace
+from placement.trace.dataset import DATASET_JSON, MANIFEST_JSON, open_parquet_trace, open_trace, write_trace
 from placement.trace.synthetic import synthetic_trace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def _readers(path: Path) -> dict[str, int]:
     return {
         "pandas.read_parquet(DIR)": len(pd.read_parquet(path)),
         "pyarrow.dataset.dataset(DIR)": pads.dataset(path).count_rows(),
-        "duckdb read_parquet('DIR')": duckdb.sql(f"select count(*) from read_parquet('{path}')").fetchall()[0][0],
+        "duckdb read_parquet('DIR')": duckdb.execute(f"select count(*) from read_parquet('{path}')").fetchall()[0][0],
         "polars.scan_parquet('DIR/*.parquet')": pl.scan_parquet(f"{path}/*.parquet").collect().height,
         "polars.scan_parquet(DIR, hidden_file_prefix)": pl.scan_parquet(path, hidden_file_prefix=["_", "."])
         .collect()
@@ -100,10 +100,9 @@ def test_datasets_with_the_old_names_still_open(imported: Path, tmp_path: Path) 
     shutil.copytree(imported, old)
     (old / DATASET_JSON).rename(old / "dataset.json")
     listed = sorted(p.name for p in old.glob("part-*.parquet"))[:1]
-
     manifest = {"schema_version": 1, "completed": {"shard00000": {"files": listed, "tokens": 1}}}
     (old / "manifest.json").write_text(json.dumps(manifest))
-    t = open_trace(old)
+    t = open_parquet_trace(old)
     assert t.meta == open_trace(imported).meta and [s.name for s in t.shards] == listed
     _, r = synthetic_trace(3, 8, 2, 30, tokens_per_prompt=30, seed=1)
     write_trace(old, t.meta, r, writer_id="more")  # appending keeps the old name, writes no second metadata file
