@@ -135,6 +135,20 @@ def test_default_without_prompt_ids_falls_back_to_eplb_fitted_balance() -> None:
     assert imbalance(ilp, g)[1] <= imbalance(make_plan(g, PlanSpec(4), "eplb"), g)[1] + 1e-6
 
 
+def test_default_succeeds_where_eplb_balance_rests_on_a_doubled_copy() -> None:
+    """eplb reaches 1.034 here only through a second copy of an expert on one GPU (an idle slot under METRICS.md),
+    which affinity never places: the default still returns a plan, copies apart, at least as co-located."""
+    meta, r = synthetic_trace(4, 8, 3, 1200, tokens_per_prompt=20, num_topics=4, seed=12)
+    g = graph_from_routes(r.expert_ids_TLK, meta, with_coact=False)  # no prompt ids: eplb's fitted balance
+    spec = PlanSpec(2, 1, 4, time_limit=1.0, auto_balance=True)
+    ep = make_plan(g, spec, "eplb")
+    with pytest.raises(PlanError, match="eplb reaches"):
+        make_plan(g, PlanSpec(2, 1, 4, imbalance(ep, g)[1] - 1.0 + 1e-9, time_limit=1.0), "affinity")
+    plan = make_plan(g, spec, "auto")
+    assert (plan.holders_LEG.max(axis=2) <= 1).all()
+    assert colocation(plan, g) >= colocation(ep, g)
+
+
 @pytest.mark.parametrize("redundant", [4, 8, 12])
 def test_affinity_replicas_never_share_a_gpu(redundant: int) -> None:
     meta, r = synthetic_trace(5, 16, 2, 4000, tokens_per_prompt=25, skew_sigma=1.0, seed=redundant)

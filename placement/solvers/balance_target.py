@@ -33,7 +33,7 @@ import numpy as np
 
 from placement.graph import RoutingGraph
 from placement.plan import Plan, PlanError
-from placement.solvers.affinity import solve_fixed, solve_for_unseen
+from placement.solvers.affinity import eplb_start, solve_fixed, solve_for_unseen
 from placement.solvers.base import PlanSpec, SolveResult
 from placement.solvers.baselines import eplb_phy2log
 from placement.solvers.replicate import distinct_copies
@@ -69,7 +69,11 @@ def solve_auto(graph: RoutingGraph, spec: PlanSpec) -> SolveResult:
     fixed = replace(spec, auto_balance=False, options={**spec.options, "unseen": False, "kappa": 0.0})
     # At EPLB's own fitted balance (always reached): where layers depend weakly on each other it is often
     # already as balanced on unseen prompts as EPLB, and more co-located than a robustness search.
-    at_eplb = solve_fixed(graph, replace(fixed, balance_eps=fit_eps), t0 + (0.25 if eplb_fc else 1.0) * limit)
+    try:
+        at_eplb = solve_fixed(graph, replace(fixed, balance_eps=fit_eps), t0 + (0.25 if eplb_fc else 1.0) * limit)
+    except PlanError:  # eplb's balance rests on a doubled copy (an idle slot), which our plans never have
+        start_LP = eplb_start(phy_LP, graph, spec.num_gpus, 1.0 + fit_eps)
+        at_eplb = SolveResult(start_LP, "affinity", "heuristic", info={"from_eplb": True})
     if eplb_fc is None:
         info["balance"] = "eplb fitted"
         return replace(at_eplb, solve_seconds=time.perf_counter() - t0, info={**at_eplb.info, **info})
