@@ -11,7 +11,7 @@ import pytest
 
 from placement.graph import PROMPT_FOLDS, graph_from_routes
 from placement.plan import Plan
-from placement.serve.ingest import observation_counts
+from placement.serve.ingest import observation_counts, shard_counts
 from placement.serve.service import ReplanService, ServiceConfig
 from placement.serve.state import Ledger, PlanVersion, StateError, StateStore
 from placement.serve.window import DecayedWindow, ObservationError, count_routes
@@ -51,6 +51,16 @@ def test_window_without_decay_is_the_graph_of_all_traffic() -> None:
     np.testing.assert_array_equal(w.trans_LEE, g.trans_LEE)
     assert g.fold_load_SLE is not None and g.fold_load_SLE.shape[0] == PROMPT_FOLDS
     np.testing.assert_array_equal(w.fold_load_SLE, g.fold_load_SLE)
+
+
+def test_shard_counts_stream_in_batches_like_one_pass(tmp_path: Path) -> None:
+    plan = initial_plan(tmp_path / "plan.json")
+    meta, routes = traffic(70_000, seed=4)  # more than one 65,536-token read batch
+    c, top_k = shard_counts(write_shard(tmp_path / "ds", meta, routes, "w"), plan)
+    ref = count_routes(routes, meta)
+    assert top_k == meta.top_k and c.num_tokens == ref.num_tokens == 70_000
+    for a, b in ((c.load_LE, ref.load_LE), (c.trans_LEE, ref.trans_LEE), (c.fold_load_SLE, ref.fold_load_SLE)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_json_counts_pick_the_moe_layers_and_refuse_bad_fields(tmp_path: Path) -> None:

@@ -31,8 +31,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from placement.graph import PROMPT_FOLDS, build_graph
 from placement.plan import Plan
-from placement.serve.window import Counts, ObservationError, count_loads, count_routes
+from placement.serve.window import Counts, ObservationError, count_loads, graph_counts
 from placement.trace import dataset
 from placement.trace.schema import TraceError, TraceMeta
 
@@ -62,7 +63,8 @@ def shard_counts(path: Path, plan: Plan) -> tuple[Counts, int]:
     """(counts, top-k) of one trace shard; TraceError (one line) for a damaged shard or one of another model."""
     trace = dataset.open_parquet_trace(path)
     check_model(trace.meta, plan, path.name)
-    return count_routes(trace.read_all(with_gates=False), trace.meta), trace.meta.top_k
+    g = build_graph(trace, with_coact=False, num_folds=PROMPT_FOLDS)  # streamed: memory bounded by a batch
+    return graph_counts(g), trace.meta.top_k
 
 
 def pending_shards(watch: Path, done: set[str]) -> list[Path]:

@@ -40,8 +40,16 @@ def count_routes(routes: RouteArrays, meta: TraceMeta, num_folds: int = PROMPT_F
     """Counts of per-token routing (the graph kernel of placement/graph.py; folds from the prompt ids)."""
     acc = GraphAccumulator(meta, with_coact=False, num_folds=num_folds)
     acc.add(routes.expert_ids_TLK, routes.seq_ids_T)
-    g = acc.result()
-    fold_SLE = acc.fold_load_SLE.astype(np.float64)
+    return graph_counts(acc.result(), num_folds)
+
+
+def graph_counts(g: RoutingGraph, num_folds: int = PROMPT_FOLDS) -> Counts:
+    """Counts of a routing graph (built with ``num_folds`` prompt folds; without them all load is in fold 0)."""
+    if g.fold_load_SLE is None:
+        fold_SLE = np.zeros((num_folds, *g.load_LE.shape))
+        fold_SLE[0] = g.load_LE
+    else:
+        fold_SLE = g.fold_load_SLE.astype(np.float64)
     return Counts(g.num_tokens, g.load_LE.astype(np.float64), g.trans_LEE.astype(np.float64), fold_SLE)
 
 
