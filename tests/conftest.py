@@ -17,7 +17,7 @@ SHARED_TRACES = REPO.parent / "shared" / "traces"
 
 # Hypothesis profiles (tests/test_fuzz_inputs.py): "ci" when CI=true (time-boxed), else HYPOTHESIS_PROFILE or "dev";
 # "long" is the documented longer run (docs/testing.md).
-settings.register_profile("ci", max_examples=25, deadline=timedelta(seconds=5), derandomize=True)
+settings.register_profile("ci", max_examples=25, deadline=timedelta(seconds=10), derandomize=True)
 settings.register_profile("dev", max_examples=60, deadline=None)
 settings.register_profile("long", max_examples=2000, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") == "true" else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
