@@ -13,7 +13,7 @@ from placement.graph import PROMPT_FOLDS, graph_from_routes
 from placement.plan import Plan
 from placement.serve.ingest import observation_counts, shard_counts
 from placement.serve.service import ReplanService, ServiceConfig
-from placement.serve.state import Ledger, PlanVersion, StateError, StateStore
+from placement.serve.state import Ledger, PlanVersion, StateError, StateStore, ensure_token
 from placement.serve.window import DecayedWindow, ObservationError, count_routes
 from placement.trace.dataset import concat_routes
 from placement.trace.importers.popularity import LoadTrace
@@ -172,3 +172,9 @@ def test_serve_cli_errors_are_one_line(cli, tmp_path: Path) -> None:
         code, _, err = cli(*args)
         assert code == 1 and err.startswith("error: ") and msg in err and err.count("\n") == 1, err
     held.close()
+
+
+def test_generated_token_is_private_and_kept(tmp_path: Path) -> None:
+    token, path = ensure_token(tmp_path / "state")
+    assert len(token) >= 32 and path.stat().st_mode & 0o077 == 0
+    assert ensure_token(tmp_path / "state") == (token, path)  # a restart keeps it
