@@ -6,7 +6,7 @@ from its current GPU (../shared/METRICS.md moves, one replica each).
 
 - ``layer_states``: each layer either stays as it is or takes the target plan's layer; a dynamic programme over
   the layer chain with the budget as a dimension picks the best mix exactly (pairs of adjacent layers score
-  their co-located traffic; a layer over the limit pays a large penalty).
+  their co-located traffic; a layer over the limit pays a large penalty). Works with replicas too.
 - ``swap_search``: best-improvement swaps of two experts of one layer on different GPUs, vectorised over all
   layers of one parity (their gains do not interact), ranked by gain per move; balance repairs first, a swap
   never raises a layer's excess over the limit, and the move count never passes the budget.
@@ -43,29 +43,33 @@ def colocated_X(gpu_LE: np.ndarray, trans_XEE: np.ndarray) -> np.ndarray:
 
 
 def layer_states(
-    cur_LE: np.ndarray,
-    tgt_LE: np.ndarray,
+    cur_LEG: np.ndarray,
+    tgt_LEG: np.ndarray,
     trans_XEE: np.ndarray,
     lm: LoadModel,
-    limit: float,
+    limit: float | None,
     budget: int,
 ) -> np.ndarray:
-    """Each layer from ``cur_LE`` or ``tgt_LE``: the mix with the most co-located traffic among those with the
-    least excess over ``limit``, using at most ``budget`` moves (exact over these 2^L mixes). int64 [L, E]."""
-    L = cur_LE.shape[0]
-    G = int(max(cur_LE.max(), tgt_LE.max())) + 1
-    states = np.stack([cur_LE, tgt_LE])  # [2, L, E]
-    cost_L2 = np.stack([np.zeros(L, dtype=np.int64), (tgt_LE != cur_LE).sum(axis=1)], axis=1)
+    """Which layers take the target (1) and which stay (0): the mix with the most co-located traffic among those
+    with the least robust excess over ``limit``, within ``budget`` moves (exact over these 2^L mixes). Plans are
+    given as holders, bool [L, E, G] (replicas allowed; load shared equally, ../shared/METRICS.md); ``limit``
+    None is the target's worst ratio. int64 [L]."""
+    L = cur_LEG.shape[0]
+    states = np.stack([cur_LEG, tgt_LEG]).astype(np.float64)  # [2, L, E, G]
+    cost_L2 = np.stack([np.zeros(L, dtype=np.int64), (tgt_LEG & ~cur_LEG).sum(axis=(1, 2))], axis=1)
     big = float(trans_XEE.sum()) + 1.0
-    excess_L2 = np.stack(
-        [np.maximum(robust_ratio_LG(s, lm, G) - limit, 0.0).sum(axis=1) for s in states], axis=1
-    )  # fmt: skip
+    split = states / np.maximum(states.sum(axis=3, keepdims=True), 1.0)
+    mean_2LG = np.einsum("le,sleg->slg", lm.share_LE, split)
+    var_2LG = np.einsum("sleg,lef,slfg->slg", split, lm.cov_LEE, split)
+    ratio_2LG = states.shape[3] * (mean_2LG + lm.kappa * np.sqrt(np.maximum(var_2LG, 0.0)))
+    limit = float(ratio_2LG[1].max()) if limit is None else limit
+    excess_L2 = np.maximum(ratio_2LG - limit, 0.0).sum(axis=2).T
     # pair value of (state s at x, state t at x + 1)
     pair_X22 = np.zeros((max(L - 1, 0), 2, 2))
     for s in range(2):
         for t in range(2):
-            same_XEE = states[s, :-1, :, None] == states[t, 1:, None, :]
-            pair_X22[:, s, t] = (trans_XEE * same_XEE).sum(axis=(1, 2))
+            shared_XEE = np.einsum("xig,xjg->xij", states[s, :-1], states[t, 1:]) > 0
+            pair_X22[:, s, t] = (trans_XEE * shared_XEE).sum(axis=(1, 2))
     K = int(min(budget, cost_L2.sum())) + 1
     neg = -np.inf
     value_2K = np.full((2, K), neg)
@@ -92,7 +96,7 @@ def layer_states(
         prev = int(back_L2K[l, s, k]) if l else 0
         k -= int(cost_L2[l, s])
         s = prev
-    return np.asarray(states[choice_L, np.arange(L)])
+    return choice_L
 
 
 def swap_search(

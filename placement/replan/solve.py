@@ -142,7 +142,8 @@ def replan(
         if balance_eps is None:  # what the target reaches, or the current plan where it is better balanced
             limit = max(float(robust_ratio_LG(tgt_LE, lm, G).max()), 1.0)
         trans = np.asarray(graph.trans_LEE, dtype=np.float64)
-        mixed_LE = layer_states(cur_LE, tgt_LE, trans, lm, limit, K)
+        take_L = layer_states(current.holders_LEG > 0, target.holders_LEG > 0, trans, lm, limit, K)
+        mixed_LE = np.where(take_L[:, None] == 1, tgt_LE, cur_LE)
         search_end = t0 + (0.75 if exact != "off" else 1.0) * time_limit
         best_LE = swap_search(mixed_LE, cur_LE, trans, lm, limit, K, search_end)
         candidates.append(("search", _plan_of(current, best_LE, "replan-search")))
@@ -154,10 +155,12 @@ def replan(
                 if res[0] is not None:
                     candidates.append(("exact", res[0]))
     elif count_moves(current, target) > K:
-        cur_H, tgt_H = current.phy2log, target.phy2log
-        mixed = _layer_mix(current, target, graph, lm, K)
-        if not np.array_equal(mixed, cur_H) and not np.array_equal(mixed, tgt_H):
-            candidates.append(("layer-mix", replace(current, phy2log=mixed)))
+        trans = np.asarray(graph.trans_LEE, dtype=np.float64)
+        limit_or_target = None if balance_eps is None else 1.0 + eps
+        take_L = layer_states(current.holders_LEG > 0, target.holders_LEG > 0, trans, lm, limit_or_target, K)
+        if take_L.any():
+            mixed = np.where(take_L[:, None] == 1, target.phy2log, current.phy2log)
+            candidates.append(("layer-mix", replace(current, phy2log=mixed, provenance={"solver": "replan-layer-mix"})))
     scored = []
     for name, plan in candidates:
         if count_moves(current, plan) > K:  # pragma: no cover - every candidate is built within the budget
@@ -183,27 +186,6 @@ def replan(
 def _plan_of(current: Plan, gpu_LE: np.ndarray, solver: str) -> Plan:
     phy2log = align_slots(current, gpu_of_expert_to_phy2log(gpu_LE, current.num_gpus))
     return replace(current, phy2log=phy2log, provenance={"solver": solver})
-
-
-def _layer_mix(current: Plan, target: Plan, graph: RoutingGraph, lm: LoadModel, K: int) -> np.ndarray:
-    """With replicas: target layers adopted one at a time, best colocation gain per move first, within K."""
-    from placement.metrics import colocation
-
-    moves_L = (target.holders_LEG > 0) & ~(current.holders_LEG > 0)
-    cost_L = moves_L.sum(axis=(1, 2))
-    phy = current.phy2log.copy()
-    used = 0
-    base = colocation(current, graph)
-    gains = []
-    for l in range(current.num_layers):
-        trial = phy.copy()
-        trial[l] = target.phy2log[l]
-        gains.append((colocation(replace(current, phy2log=trial), graph) - base) / max(int(cost_L[l]), 1))
-    for l in np.argsort(-np.asarray(gains)):
-        if gains[l] > 0 and used + int(cost_L[l]) <= K:
-            phy[l] = target.phy2log[l]
-            used += int(cost_L[l])
-    return phy
 
 
 def _exact(
