@@ -110,13 +110,15 @@ def main() -> None:
     if args.child:
         child(args.child[0], float(args.child[1]), args.child[2] == "1")
         return
+    from placement.trace.dataset import DATASET_FILE, metadata_file
+
     tmp = Path(tempfile.mkdtemp(prefix="bench_graph."))
     ds = args.keep or tmp / "ds"
     try:
-        if not any(ds.glob("*dataset.json")):  # _dataset.json (dataset.json before 0.2)
+        if not metadata_file(ds, DATASET_FILE).exists():
             wt = write_dataset(ds, args.rows)
             print(f"wrote {args.rows:,} rows ({L} layers x {E} experts, top-{K}) in {wt:.1f} s to {ds}")
-        size = sum(p.stat().st_size for p in ds.glob("*.parquet")) / 2**20
+        size = sum(p.stat().st_size for p in ds.glob("part-*.parquet")) / 2**20
         print(f"dataset: {size:.0f} MiB on disk")
         results = []
         for coact in (False, True):

@@ -1,7 +1,7 @@
 """Driver of a Ray profiling job: the only moeplace code that calls ``ray.init``.
 
 ``run_job(cfg)`` checks everything it can before touching the output (prompts, model, output directory, Ray
-address, cluster capacity), then prepares the output (``_dataset.json``, ``_manifest.json``, no stray shard
+address, cluster capacity), then prepares the output (``_dataset.parquet``, ``_manifest.parquet``, no stray shard
 files), starts the workers in one placement group, submits every pending shard at once and records each
 finished shard in the manifest as it arrives. A resumed job skips the shards the manifest lists.
 

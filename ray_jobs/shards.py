@@ -4,7 +4,7 @@ A job splits its prompts into shards of consecutive prompt ids. Shard ``i`` is w
 mode) or by every rank (expert mode) under deterministic writer ids (``shard{i:05d}`` or
 ``shard{i:05d}-r{rank}``), so a retried shard produces the same file names again. Files appear only after an
 atomic rename (``TraceWriter``), and a shard counts as done only once the driver has recorded its files in
-``_manifest.json`` (written atomically, by the driver alone). The manifest is the source of truth: before a
+``_manifest.parquet`` (written atomically, by the driver alone). The manifest is the source of truth: before a
 job (re)starts and before a shard is (re)written, every ``part-*.parquet`` file the manifest does not list is
 deleted, so a worker that died after its rename but before the manifest update never leaves a duplicate.
 
@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from placement.trace.dataset import (
-    DATASET_JSON,
-    MANIFEST_JSON,
+    DATASET_FILE,
+    MANIFEST_FILE,
     SHARD_GLOB,
     TraceWriter,
-    atomic_write_bytes,
     metadata_file,
+    read_metadata,
+    write_metadata,
 )
 from placement.trace.outputs import OutputError
 from placement.trace.outputs import check_output as check_writable
@@ -48,7 +49,7 @@ __all__ = [
     "writer_id",
 ]
 
-MANIFEST = MANIFEST_JSON
+MANIFEST = MANIFEST_FILE
 MANIFEST_VERSION = 1
 _UNBUFFERED = 1 << 62  # rows: one Parquet file per writer and shard
 
@@ -94,7 +95,7 @@ class JobKey:
 
 @dataclass
 class Manifest:
-    """``_manifest.json``: the job key and, per completed shard, its files and token count."""
+    """``_manifest.parquet``: the job key and, per completed shard, its files and token count (JSON)."""
 
     key: JobKey
     num_shards: int
@@ -114,18 +115,20 @@ class Manifest:
     @classmethod
     def read(cls, path: Path) -> Manifest:
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(read_metadata(path))
             if raw.get("schema_version") != MANIFEST_VERSION:
                 raise ShardError(f"{path}: manifest version {raw.get('schema_version')!r}, expected {MANIFEST_VERSION}")
             completed = {int(k.removeprefix("shard")): dict(v) for k, v in raw["completed"].items()}
             return cls(JobKey(**raw["key"]), int(raw["num_shards"]), completed)
         except ShardError:
             raise
+        except TraceError as exc:  # a damaged metadata file: its own one-line message
+            raise ShardError(str(exc)) from exc
         except (OSError, KeyError, TypeError, ValueError) as exc:
             raise ShardError(f"{path}: unreadable job manifest ({exc!r}); choose another --out") from exc
 
     def save(self, out_dir: Path) -> None:
-        atomic_write_bytes(metadata_file(out_dir, MANIFEST), self.to_json().encode())
+        write_metadata(metadata_file(out_dir, MANIFEST), self.to_json())
 
     def listed_files(self) -> set[str]:
         return {f for v in self.completed.values() for f in v["files"]}
@@ -152,10 +155,10 @@ def check_output(out_dir: Path, meta: TraceMeta, key: JobKey) -> Manifest | None
         check_writable(out_dir, kind="dataset")  # parent exists, a directory, writable (placement.trace.outputs)
     except OutputError as exc:
         raise ShardError(str(exc)) from None
-    ds = metadata_file(out_dir, DATASET_JSON)
+    ds = metadata_file(out_dir, DATASET_FILE)
     if ds.exists():
         try:
-            existing = TraceMeta.from_json(ds.read_text(), where=str(ds))
+            existing = TraceMeta.from_json(read_metadata(ds), where=str(ds))
         except TraceError as exc:
             raise ShardError(str(exc)) from exc
         if not existing.compatible_with(meta):
@@ -190,11 +193,11 @@ def remove_unlisted(out_dir: Path, listed: set[str]) -> list[str]:
 
 
 def prepare_output(out_dir: Path, meta: TraceMeta, key: JobKey, num_shards: int) -> Manifest:
-    """Create or resume the output: ``_dataset.json``, the manifest, and no unlisted shard files."""
+    """Create or resume the output: ``_dataset.parquet``, the manifest, and no unlisted shard files."""
     manifest = check_output(out_dir, meta, key) or Manifest(key, num_shards)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not metadata_file(out_dir, DATASET_JSON).exists():
-        atomic_write_bytes(out_dir / DATASET_JSON, meta.to_json().encode())
+    if not metadata_file(out_dir, DATASET_FILE).exists():
+        write_metadata(out_dir / DATASET_FILE, meta.to_json())
     remove_unlisted(out_dir, manifest.listed_files())
     manifest.save(out_dir)
     return manifest

@@ -1,7 +1,9 @@
 """A moeplace dataset directory is read directly by pandas, polars, pyarrow.dataset, DuckDB and Ray Data, with
 the same row count as moeplace: for datasets written by ``import``, by ``profile`` and by a Ray profiling job
-(with its manifest), also with a writer's temp file inside. The metadata files are named ``_dataset.json`` /
-``_manifest.json`` so that Arrow-world readers skip them; datasets with the old names still open."""
+(with its manifest), also with a writer's temp file inside. The metadata files ``_dataset.parquet`` /
+``_manifest.parquet`` are zero-row Parquet files with the shard schema (pyarrow.dataset, pandas and Ray Data skip
+them for their leading ``_``, polars and DuckDB read them as 0 rows); datasets with the old JSON names still
+open."""
 
 from __future__ import annotations
 
@@ -13,9 +15,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
-from placement.trace.dataset import DATASET_JSON, MANIFEST_JSON, open_parquet_trace, open_trace, write_trace
+from placement.trace.dataset import (
+    DATASET_FILE,
+    MANIFEST_FILE,
+    metadata_file,
+    open_parquet_trace,
+    open_trace,
+    read_metadata,
+    write_metadata,
+    write_trace,
+)
+from placement.trace.schema import META_KEY, TraceMeta, arrow_schema
 from placement.trace.synthetic import synthetic_trace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,11 +63,13 @@ def _with_temp_files(src: Path, dst: Path) -> Path:
     """A copy of ``src`` holding what a writer leaves while it works: a shard's and a metadata file's temp file."""
     shutil.copytree(src, dst)
     (dst / ".part-w0-000009.parquet.x1y2.tmp").write_bytes(b"PAR1 half-written")
-    (dst / f".{DATASET_JSON}.a1b2.tmp").write_text("{")
+    (dst / f".{DATASET_FILE}.a1b2.tmp").write_bytes(b"PAR1")
     return dst
 
 
-def _readers(path: Path) -> dict[str, int]:
+def _readers(path: Path, busy: bool = False) -> dict[str, int]:
+    """Rows each reader sees in the bare directory. polars refuses a directory holding a file of another
+    extension, so while a writer works (its ``.*.tmp`` file) it needs ``hidden_file_prefix="."``."""
     import duckdb
     import pandas as pd
     import polars as pl
@@ -64,22 +79,36 @@ def _readers(path: Path) -> dict[str, int]:
         "pandas.read_parquet(DIR)": len(pd.read_parquet(path)),
         "pyarrow.dataset.dataset(DIR)": pads.dataset(path).count_rows(),
         "duckdb read_parquet('DIR')": duckdb.execute(f"select count(*) from read_parquet('{path}')").fetchall()[0][0],
-        "polars.scan_parquet('DIR/*.parquet')": pl.scan_parquet(f"{path}/*.parquet").collect().height,
-        "polars.scan_parquet(DIR, hidden_file_prefix)": pl.scan_parquet(path, hidden_file_prefix=["_", "."])
+        "polars.scan_parquet(DIR)": (pl.scan_parquet(path, hidden_file_prefix=".") if busy else pl.scan_parquet(path))
         .collect()
         .height,
+        "polars.scan_parquet('DIR/part-*.parquet')": pl.scan_parquet(f"{path}/part-*.parquet").collect().height,
     }
+
+
+def _assert_metadata_files(path: Path, manifest: bool) -> None:
+    """Only Parquet files in the directory (no JSON), the metadata files holding zero rows of the shard schema."""
+    names = {p.name for p in path.iterdir()}
+    assert all(n.endswith(".parquet") for n in names), names
+    assert (MANIFEST_FILE in names) == manifest and DATASET_FILE in names
+    shard_schema = pq.read_schema(next(path.glob("part-*.parquet"))).remove_metadata()
+    for name in (DATASET_FILE, MANIFEST_FILE) if manifest else (DATASET_FILE,):
+        assert pq.read_metadata(path / name).num_rows == 0
+        assert pq.read_schema(path / name).remove_metadata().equals(shard_schema, check_metadata=True)
+    meta = open_trace(path).meta
+    assert TraceMeta.from_json(read_metadata(path / DATASET_FILE)) == meta
+    assert pq.read_schema(path / DATASET_FILE).metadata[META_KEY] == arrow_schema(meta).metadata[META_KEY]
 
 
 @pytest.mark.parametrize("which", ["imported", "profiled"])
 def test_every_reader_reads_the_directory(which: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     path: Path = request.getfixturevalue(which)
-    assert (path / DATASET_JSON).is_file() and not (path / "dataset.json").exists()
+    _assert_metadata_files(path, manifest=False)
     want = _rows(path)
     assert want > 0
     assert _readers(path) == dict.fromkeys(_readers(path), want)
     busy = _with_temp_files(path, tmp_path / "busy")
-    assert _readers(busy) == dict.fromkeys(_readers(busy), want)
+    assert _readers(busy, busy=True) == dict.fromkeys(_readers(busy, busy=True), want)
     assert _rows(busy) == want
 
 
@@ -95,18 +124,35 @@ def test_the_columns_readers_see(imported: Path) -> None:
     assert np.concatenate(df["gate_weights"].to_numpy()).sum() == pytest.approx(r.gate_weights_TLK.sum())
 
 
-def test_datasets_with_the_old_names_still_open(imported: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("names", [("dataset.json", "manifest.json"), ("_dataset.json", "_manifest.json")])
+def test_datasets_with_the_old_names_still_open(imported: Path, tmp_path: Path, names: tuple[str, str]) -> None:
     old = tmp_path / "old"
     shutil.copytree(imported, old)
-    (old / DATASET_JSON).rename(old / "dataset.json")
+    meta = open_trace(imported).meta
+    (old / DATASET_FILE).unlink()
+    (old / names[0]).write_text(meta.to_json())
     listed = sorted(p.name for p in old.glob("part-*.parquet"))[:1]
     manifest = {"schema_version": 1, "completed": {"shard00000": {"files": listed, "tokens": 1}}}
-    (old / "manifest.json").write_text(json.dumps(manifest))
+    (old / names[1]).write_text(json.dumps(manifest))
     t = open_parquet_trace(old)
-    assert t.meta == open_trace(imported).meta and [s.name for s in t.shards] == listed
+    assert t.meta == meta and [s.name for s in t.shards] == listed
     _, r = synthetic_trace(3, 8, 2, 30, tokens_per_prompt=30, seed=1)
     write_trace(old, t.meta, r, writer_id="more")  # appending keeps the old name, writes no second metadata file
-    assert not (old / DATASET_JSON).exists() and not (old / MANIFEST_JSON).exists()
+    assert not (old / DATASET_FILE).exists() and not (old / MANIFEST_FILE).exists()
+    assert TraceMeta.from_json((old / names[0]).read_text()) == meta
+    marked = {**json.loads(meta.to_json()), "source": "the old file"}  # it is the one read
+    (old / names[0]).write_text(json.dumps(marked))
+    assert open_parquet_trace(old).meta.source == "the old file"
+    for name in (DATASET_FILE, MANIFEST_FILE):  # the conversion of docs/trace_format.md
+        legacy = metadata_file(old, name)
+        if legacy.suffix == ".json":
+            write_metadata(legacy.with_name(name), read_metadata(legacy))
+            legacy.unlink()
+    _assert_metadata_files(old, manifest=True)
+    converted = open_parquet_trace(old)
+    assert converted.meta.source == "the old file" and [s.name for s in converted.shards] == listed
+    seen = _readers(old)  # all of them, polars on the bare directory too (they ignore the manifest)
+    assert seen == dict.fromkeys(seen, 3 * (300 + 300 + 30))
 
 
 # ------------------------------------------------------------------------------------------------ Ray job
@@ -134,12 +180,13 @@ def ray_profiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def test_ray_profile_is_quiet_and_its_dataset_reads_everywhere(ray_profiled: tuple[Path, str], tmp_path: Path) -> None:
     out, printed = ray_profiled
     assert "Token authentication" not in printed and "RAY_AUTH_MODE" not in printed, printed
-    assert (out / MANIFEST_JSON).is_file() and (out / DATASET_JSON).is_file()
+    _assert_metadata_files(out, manifest=True)
+    assert json.loads(read_metadata(out / MANIFEST_FILE))["completed"]
     want = _rows(out)
     assert want > 0
     assert _readers(out) == dict.fromkeys(_readers(out), want)
     busy = _with_temp_files(out, tmp_path / "busy")
-    assert _readers(busy) == dict.fromkeys(_readers(busy), want)
+    assert _readers(busy, busy=True) == dict.fromkeys(_readers(busy, busy=True), want)
 
 
 @pytest.mark.ray

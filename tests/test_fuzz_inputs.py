@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from placement.plan import Plan, PlanError
-from placement.trace.dataset import open_trace, write_trace
+from placement.trace.dataset import DATASET_FILE, open_trace, write_trace
 from placement.trace.importers import import_trace
 from placement.trace.schema import TraceError
 from placement.trace.synthetic import synthetic_trace
@@ -292,9 +292,13 @@ def test_mutated_parquet_shard_reads_or_refuses(valid_dataset: Path, data: st.Da
         (d / "ds").mkdir()
         (d / "ds" / shard.name).write_bytes(_mutate(shard.read_bytes(), data.draw))
         _read_or_refuse(d / "ds" / shard.name)  # the shard alone
-        meta_text = (valid_dataset / "_dataset.json").read_text()
-        (d / "ds" / "_dataset.json").write_text(data.draw(st.sampled_from([meta_text, meta_text[:20], "{}", "[]"])))
+        meta_bytes = (valid_dataset / DATASET_FILE).read_bytes()  # the metadata file: intact or mutated
+        (d / "ds" / DATASET_FILE).write_bytes(data.draw(st.sampled_from([meta_bytes, _mutate(meta_bytes, data.draw)])))
         _read_or_refuse(d / "ds")  # the dataset directory
+        (d / "ds" / DATASET_FILE).unlink()  # a legacy JSON metadata file, intact or not
+        meta_text = open_trace(valid_dataset).meta.to_json()
+        (d / "ds" / "_dataset.json").write_text(data.draw(st.sampled_from([meta_text, meta_text[:20], "{}", "[]"])))
+        _read_or_refuse(d / "ds")
 
 
 @st.composite

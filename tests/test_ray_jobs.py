@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from placement.trace.dataset import TraceWriter, open_parquet_trace
+from placement.trace.dataset import DATASET_FILE, TraceWriter, open_parquet_trace, read_metadata
 from placement.trace.schema import TraceMeta
 from ray_jobs.driver import JobConfig, JobProgress, RayJobError, run_job
 from ray_jobs.shards import MANIFEST, JobKey, Manifest, ShardError, ShardResult, prepare_output, trace_shard
@@ -106,7 +106,7 @@ def test_two_workers_match_single_process(tmp_path: Path, reference: Path, mode:
     _assert_same_routing(out, reference)
     n_shards = 4 if mode == "data" else 2  # expert mode: a batch per rank in every shard
     assert [p.shards_done for p in seen] == list(range(1, n_shards + 1)) and seen[-1].shards_total == n_shards
-    manifest = json.loads((out / MANIFEST).read_text())
+    manifest = json.loads(read_metadata(out / MANIFEST))
     assert sorted(manifest["completed"]) == [f"shard{i:05d}" for i in range(n_shards)]
     listed = {f for v in manifest["completed"].values() for f in v["files"]}
     assert listed == {p.name for p in out.glob("part-*.parquet")}
@@ -293,7 +293,7 @@ def test_manifest_is_the_source_of_truth(tmp_path: Path) -> None:
     (tmp_path / ".part-shard00002-000000.parquet.x.tmp").write_bytes(b"partial")
     resumed = prepare_output(tmp_path, meta, key, num_shards=3)
     assert sorted(resumed.completed) == [0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["_dataset.json", MANIFEST, *r0.files])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([DATASET_FILE, MANIFEST, *r0.files])
     # A retried shard rewrites the same name; it never adds a second file.
     assert trace_shard(tmp_path, meta, 1, _write_tokens(3, 1)).files == ("part-shard00001-000000.parquet",)
     assert trace_shard(tmp_path, meta, 1, _write_tokens(3, 1)).files == ("part-shard00001-000000.parquet",)

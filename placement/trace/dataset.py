@@ -25,6 +25,8 @@ import pyarrow.parquet as pq
 from placement.trace.outputs import _umask, atomic_write_bytes
 from placement.trace.schema import (
     META_KEY,
+    SCHEMA_VERSION,
+    VERSION_KEY,
     RouteArrays,
     TraceError,
     TraceMeta,
@@ -34,20 +36,69 @@ from placement.trace.schema import (
     validate_routes,
 )
 
-# A leading "_" is what Arrow-world readers (pyarrow.dataset, pandas, DuckDB, Ray Data) skip, as for Hive's
-# _metadata and Spark's _SUCCESS; datasets written before 0.2 used the names without it (still read).
-DATASET_JSON = "_dataset.json"
-MANIFEST_JSON = "_manifest.json"
+# The metadata files are zero-row Parquet files with the shard schema, their JSON in the Parquet key-value
+# metadata: pyarrow.dataset, pandas and Ray Data skip them (a leading "_", as Hive's _metadata and Spark's
+# _SUCCESS), polars and DuckDB read them as 0 rows, so every reader opens the bare directory with moeplace's row
+# count. Older datasets hold JSON files under the legacy names; they are still read, and kept when appended to.
+DATASET_FILE = "_dataset.parquet"
+MANIFEST_FILE = "_manifest.parquet"
+MANIFEST_KEY = b"moeplace.manifest"
+LEGACY_NAMES = {DATASET_FILE: ("_dataset.json", "dataset.json"), MANIFEST_FILE: ("_manifest.json", "manifest.json")}
+_METADATA_KEYS = {DATASET_FILE: META_KEY, MANIFEST_FILE: MANIFEST_KEY}
 SHARD_GLOB = "part-*.parquet"
 _WRITER_ID_RE = re.compile(r"^[A-Za-z0-9_.=-]{1,64}$")
 
 
 def metadata_file(out_dir: Path, name: str) -> Path:
-    """The path of the metadata file ``name`` (``DATASET_JSON`` / ``MANIFEST_JSON``) in ``out_dir``: the legacy
-    name (``dataset.json``, ``manifest.json``) if only that exists, so datasets of older versions keep working."""
-    path = out_dir / name
-    legacy = out_dir / name.removeprefix("_")
-    return legacy if legacy.exists() and not path.exists() else path
+    """The path of the metadata file ``name`` (``DATASET_FILE`` / ``MANIFEST_FILE``) in ``out_dir``: the first of
+    it and its legacy names (``LEGACY_NAMES``) that exists, else ``name``; so older datasets keep working."""
+    for candidate in (name, *LEGACY_NAMES[name]):
+        if (out_dir / candidate).exists():
+            return out_dir / candidate
+    return out_dir / name
+
+
+def _metadata_key(path: Path) -> bytes:
+    for name, key in _METADATA_KEYS.items():
+        if path.name == name or path.name in LEGACY_NAMES[name]:
+            return key
+    raise TraceError(f"{path}: not a moeplace metadata file (expected one of {', '.join(_METADATA_KEYS)})")
+
+
+def read_metadata(path: Path) -> str:
+    """The JSON text of a metadata file: a legacy ``.json`` file's text, or the Parquet key-value entry."""
+    key = _metadata_key(path)
+    if path.suffix == ".json":
+        try:
+            return path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TraceError(
+                f"{path}: cannot read ({one_line(exc)}); restore the file or choose another dataset"
+            ) from exc
+    try:
+        md = pq.read_schema(path).metadata or {}
+        if key not in md:
+            raise TraceError(
+                f"{path}: no {key.decode()} entry in the Parquet key-value metadata; not written by moeplace"
+            )
+        return md[key].decode()
+    except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: undecodable footer or text
+        if isinstance(exc, TraceError):
+            raise
+        raise TraceError(
+            f"{path}: not a readable Parquet file ({one_line(exc)}); the file is damaged or truncated"
+        ) from exc
+
+
+def write_metadata(path: Path, text: str) -> None:
+    """Write a metadata file atomically: a zero-row Parquet file with the shard schema and ``text`` in its
+    key-value metadata, or the text itself under a legacy ``.json`` name (a dataset of an older version)."""
+    key = _metadata_key(path)
+    if path.suffix == ".json":
+        atomic_write_bytes(path, text.encode())
+        return
+    schema = arrow_schema().with_metadata({key: text.encode(), VERSION_KEY: str(SCHEMA_VERSION).encode()})
+    _atomic_write_table(path, schema.empty_table())
 
 
 def _routes_table(meta: TraceMeta, writer_id: str, routes: RouteArrays, schema: pa.Schema) -> pa.Table:
@@ -74,10 +125,10 @@ def _routes_table(meta: TraceMeta, writer_id: str, routes: RouteArrays, schema: 
 
 
 def _check_dataset_meta(out_dir: Path, meta: TraceMeta) -> None:
-    """Create ``_dataset.json`` or check that the existing one describes the same model."""
-    path = metadata_file(out_dir, DATASET_JSON)
+    """Create ``_dataset.parquet`` or check that the existing one describes the same model."""
+    path = metadata_file(out_dir, DATASET_FILE)
     if path.exists():
-        existing = TraceMeta.from_json(path.read_text(), where=str(path))
+        existing = TraceMeta.from_json(read_metadata(path), where=str(path))
         if not existing.compatible_with(meta):
             raise TraceError(
                 f"{out_dir}: holds a trace of another model ({existing.model_name}, E={existing.num_experts}, "
@@ -86,8 +137,8 @@ def _check_dataset_meta(out_dir: Path, meta: TraceMeta) -> None:
             )
         return
     if out_dir.exists() and any(out_dir.glob(SHARD_GLOB)):
-        raise TraceError(f"{out_dir}: has Parquet shards but no {DATASET_JSON}; choose another --out")
-    atomic_write_bytes(path, meta.to_json().encode())
+        raise TraceError(f"{out_dir}: has Parquet shards but no {DATASET_FILE}; choose another --out")
+    write_metadata(path, meta.to_json())
 
 
 class TraceWriter:
@@ -180,11 +231,16 @@ class TraceWriter:
 def write_shard(path: Path, table: pa.Table, compression: str = "zstd") -> None:
     """Write one Parquet shard atomically (row groups are whole tokens; v2 data pages decode ~20% faster)."""
     meta = TraceMeta.from_json(table.schema.metadata[META_KEY])
+    rows_per_group = max(1, (1 << 20) // meta.num_layers) * meta.num_layers
+    _atomic_write_table(path, table, compression=compression, row_group_size=rows_per_group)
+
+
+def _atomic_write_table(path: Path, table: pa.Table, compression: str = "zstd", row_group_size: int = 1 << 20) -> None:
+    """Write ``table`` to ``path`` through a ``.``-prefixed temp file in the same directory and a rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        rows_per_group = max(1, (1 << 20) // meta.num_layers) * meta.num_layers
-        pq.write_table(table, tmp, compression=compression, row_group_size=rows_per_group, data_page_version="2.0")
+        pq.write_table(table, tmp, compression=compression, row_group_size=row_group_size, data_page_version="2.0")
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
@@ -355,17 +411,17 @@ def concat_routes(parts: list[RouteArrays], meta: TraceMeta) -> RouteArrays:
 
 
 def open_parquet_trace(path: str | os.PathLike[str]) -> ParquetTrace:
-    """Open a dataset directory (with ``_dataset.json``) or a single shard file; validates schema and metadata."""
+    """Open a dataset directory (with ``_dataset.parquet``) or a single shard file; validates schema and metadata."""
     p = Path(path)
     if p.is_dir():
         shards = tuple(sorted(p.glob(SHARD_GLOB)))
-        meta_path = metadata_file(p, DATASET_JSON)
+        meta_path = metadata_file(p, DATASET_FILE)
         if meta_path.exists():
-            meta = TraceMeta.from_json(meta_path.read_text(), where=str(meta_path))
+            meta = TraceMeta.from_json(read_metadata(meta_path), where=str(meta_path))
         elif shards:
             meta = _meta_of_shard(shards[0])
         else:
-            raise TraceError(f"{p}: not a trace dataset (no {DATASET_JSON} and no {SHARD_GLOB} files)")
+            raise TraceError(f"{p}: not a trace dataset (no {DATASET_FILE} and no {SHARD_GLOB} files)")
         shards = _manifest_listed(p, shards)
         if not shards:
             raise TraceError(f"{p}: the dataset has no shards yet ({SHARD_GLOB}); profile or import into it first")
@@ -380,13 +436,14 @@ def open_parquet_trace(path: str | os.PathLike[str]) -> ParquetTrace:
 
 
 def _manifest_listed(path: Path, shards: tuple[Path, ...]) -> tuple[Path, ...]:
-    """With a job manifest (``_manifest.json``, written by ray_jobs), only the shards it lists as completed count:
-    a file left by a worker that died after writing but before being recorded is not part of the trace."""
-    mpath = metadata_file(path, MANIFEST_JSON)
+    """With a job manifest (``_manifest.parquet``, written by ray_jobs), only the shards it lists as completed
+    count: a file left by a worker that died after writing but before being recorded is not part of the trace."""
+    mpath = metadata_file(path, MANIFEST_FILE)
     if not mpath.exists():
         return shards
+    text = read_metadata(mpath)
     try:
-        listed = {str(f) for v in json.loads(mpath.read_text())["completed"].values() for f in v["files"]}
+        listed = {str(f) for v in json.loads(text)["completed"].values() for f in v["files"]}
     except (OSError, KeyError, TypeError, AttributeError, ValueError) as exc:
         raise TraceError(f"{mpath}: unreadable job manifest ({exc!r}); resume or re-run the profiling job") from exc
     return tuple(s for s in shards if s.name in listed)

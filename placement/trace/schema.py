@@ -1,6 +1,7 @@
 """Routing-trace schema: the one data type every stage of moeplace reads.
 
-A trace dataset is a directory of Parquet shards (plus ``_dataset.json``) with one row per token per MoE layer.
+A trace dataset is a directory of Parquet shards (plus ``_dataset.parquet``, zero rows, the metadata) with one
+row per token per MoE layer.
 Rows of a shard are token-major: the L rows of one token are consecutive, in the order of ``meta.layers``.
 
 Columns (schema version 1):

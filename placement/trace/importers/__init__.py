@@ -131,12 +131,12 @@ def write_staged(
     directory is removed. On any error ``out`` is left unchanged (created only if it did not exist, and
     removed again).
     """
-    from placement.trace.dataset import DATASET_JSON, TraceWriter, _check_dataset_meta, metadata_file
+    from placement.trace.dataset import DATASET_FILE, TraceWriter, _check_dataset_meta, metadata_file
 
     if out.exists() and not out.is_dir():
         raise TraceError(f"{out}: exists and is not a dataset directory; choose another --out")
     existed = out.exists()
-    if existed and metadata_file(out, DATASET_JSON).exists():
+    if existed and metadata_file(out, DATASET_FILE).exists():
         _check_existing(out, meta)
     out.parent.mkdir(parents=True, exist_ok=True)
     linked: list[Path] = []
@@ -172,10 +172,10 @@ def write_staged(
 
 
 def _check_existing(out: Path, meta: TraceMeta) -> None:
-    from placement.trace.dataset import DATASET_JSON, metadata_file
+    from placement.trace.dataset import DATASET_FILE, metadata_file, read_metadata
 
-    path = metadata_file(out, DATASET_JSON)
-    existing = TraceMeta.from_json(path.read_text(), where=str(path))
+    path = metadata_file(out, DATASET_FILE)
+    existing = TraceMeta.from_json(read_metadata(path), where=str(path))
     if not existing.compatible_with(meta):
         raise TraceError(
             f"{out}: holds a trace of another model ({existing.model_name}, E={existing.num_experts}, "
