@@ -225,7 +225,8 @@ def solve_fixed(graph: RoutingGraph, spec: PlanSpec, deadline: float) -> SolveRe
     if spec.num_redundant and kappa > 0:  # replicas and primaries judged together on unseen prompts
         whole = LoadModel.from_graph(graph, kappa=kappa, holdout_ratio=holdout)
         phy2log_LP = robust_repair(phy2log_LP, graph.trans_LEE.astype(np.float64), whole, G, 1.0 + spec.balance_eps)
-    phy2log_LP = never_below_eplb(phy2log_LP, graph, spec, max(deadline, time.perf_counter() + 0.1 * budget), info)
+    if spec.options.get("eplb_floor", True):  # off for the default's search, which keeps eplb's plan at hand
+        phy2log_LP = never_below_eplb(phy2log_LP, graph, spec, max(deadline, time.perf_counter() + 0.1 * budget), info)
     check_balance_reached(phy2log_LP, graph, spec)
     return SolveResult(phy2log_LP, "affinity", "heuristic", solve_seconds=time.perf_counter() - t0, info=info)
 

@@ -8,7 +8,8 @@ layer's pace, so balance on traffic the plan has not seen comes first and coloca
    target is that forecast less ``FORECAST_OPTIMISM``.
 2. Candidates: the affinity plan at EPLB's own fitted balance (which affinity always reaches,
    ``never_below_eplb``), and the most co-located plan whose forecast meets the target with the fitted prompts
-   held to it too (``solve_for_unseen``: regula falsi on the robustness kappa). The more co-located of those
+   held to it too (``solve_for_unseen``: regula falsi on the robustness kappa; its solves skip affinity's eplb
+   floor, ``never_below_eplb``, since step 3 keeps EPLB's plan at hand). The more co-located of those
    that meet the target wins; if neither does, the one with the lower forecast.
 3. If that forecast is still above EPLB's own, EPLB's plan (second copies on one GPU moved elsewhere) is used.
    Without prompt ids there is no forecast and the plan is the one at EPLB's fitted balance. The default never
@@ -80,7 +81,7 @@ def solve_auto(graph: RoutingGraph, spec: PlanSpec) -> SolveResult:
     target = eplb_fc - FORECAST_OPTIMISM
     info["unseen_target"] = round(target, 4)
     best, best_fc, how = at_eplb, _forecast(at_eplb.phy2log_LP, graph, spec), "eplb fitted"
-    sub = replace(fixed, balance_eps=max(target - 1.0, fit_eps))
+    sub = replace(fixed, balance_eps=max(target - 1.0, fit_eps), options={**fixed.options, "eplb_floor": False})
     try:
         if time.perf_counter() - t0 > 0.5 * limit:  # one solve took half the limit: no time for a search
             raise PlanError("no time left for the robustness search")

@@ -102,11 +102,14 @@ def repair_balance(
         b_C = np.flatnonzero(bin_E != hot)
         h_C = bin_E[b_C]
         dmean_AC = p_E[b_C][None, :] - p_E[a_A][:, None]
-        pair_AC = diag_E[a_A][:, None] + diag_E[b_C][None, :] - 2.0 * M_EE[np.ix_(a_A, b_C)]
-        var_hot_AC = var_B[hot] - 2.0 * U_BE[hot, a_A][:, None] + 2.0 * U_BE[hot, b_C][None, :] + pair_AC
-        var_h_AC = var_B[h_C][None, :] + 2.0 * U_BE[h_C][:, a_A].T - 2.0 * U_BE[h_C, b_C][None, :] + pair_AC
-        r_hot_AC = B * (mean_B[hot] + dmean_AC + kap * np.sqrt(np.maximum(var_hot_AC, 0.0)))
-        r_h_AC = B * (mean_B[h_C][None, :] - dmean_AC + kap * np.sqrt(np.maximum(var_h_AC, 0.0)))
+        r_hot_AC = B * (mean_B[hot] + dmean_AC)
+        r_h_AC = B * (mean_B[h_C][None, :] - dmean_AC)
+        if kap > 0:  # the variance terms (skipped when only the training share counts)
+            pair_AC = diag_E[a_A][:, None] + diag_E[b_C][None, :] - 2.0 * M_EE[np.ix_(a_A, b_C)]
+            var_hot_AC = var_B[hot] - 2.0 * U_BE[hot, a_A][:, None] + 2.0 * U_BE[hot, b_C][None, :] + pair_AC
+            var_h_AC = var_B[h_C][None, :] + 2.0 * U_BE[h_C][:, a_A].T - 2.0 * U_BE[h_C, b_C][None, :] + pair_AC
+            r_hot_AC = r_hot_AC + B * kap * np.sqrt(np.maximum(var_hot_AC, 0.0))
+            r_h_AC = r_h_AC + B * kap * np.sqrt(np.maximum(var_h_AC, 0.0))
         new_AC = np.maximum(r_hot_AC, r_h_AC)
         ok_AC = new_AC < worst - 1e-12
         if allowed_EB is not None:
@@ -121,7 +124,8 @@ def repair_balance(
         X_EB[a, hot], X_EB[a, h], X_EB[b, h], X_EB[b, hot] = 0.0, 1.0, 0.0, 1.0
         mean_B[hot] += dmean_AC[ai, ci]
         mean_B[h] -= dmean_AC[ai, ci]
-        var_B[hot], var_B[h] = var_hot_AC[ai, ci], var_h_AC[ai, ci]
-        U_BE[hot] += M_EE[b] - M_EE[a]
-        U_BE[h] += M_EE[a] - M_EE[b]
+        if kap > 0:
+            var_B[hot], var_B[h] = var_hot_AC[ai, ci], var_h_AC[ai, ci]
+            U_BE[hot] += M_EE[b] - M_EE[a]
+            U_BE[h] += M_EE[a] - M_EE[b]
     return bin_E
