@@ -304,11 +304,13 @@ def solve_for_unseen(
     steps: int = 5,
     target: float | None = None,
     budget: float | None = None,
+    closest: bool = False,
 ) -> SolveResult:
     """Most co-located plan whose forecast imbalance_max on unseen prompts (median, placement/solvers/robust.py)
     is <= ``target`` (default 1 + eps; the fitted prompts are held to 1 + eps): a search on the robustness kappa
     (Illinois regula falsi on the forecast), ``steps`` solves sharing ``budget`` seconds (default the time
-    limit). Raises PlanError when even ``kappa_max`` misses the target, naming the forecast reached."""
+    limit). Raises PlanError when even ``kappa_max`` misses the target, naming the forecast reached; with
+    ``closest`` it returns the plan of the lowest forecast tried instead (info ``unseen_target_missed``)."""
     if graph.fold_load_SLE is None:
         raise PlanError("--unseen needs prompt ids in the trace (seq_id) to forecast unseen prompts")
     t0 = time.perf_counter()
@@ -333,6 +335,11 @@ def solve_for_unseen(
     f_lo = attempt(lo)
     if f_lo > target:
         f_hi = attempt(hi)
+        if f_hi > target and closest and tried:
+            kappa, _, best = min(tried, key=lambda t: t[1])
+            info = {**best.info, "unseen_target": target, "unseen_target_missed": True, "kappa": kappa}
+            info["kappa_tried"] = [[k, p] for k, p, _ in tried]
+            return replace(best, solve_seconds=time.perf_counter() - t0, info=info)
         if f_hi > target:
             reached = f"{min(t[1] for t in tried):.3f}" if tried else "none (the fitted prompts miss it already)"
             raise PlanError(
