@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             for hl in args.half_life:
                 col = f"service {hl:g}w" + ("" if args.max_moves is None else f" K{args.max_moves}")
                 root = Path(tmp) / f"hl{hl:g}"
+                root.mkdir()  # moeplace creates no parent directories
                 extra = ["--half-life", f"{hl * tokens_per_window:.0f}", "--time-limit", str(tl)]
                 extra += ["--expert-bytes", str(EXPERT_BYTES[name])]
                 extra += [] if args.max_moves is None else ["--max-moves", str(args.max_moves)]
