@@ -56,19 +56,23 @@ EXPERT_BYTES = {
 }
 
 
-def window_graphs(meta: TraceMeta, routes: RouteArrays, prompts_per_window: int) -> list[RoutingGraph]:
-    """Graphs of consecutive windows of prompts, in the order the prompts first appear."""
+def prompt_windows(routes: RouteArrays, prompts_per_window: int) -> list[RouteArrays]:
+    """Consecutive windows of whole prompts, in the order the prompts first appear."""
     seq_T = routes.seq_ids_T
     _, first = np.unique(seq_T, return_index=True)
     order = seq_T[np.sort(first)]
     rank = np.empty(int(order.max()) + 1, dtype=np.int64)
     rank[order] = np.arange(order.size)
     win_T = rank[seq_T] // prompts_per_window
-    out = []
-    for w in range(int(win_T.max()) + 1):
-        part = routes.take(win_T == w)
-        out.append(graph_from_routes(part.expert_ids_TLK, meta, False, part.seq_ids_T, PROMPT_FOLDS))
-    return out
+    return [routes.take(win_T == w) for w in range(int(win_T.max()) + 1)]
+
+
+def window_graphs(meta: TraceMeta, routes: RouteArrays, prompts_per_window: int) -> list[RoutingGraph]:
+    """Graphs of ``prompt_windows``."""
+    return [
+        graph_from_routes(part.expert_ids_TLK, meta, False, part.seq_ids_T, PROMPT_FOLDS)
+        for part in prompt_windows(routes, prompts_per_window)
+    ]
 
 
 def merged(graphs: Sequence[RoutingGraph], weights: Sequence[float] | None = None) -> RoutingGraph:

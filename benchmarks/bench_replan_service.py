@@ -33,7 +33,16 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_replan import EXPERT_BYTES, SHARED, initial_plans, policies, print_stream, replay, summarise
+from bench_replan import (
+    EXPERT_BYTES,
+    SHARED,
+    initial_plans,
+    policies,
+    print_stream,
+    prompt_windows,
+    replay,
+    summarise,
+)
 
 from placement.graph import PROMPT_FOLDS, RoutingGraph, graph_from_routes
 from placement.plan import Plan
@@ -43,17 +52,6 @@ from placement.trace.synthetic import synthetic_trace
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token"
-
-
-def prompt_windows(routes: RouteArrays, prompts_per_window: int) -> list[RouteArrays]:
-    """Consecutive windows of whole prompts, in the order prompts first appear (bench_replan.window_graphs' cut)."""
-    seq_T = routes.seq_ids_T
-    _, first = np.unique(seq_T, return_index=True)
-    order = seq_T[np.sort(first)]
-    rank = np.empty(int(order.max()) + 1, dtype=np.int64)
-    rank[order] = np.arange(order.size)
-    win_T = rank[seq_T] // prompts_per_window
-    return [routes.take(win_T == w) for w in range(int(win_T.max()) + 1)]
 
 
 def stream_windows(quick: bool) -> dict[str, tuple[TraceMeta, list[RouteArrays], int]]:
