@@ -167,3 +167,11 @@ def test_cli_stats_and_plan_with_ray(dataset: Path, tmp_path: Path, cli: Cli, lo
     assert a.provenance["unseen_imbalance"] == b.provenance["unseen_imbalance"]
     code, _, err = cli(*base, "--out", tmp_path / "p3.json", "--ray", "--prompts", "train")
     assert code == 1 and "--ray" in err and err.count("\n") == 1, err
+    # replan --ray scores the deployed plan on the same graph as the single-process build
+    runs = []
+    for i, extra in enumerate(([], ["--ray", "--workers", "2"])):
+        args = ["replan", "--current", p1, "--trace", dataset, "--out", tmp_path / f"r{i}.json", "--max-moves", 0]
+        code, out, err = cli(*args, "--json", *extra)
+        assert code == 0, err
+        runs.append(json.loads(out))
+    assert runs[0]["before"] == runs[1]["before"] and runs[0]["before"]["colocation"] > 0

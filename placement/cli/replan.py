@@ -9,6 +9,7 @@ import typer
 
 from placement.cli.common import UserError, echo_json, user_errors
 from placement.cli.plan import TraceArg, load_graph_and_routes
+from placement.cli.trace import AddressOpt, RayOpt, WorkersOpt, ray_graph
 from placement.trace.outputs import check_output
 
 
@@ -43,6 +44,9 @@ def replan_cmd(
         bool, typer.Option("--json", help="Print before/after scores and the decision as JSON.")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out / --moves-out.")] = False,
+    ray: RayOpt = False,
+    address: AddressOpt = None,
+    workers: WorkersOpt = 2,
 ) -> None:
     """Re-plan the deployed plan for recent traffic, moving at most --max-moves experts."""
     from placement.graph import PROMPT_FOLDS
@@ -64,9 +68,20 @@ def replan_cmd(
         check_output(out, force=force)  # before the re-plan, not after it
         if moves_out is not None:
             check_output(moves_out, force=force, flag="--moves-out")
-        g, _ = load_graph_and_routes(tr, "all", 0.5, 0, need_routes=False, num_folds=PROMPT_FOLDS)
-        res = replan(cur, g, max_moves=max_moves, expert_bytes=size, balance_eps=balance,  # type: ignore[arg-type]
-                     time_limit=time_limit, seed=seed, exact=exact)  # fmt: skip
+        if ray:
+            g = ray_graph(tr, False, address, workers, num_folds=PROMPT_FOLDS)
+        else:
+            g, _ = load_graph_and_routes(tr, "all", 0.5, 0, need_routes=False, num_folds=PROMPT_FOLDS)
+        res = replan(
+            cur,
+            g,
+            max_moves=max_moves,
+            expert_bytes=size,
+            balance_eps=balance,
+            time_limit=time_limit,
+            seed=seed,
+            exact=exact,
+        )
         res.plan.save(out)
         if moves_out is not None:
             save_moves(res.moves, moves_out)
