@@ -164,13 +164,22 @@ class Plan:
         for key in ("num_gpus", "num_nodes", "num_experts", "layers", "phy2log"):
             if key not in d:
                 raise PlanError(f"{where}: missing field {key!r}; pass a plan written by `moeplace plan`")
+        for key in ("num_gpus", "num_nodes", "num_experts"):
+            _check_json_int(d[key], key, where)
+        if not isinstance(d["layers"], list):
+            raise PlanError(f"{where}: field 'layers' must be a list of integers")
+        for x in d["layers"]:
+            _check_json_int(x, "layers", where)
         try:
-            phy2log = np.asarray(d["phy2log"], dtype=np.int64)
+            raw = np.asarray(d["phy2log"])
+            if raw.size and raw.dtype.kind not in "iu":
+                raise PlanError(f"field 'phy2log' must hold integer expert ids, got {raw.dtype.name} values")
+            phy2log = raw.astype(np.int64)
             return cls(
-                num_gpus=int(d["num_gpus"]),
-                num_nodes=int(d["num_nodes"]),
-                num_experts=int(d["num_experts"]),
-                layers=tuple(int(x) for x in d["layers"]),
+                num_gpus=d["num_gpus"],
+                num_nodes=d["num_nodes"],
+                num_experts=d["num_experts"],
+                layers=tuple(d["layers"]),
                 phy2log=phy2log,
                 model_name=str(d.get("model_name", "")),
                 provenance=dict(d.get("provenance", {})),
@@ -192,6 +201,12 @@ class Plan:
         if not p.is_file():
             raise PlanError(f"{p}: no such plan file")
         return cls.from_json(p.read_bytes(), where=str(p))
+
+
+def _check_json_int(x: object, key: str, where: str) -> None:
+    """A plan file's integer field holds a JSON integer (not a float like 1.5, a bool or a string)."""
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise PlanError(f"{where}: field {key!r} must be an integer, got {x!r}; pass a plan written by `moeplace plan`")
 
 
 def _layers_str(layers: tuple[int, ...]) -> str:

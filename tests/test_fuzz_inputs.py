@@ -363,8 +363,24 @@ def test_plan_number_beyond_int64_is_a_plan_error(tmp_path: Path) -> None:
     doc = _valid_plan()
     doc["phy2log"] = 9.223372036854776e18
     (tmp_path / "p.json").write_text(json.dumps(doc))
-    with pytest.raises(PlanError, match="malformed field"):
+    with pytest.raises(PlanError, match="phy2log"):
         Plan.load(tmp_path / "p.json")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("phy2log", "float"), ("num_gpus", 2.0), ("num_experts", True), ("layers", [0.5]), ("layers", 7)],
+)
+def test_plan_numbers_are_never_truncated(tmp_path: Path, key: str, value: object) -> None:
+    """A float expert id (1.5) used to load as 1, num_gpus 2.0 as 2: integer fields hold JSON integers."""
+    doc = _valid_plan()
+    if value == "float":
+        value = [[x + 0.5 for x in row] for row in doc["phy2log"]]
+    doc[key] = value
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    with pytest.raises(PlanError, match=key) as exc:
+        Plan.load(tmp_path / "p.json")
+    assert "\n" not in str(exc.value)
 
 
 @pytest.mark.parametrize(("offset", "value", "why"), [(8, 1, "encrypted"), (10, 99, "compression")])
