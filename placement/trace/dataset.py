@@ -77,17 +77,14 @@ def read_metadata(path: Path) -> str:
             ) from exc
     try:
         md = pq.read_schema(path).metadata or {}
-        if key not in md:
-            raise TraceError(
-                f"{path}: no {key.decode()} entry in the Parquet key-value metadata; not written by moeplace"
-            )
-        return md[key].decode()
+        text = md[key].decode() if key in md else None
     except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: undecodable footer or text
-        if isinstance(exc, TraceError):
-            raise
         raise TraceError(
             f"{path}: not a readable Parquet file ({one_line(exc)}); the file is damaged or truncated"
         ) from exc
+    if text is None:
+        raise TraceError(f"{path}: no {key.decode()} entry in the Parquet key-value metadata; not written by moeplace")
+    return text
 
 
 def write_metadata(path: Path, text: str) -> None:
@@ -124,21 +121,28 @@ def _routes_table(meta: TraceMeta, writer_id: str, routes: RouteArrays, schema: 
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def check_same_model(out_dir: Path, meta: TraceMeta) -> bool:
+    """Whether ``out_dir`` already has dataset metadata; if so, refuse it unless it describes the same model."""
+    path = metadata_file(out_dir, DATASET_FILE)
+    if not path.exists():
+        return False
+    existing = TraceMeta.from_json(read_metadata(path), where=str(path))
+    if not existing.compatible_with(meta):
+        raise TraceError(
+            f"{out_dir}: holds a trace of another model ({existing.model_name}, E={existing.num_experts}, "
+            f"K={existing.top_k}, {existing.num_layers} layers), not {meta.model_name} "
+            f"(E={meta.num_experts}, K={meta.top_k}, {meta.num_layers} layers); choose another --out"
+        )
+    return True
+
+
 def _check_dataset_meta(out_dir: Path, meta: TraceMeta) -> None:
     """Create ``_dataset.parquet`` or check that the existing one describes the same model."""
-    path = metadata_file(out_dir, DATASET_FILE)
-    if path.exists():
-        existing = TraceMeta.from_json(read_metadata(path), where=str(path))
-        if not existing.compatible_with(meta):
-            raise TraceError(
-                f"{out_dir}: holds a trace of another model ({existing.model_name}, E={existing.num_experts}, "
-                f"K={existing.top_k}, {existing.num_layers} layers), not {meta.model_name} "
-                f"(E={meta.num_experts}, K={meta.top_k}, {meta.num_layers} layers); choose another --out"
-            )
+    if check_same_model(out_dir, meta):
         return
     if out_dir.exists() and any(out_dir.glob(SHARD_GLOB)):
         raise TraceError(f"{out_dir}: has Parquet shards but no {DATASET_FILE}; choose another --out")
-    write_metadata(path, meta.to_json())
+    write_metadata(metadata_file(out_dir, DATASET_FILE), meta.to_json())
 
 
 class TraceWriter:

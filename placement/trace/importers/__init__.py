@@ -131,13 +131,13 @@ def write_staged(
     directory is removed. On any error ``out`` is left unchanged (created only if it did not exist, and
     removed again).
     """
-    from placement.trace.dataset import DATASET_FILE, TraceWriter, _check_dataset_meta, metadata_file
+    from placement.trace.dataset import TraceWriter, _check_dataset_meta, check_same_model
 
     if out.exists() and not out.is_dir():
         raise TraceError(f"{out}: exists and is not a dataset directory; choose another --out")
     existed = out.exists()
-    if existed and metadata_file(out, DATASET_FILE).exists():
-        _check_existing(out, meta)
+    if existed:
+        check_same_model(out, meta)  # before the import, not after it
     out.parent.mkdir(parents=True, exist_ok=True)
     linked: list[Path] = []
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
@@ -169,19 +169,3 @@ def write_staged(
         raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-
-
-def _check_existing(out: Path, meta: TraceMeta) -> None:
-    from placement.trace.dataset import DATASET_FILE, metadata_file, read_metadata
-
-    path = metadata_file(out, DATASET_FILE)
-    existing = TraceMeta.from_json(read_metadata(path), where=str(path))
-    if not existing.compatible_with(meta):
-        raise TraceError(
-            f"{out}: holds a trace of another model ({existing.model_name}, E={existing.num_experts}, "
-            f"K={existing.top_k}, {existing.num_layers} layers), not {meta.model_name} "
-            f"(E={meta.num_experts}, K={meta.top_k}, {meta.num_layers} layers); choose another --out"
-        )
-
-
-__all__ = ["FORMATS", "import_trace", "write_staged"]
