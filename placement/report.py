@@ -44,6 +44,11 @@ class Report:
     html: str
     pngs: dict[str, bytes]
 
+    def png_paths(self, out: str | os.PathLike[str]) -> list[Path]:
+        """Where ``write`` puts the figures: ``{stem}_{name}.png`` next to ``out``."""
+        out_path = Path(out)
+        return [out_path.with_name(f"{out_path.stem}_{name}.png") for name in self.pngs]
+
     def write(self, out: str | os.PathLike[str]) -> list[Path]:
         """Write ``{stem}_{name}.png`` next to ``out``, then ``out`` itself; each file atomically, and none of them
         if one fails (a full disk: the PNGs written so far are removed again)."""
@@ -52,8 +57,7 @@ class Report:
         os.umask(umask)
         written = []
         try:
-            for name, png in self.pngs.items():
-                p = out_path.with_name(f"{out_path.stem}_{name}.png")
+            for p, png in zip(self.png_paths(out_path), self.pngs.values(), strict=True):
                 atomic_write_bytes(p, png)
                 written.append(p)
             atomic_write_bytes(out_path, self.html.encode())

@@ -108,6 +108,24 @@ def test_cli_report_refuses_existing_output_and_plan_of_another_model(
     assert "same model" in res.stderr and not list(tmp_path.glob("r2*"))
 
 
+def test_cli_report_never_replaces_existing_figures_without_force(
+    inputs: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    trace, plans = inputs
+    runner = CliRunner()
+    out = tmp_path / "r.html"
+    args = ["report", "--trace", str(trace), "--plan", str(plans[0]), "--out", str(out)]
+    assert runner.invoke(_app(), args).exit_code == 0
+    figure = tmp_path / "r_load_bars.png"
+    out.unlink()  # the page is gone, its figures are still there
+    figure.write_bytes(b"somebody else's figure")
+    res = runner.invoke(_app(), args)
+    assert res.exit_code == 1 and "already exists" in res.stderr and "r_load_bars.png" in res.stderr
+    assert figure.read_bytes() == b"somebody else's figure" and not out.exists()
+    res = runner.invoke(_app(), [*args, "--force"])
+    assert res.exit_code == 0 and figure.read_bytes().startswith(b"\x89PNG") and out.exists()
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

@@ -86,6 +86,8 @@ def report_cmd(
             raise UserError(f"--out {out}: name the report *.html")
         check_output(out, force=force)
         report = build_report(trace, [str(p) for p in plan or []], title, prompts, train_fraction, split_seed)
+        for png in report.png_paths(out):  # the figures follow the page's rule: never replaced without --force
+            check_output(png, force=force)
         paths = report.write(out)
     typer.echo(f"wrote {paths[-1]} and {len(paths) - 1} PNGs next to it", err=True)
 
