@@ -51,7 +51,13 @@ def make_plan(graph: RoutingGraph, spec: PlanSpec, solver: str = "auto") -> Plan
     spec.validate(graph.num_experts)
     name = pick_solver(graph, spec) if solver == "auto" else solver
     fn = get_solver(name)
-    if spec.auto_balance:
+    if spec.options.get("objective", "colocation") == "time":  # the lowest predicted step time among candidates
+        if solver != "auto":
+            raise PlanError(f"--objective time chooses among solvers itself; drop --solver {solver}")
+        from placement.solvers.time_objective import solve_time
+
+        fn = solve_time
+    elif spec.auto_balance:
         from placement.solvers.balance_target import eplb_fitted_eps, solve_auto
 
         if name == "affinity":

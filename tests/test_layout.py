@@ -21,6 +21,7 @@ FLOORS = {
     "placement.plan": 1,
     "profiler": 1,
     "placement.metrics": 2,
+    "placement.timemodel": 2,
     "placement.solvers": 3,
     "placement.planner": 4,
     "placement.replan": 5,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -24,6 +25,25 @@ SplitOpt = Annotated[
 ]
 FractionOpt = Annotated[float, typer.Option("--train-fraction", help="Share of prompts in the train split.")]
 SplitSeedOpt = Annotated[int, typer.Option("--split-seed", help="Seed of the train/test prompt split.")]
+HardwareOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--hardware",
+        help="Time model hardware: h100-nvlink-ib400 or h200-nvlink-ib400 (8-GPU NVLink nodes, 400 Gb/s "
+        "InfiniBand), or a HardwarePreset JSON file. Default for --objective time: h100-nvlink-ib400.",
+    ),
+]
+HfConfigOpt = Annotated[
+    Path | None, typer.Option("--hf-config", help="Hugging Face config.json (or its directory) giving the model dims.")
+]
+HiddenOpt = Annotated[int | None, typer.Option("--hidden-size", help="Time model: the model's hidden size.")]
+FfnOpt = Annotated[
+    int | None, typer.Option("--expert-ffn-size", help="Time model: a routed expert's intermediate (FFN) size.")
+]
+StepTokensOpt = Annotated[
+    int | None,
+    typer.Option("--tokens-per-step", help="Time model: tokens of one step over all GPUs (default 4096 per GPU)."),
+]
 
 
 def load_graph_and_routes(
@@ -90,6 +110,20 @@ def plan_cmd(
         ),
     ] = False,
     inter_node_cost: Annotated[float, typer.Option("--inter-node-cost", help="Cost of a cross-node pair.")] = 4.0,
+    objective: Annotated[
+        str,
+        typer.Option(
+            "--objective",
+            help="colocation (default: the most co-located plan at the balance) or time: the candidate plan "
+            "(contiguous, eplb, affinity default, affinity at several balances) of the lowest predicted step time "
+            "on unseen prompts (docs/metrics.md).",
+        ),
+    ] = "colocation",
+    hardware: HardwareOpt = None,
+    hf_config: HfConfigOpt = None,
+    hidden_size: HiddenOpt = None,
+    expert_ffn_size: FfnOpt = None,
+    tokens_per_step: StepTokensOpt = None,
     prompts: SplitOpt = "all",
     train_fraction: FractionOpt = 0.5,
     split_seed: SplitSeedOpt = 0,
@@ -115,6 +149,13 @@ def plan_cmd(
             raise PlanError(f"unknown --solver {solver!r}; choose one of {', '.join(SOLVER_NAMES)}")
         if unseen and solver not in ("auto", "affinity"):
             raise PlanError(f"--unseen works with --solver affinity (or auto), not {solver!r}")
+        if objective not in ("colocation", "time"):
+            raise UserError(f"--objective {objective!r}: use colocation or time")
+        timed = {"--hardware": hardware, "--hf-config": hf_config, "--hidden-size": hidden_size}
+        timed |= {"--expert-ffn-size": expert_ffn_size, "--tokens-per-step": tokens_per_step}
+        stray = [k for k, v in timed.items() if v is not None]
+        if objective != "time" and stray:
+            raise UserError(f"{stray[0]} is an option of the time model; add --objective time")
         spec = PlanSpec(
             num_gpus=gpus,
             num_nodes=nodes,
@@ -130,6 +171,14 @@ def plan_cmd(
 
         tr = open_trace(trace)
         spec.validate(tr.meta.num_experts)
+        if objective == "time":
+            from placement.timemodel import check_topology, load_hardware, resolve_dims
+
+            hw = load_hardware(hardware or "h100-nvlink-ib400")
+            check_topology(gpus, nodes, hw)
+            dims = resolve_dims(tr.meta, hf_config, hidden_size, expert_ffn_size, tokens_per_step)
+            timing = {"objective": "time", "hardware": hw.to_json(), "model_dims": dims.to_json()}
+            spec = replace(spec, options={**spec.options, **timing})
         check_output(out, force=force)  # before the solve, not after it
         # prompt-fold loads feed the robust balance and the unseen-imbalance forecast
         if ray and prompts != "all":
@@ -156,6 +205,17 @@ def plan_cmd(
             f"imbalance_max, bootstrapped over {fc['folds']} prompt folds)."
         )
     info = pv.get("info") or {}
+    if info.get("objective") == "time":
+        typer.echo(
+            f"Predicted time per step of {info['tokens_per_step']:,} tokens on {info['hardware']} "
+            f"(unseen prompts; per layer mean / max, step total; chose {info['time_choice']}):"
+        )
+        for row in info["time"]:
+            typer.echo(
+                f"  {row['name']:<24} {row['layer_mean_s'] * 1e3:8.3f} / {row['layer_max_s'] * 1e3:8.3f} ms per layer"
+                f"  {row['step_s'] * 1e3:9.3f} ms per step (compute {row['compute_s'] * 1e3:.3f}, "
+                f"all-to-all {row['comm_s'] * 1e3:.3f})"
+            )
     if info.get("balance"):  # the default balance (no --balance): what it aimed for and what it chose
         aim = info.get("eplb_forecast")
         typer.echo(

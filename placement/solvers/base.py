@@ -25,6 +25,8 @@ class PlanSpec:
     for EPLB's forecast balance on unseen prompts (placement/solvers/balance_target.py), other balancing solvers
     take EPLB's balance on the fitted trace.
     ``inter_node_cost``: cost of a token pair split across nodes relative to one split across GPUs of a node.
+    ``options["objective"] == "time"`` (with ``options["hardware"]`` / ``["model_dims"]``, HardwarePreset and
+    ModelDims JSON): the plan of the lowest predicted step time instead (placement/solvers/time_objective.py).
     """
 
     num_gpus: int
