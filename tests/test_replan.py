@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -156,6 +157,61 @@ def test_replan_never_exceeds_the_budget(small_graph: RoutingGraph) -> None:
                 assert res.plan is cur and not res.changed
             if K == 20:  # a random plan is easy to improve with 20 moves
                 assert res.changed and res.after["colocation"] > res.before["colocation"]
+
+
+def test_a_target_not_ready_by_the_hard_deadline_falls_back_to_the_current_plan(small_graph: RoutingGraph) -> None:
+    from placement.planner import make_plan
+    from placement.solvers.base import PlanSpec
+    from placement.solvers.deadline import SolveTimeout, hard_deadline
+
+    with hard_deadline(time.perf_counter() - 1.0), pytest.raises(SolveTimeout, match="affinity layer assignment"):
+        make_plan(small_graph, PlanSpec(4, time_limit=1.0), "affinity")
+    rng = np.random.default_rng(11)
+    for R in (0, 4):
+        cur = Plan(4, 1, 16, small_graph.meta.layers, random_plan(rng, 6, 16, 4, R).phy2log, "m")
+        with hard_deadline(time.perf_counter() - 1.0):  # every affinity step is late: no target plan
+            res = replan(cur, small_graph, max_moves=12, time_limit=2.0, exact="off")
+        assert "not ready" in res.info["target"] and "target_moves" not in res.info
+        assert res.changed and 0 < count_moves(cur, res.plan) <= 12  # local search from the current plan still pays
+        assert res.after["colocation"] > res.before["colocation"] or (
+            res.after["forecast_imbalance"] < res.before["forecast_imbalance"]
+        )
+        on_time = replan(cur, small_graph, max_moves=12, time_limit=2.0, exact="off")
+        assert "target" not in on_time.info and "target_moves" in on_time.info
+
+
+def test_forecaster_equals_the_robust_forecast(small_graph: RoutingGraph) -> None:
+    from placement.replan.solve import Forecaster
+    from placement.solvers.robust import predict_unseen_imbalance
+
+    rng = np.random.default_rng(12)
+    fc = Forecaster.of(small_graph, seed=5)
+    for R in (0, 4, 8):
+        p = Plan(4, 1, 16, small_graph.meta.layers, random_plan(rng, 6, 16, 4, R).phy2log, "m")
+        ref = predict_unseen_imbalance(p, small_graph.load_LE, small_graph.fold_load_SLE, seed=5)
+        assert ref is not None and fc(p) == pytest.approx(ref["p90"], abs=6e-5)
+    few = RoutingGraph(small_graph.meta, 10, small_graph.load_LE, small_graph.trans_LEE, None, None)
+    assert Forecaster.of(few)(p) is None
+
+
+@pytest.mark.slow
+def test_replan_keeps_its_time_limit_at_deepseek_v3_size() -> None:
+    """58 x 256 experts, G = 32 on 4 nodes, 32 redundant slots: the affinity target alone took about 140 s of a
+    20 s limit before the hard deadline (docs/benchmarks.md)."""
+    from placement.solvers.baselines import eplb_phy2log
+
+    L, E, G, N, R = 58, 256, 32, 4, 32
+    meta, r = synthetic_trace(L, E, 8, 6000, num_topics=16, tokens_per_prompt=50, seed=13)
+    g = graph_from_routes(r.expert_ids_TLK, meta, False, r.seq_ids_T, PROMPT_FOLDS)
+    old = synthetic_trace(L, E, 8, 6000, num_topics=16, tokens_per_prompt=50, seed=14)[1]
+    old_load_LE = graph_from_routes(old.expert_ids_TLK, meta, False).load_LE.astype(np.float64)
+    cur = Plan(G, N, E, meta.layers, eplb_phy2log(old_load_LE, E + R, G, N), meta.model_name)
+    t0 = time.perf_counter()
+    res = replan(cur, g, max_moves=800, time_limit=20.0)
+    wall = time.perf_counter() - t0
+    assert wall <= 20.0 and res.after["time_s"] <= 20.0
+    assert count_moves(cur, res.plan) <= 800 and len(res.moves.moves) == count_moves(cur, res.plan)
+    Plan.from_json(res.plan.to_json())  # a valid plan file
 
 
 def test_replan_with_float_counts_and_exact_model() -> None:

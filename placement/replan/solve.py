@@ -2,10 +2,15 @@
 
 1. Target: the project's affinity optimiser (placement.planner.make_plan, robust balance) on the recent graph,
    same GPUs, nodes and redundant slots as the current plan; its GPUs renamed to minimise moves (one renaming
-   for all layers, so its metrics are kept; placement/replan/moves.py).
+   for all layers, so its metrics are kept; placement/replan/moves.py). It runs under a hard deadline
+   (``TARGET_SHARE`` of the time limit plus its slack, placement/solvers/deadline.py); a target not ready by
+   then is dropped and the re-plan goes on from the current plan, so ``replan`` keeps its time limit.
 2. If the target fits the budget it is a candidate as it is. Otherwise (one replica per expert) the best mix of
    current and target layers (exact dynamic programme over the layer chain), then swap search under the budget
-   (placement/replan/search.py); with replicas, the layer mix alone.
+   (placement/replan/search.py; without a target, swap search from the current plan); with replicas, the layer
+   mix alone. A balance seed is always a candidate too: the best mix of current layers and the layers of EPLB's
+   plan for the recent graph (GPUs relabelled per layer to the current plan), the pure balancer's plan reached
+   within the budget.
 3. Exact where it fits (one replica, few block combinations, e.g. Mixtral): the bounded-move model
    (placement/replan/exact.py) with the best heuristic answer as its hint; its proven bound is reported.
 4. Every candidate (the current plan included) is scored by its forecast imbalance_max on unseen prompts
@@ -27,7 +32,7 @@ from placement.graph import RoutingGraph
 from placement.plan import Plan, PlanError, gpu_of_expert_to_phy2log
 from placement.replan.moves import MoveList, align_slots, count_moves, move_list, relabel_gpus
 from placement.replan.search import layer_states, robust_ratio_LG, swap_search
-from placement.solvers.robust import LoadModel, predict_unseen_imbalance
+from placement.solvers.robust import LoadModel
 
 EXACT_MODES = ("auto", "off", "cpsat", "pulp")
 # forecasts closer than this count as equal, and colocation decides
@@ -35,6 +40,11 @@ IMBALANCE_TIE = 0.005
 # which quantile of the unseen-prompt forecast ranks plans: p90 weighs the heavy prompts that hit one GPU
 # (benchmarks/bench_replan.py: lower next-window imbalance than p50 on the DeepSeek-V2-Lite stream)
 FORECAST_QUANTILE = "p90"
+# share of the time limit for the affinity target, and the hard deadline's slack beyond it; the hard deadline
+# also leaves RESERVE_SCORES times one plan's scoring (measured on the current plan) for the candidates
+TARGET_SHARE = 0.45
+TARGET_SLACK = 0.1
+RESERVE_SCORES = 6.0
 
 
 @dataclass(frozen=True)
@@ -56,14 +66,53 @@ class ReplanResult:
         return {"changed": self.changed, "reason": self.reason, "before": self.before, "after": self.after}
 
 
-def scores(plan: Plan, graph: RoutingGraph, seed: int = 0) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Forecaster:
+    """``predict_unseen_imbalance``'s forecast (placement/solvers/robust.py) for many plans of one graph: the fold
+    bootstrap is drawn once and each plan costs one batched product. ``sim_LDE`` float64 [L, D, E]: simulated
+    unseen shares per bootstrap draw (None with fewer than 8 non-empty folds)."""
+
+    sim_LDE: np.ndarray | None
+
+    @classmethod
+    def of(cls, graph: RoutingGraph, seed: int = 0, holdout_ratio: float = 1.0, draws: int = 256) -> Forecaster:
+        if graph.fold_load_SLE is None:
+            return cls(None)
+        f_SLE = np.asarray(graph.fold_load_SLE, dtype=np.float64)
+        f_SLE = f_SLE[(f_SLE.sum(axis=2) > 0).all(axis=1)]
+        S, L, E = f_SLE.shape
+        if S < 8:
+            return cls(None)
+        load_LE = np.asarray(graph.load_LE, dtype=np.float64)
+        share_LE = load_LE / np.maximum(load_LE.sum(axis=1, keepdims=True), 1e-12)
+        w_DS = np.random.default_rng(seed).multinomial(S, np.full(S, 1.0 / S), size=draws).astype(np.float64)
+        boot_DLE = (w_DS @ f_SLE.reshape(S, L * E)).reshape(draws, L, E)
+        boot_DLE /= np.maximum(boot_DLE.sum(axis=2, keepdims=True), 1e-12)
+        sim_DLE = np.maximum(share_LE + np.sqrt(1.0 + 1.0 / max(holdout_ratio, 1e-9)) * (boot_DLE - share_LE), 0)
+        return cls(np.ascontiguousarray(sim_DLE.transpose(1, 0, 2)))
+
+    def __call__(self, plan: Plan) -> float | None:
+        """The ``FORECAST_QUANTILE`` of the plan's imbalance_max over the draws (None without folds)."""
+        from placement.metrics import load_split
+
+        if self.sim_LDE is None:
+            return None
+        gpu_LDG = np.matmul(self.sim_LDE, load_split(plan))
+        imb_D = (gpu_LDG.max(axis=2) / np.maximum(gpu_LDG.mean(axis=2), 1e-12)).max(axis=0)
+        return float(np.quantile(imb_D, QUANTILES[FORECAST_QUANTILE]))
+
+
+QUANTILES = {"p10": 0.1, "p50": 0.5, "p90": 0.9}
+
+
+def scores(plan: Plan, graph: RoutingGraph, seed: int = 0, forecast: Forecaster | None = None) -> dict[str, Any]:
     """Forecast imbalance (``FORECAST_QUANTILE``; training imbalance without prompt folds), imbalance, colocation."""
     from placement.metrics import colocation, imbalance
 
-    fc = predict_unseen_imbalance(plan, graph.load_LE, graph.fold_load_SLE, seed=seed)
+    fc = (forecast or Forecaster.of(graph, seed))(plan)
     imb = imbalance(plan, graph)[1]
     return {
-        "forecast_imbalance": float(fc[FORECAST_QUANTILE]) if fc else imb,
+        "forecast_imbalance": imb if fc is None else fc,
         "imbalance_max": imb,
         "colocation": colocation(plan, graph),
     }
@@ -84,14 +133,50 @@ def target_plan(current: Plan, graph: RoutingGraph, eps: float, kappa: float, ti
     from placement.metrics import imbalance
     from placement.planner import make_plan
     from placement.solvers.base import PlanSpec
-    from placement.solvers.baselines import eplb_phy2log
 
     G, N, P = current.num_gpus, current.num_nodes, current.num_slots
-    eplb = replace(current, phy2log=eplb_phy2log(np.asarray(graph.load_LE, dtype=np.float64), P, G, N))
-    reach = imbalance(eplb, graph)[1] - 1.0 + 1e-6
+    reach = imbalance(eplb_plan(current, graph), graph)[1] - 1.0 + 1e-6
     spec = PlanSpec(G, N, P - current.num_experts, max(eps, reach), max(time_limit, 0.05), seed,
                     options={"kappa": kappa})  # fmt: skip
     return make_plan(graph, spec, "affinity")
+
+
+def eplb_plan(current: Plan, graph: RoutingGraph) -> Plan:
+    """EPLB's plan (a pure balancer) for ``graph`` on the current plan's GPUs, nodes and slots."""
+    from placement.solvers.baselines import eplb_phy2log
+
+    G, N, P = current.num_gpus, current.num_nodes, current.num_slots
+    phy2log_LP = eplb_phy2log(np.asarray(graph.load_LE, dtype=np.float64), P, G, N)
+    return replace(current, phy2log=phy2log_LP, provenance={"solver": "eplb"})
+
+
+def _target_in_time(
+    current: Plan,
+    graph: RoutingGraph,
+    eps: float,
+    kappa: float,
+    end: float,
+    min_s: float,
+    seed: int,
+    info: dict[str, Any],
+) -> Plan | None:
+    """``target_plan`` relabelled to the current plan, or None when it is not ready by ``end`` (its hard
+    deadline, perf_counter seconds; it plans for all but the slack of the time to it) or when less than
+    ``min_s`` seconds are left for it."""
+    from placement.solvers.deadline import SolveTimeout, hard_deadline
+
+    t0 = time.perf_counter()
+    share = TARGET_SHARE / (TARGET_SHARE + TARGET_SLACK)
+    if end - t0 < min_s:
+        info["target"] = f"skipped: {max(end - t0, 0.0):.1f} s left for it; re-planned from the current plan"
+        return None
+    try:
+        with hard_deadline(end):
+            target = target_plan(current, graph, eps, kappa, max(share * (end - t0), 0.05), seed)
+    except SolveTimeout as e:
+        info["target"] = f"not ready in {time.perf_counter() - t0:.1f} s ({e}); re-planned from the current plan"
+        return None
+    return relabel_gpus(current, target)
 
 
 def _gpu_of(plan: Plan) -> np.ndarray:
@@ -122,29 +207,42 @@ def replan(
         raise PlanError(f"--max-moves {max_moves}: must be >= 0")
     if time_limit <= 0:
         raise PlanError(f"--time-limit {time_limit}: must be > 0 seconds")
-    before = {**scores(current, graph, seed), "moves": 0, "bytes": 0}
+    forecast = Forecaster.of(graph, seed)
+    before = {**scores(current, graph, seed, forecast), "moves": 0, "bytes": 0}
+    score_s = time.perf_counter() - t0
     empty = MoveList(current.model_name, current.num_gpus, expert_bytes, (), current.layers)
     if max_moves == 0:
         return ReplanResult(current, empty, False, "move budget 0: the current plan stays", before, dict(before))
     K = current.num_layers * current.num_slots if max_moves is None else int(max_moves)
     eps = 0.1 if balance_eps is None else float(balance_eps)
     one_replica = current.num_slots == current.num_experts
-    target = relabel_gpus(current, target_plan(current, graph, eps, kappa, 0.45 * time_limit, seed))
+    info: dict[str, Any] = {}
+    target_end = min(t0 + (TARGET_SHARE + TARGET_SLACK) * time_limit, deadline - RESERVE_SCORES * score_s)
+    target = _target_in_time(current, graph, eps, kappa, target_end, 2.0 * score_s, seed, info)
     candidates: list[tuple[str, Plan]] = [("current", current)]
-    if count_moves(current, target) <= K:
-        candidates.append(("target", target))
-    info: dict[str, Any] = {"target_moves": count_moves(current, target)}
+    if target is not None:
+        info["target_moves"] = count_moves(current, target)
+        if info["target_moves"] <= K:
+            candidates.append(("target", target))
     lm = LoadModel.from_graph(graph, kappa=kappa)
+    trans = np.asarray(graph.trans_LEE, dtype=np.float64)
+    balancer = relabel_gpus(current, eplb_plan(current, graph), per_layer=True)
+    take_L = layer_states(current.holders_LEG > 0, balancer.holders_LEG > 0, trans, lm, None, K)
+    if take_L.any():
+        mixed = np.where(take_L[:, None] == 1, balancer.phy2log, current.phy2log)
+        candidates.append(("eplb-mix", replace(current, phy2log=mixed, provenance={"solver": "replan-eplb-mix"})))
     if one_replica:
         G = current.num_gpus
-        cur_LE, tgt_LE = _gpu_of(current), _gpu_of(target)
+        cur_LE = _gpu_of(current)
+        seed_LE = cur_LE if target is None else _gpu_of(target)  # no target: local search from the current plan
         limit = 1.0 + eps
-        if balance_eps is None:  # what the target reaches, or the current plan where it is better balanced
-            limit = max(float(robust_ratio_LG(tgt_LE, lm, G).max()), 1.0)
-        trans = np.asarray(graph.trans_LEE, dtype=np.float64)
-        take_L = layer_states(current.holders_LEG > 0, target.holders_LEG > 0, trans, lm, limit, K)
-        mixed_LE = np.where(take_L[:, None] == 1, tgt_LE, cur_LE)
-        search_end = t0 + (0.75 if exact != "off" else 1.0) * time_limit
+        if balance_eps is None:  # what the target (or EPLB) reaches, or the current plan where it is better balanced
+            limit = max(float(robust_ratio_LG(seed_LE if target else _gpu_of(balancer), lm, G).max()), 1.0)
+        mixed_LE = cur_LE
+        if target is not None:
+            take_L = layer_states(current.holders_LEG > 0, target.holders_LEG > 0, trans, lm, limit, K)
+            mixed_LE = np.where(take_L[:, None] == 1, seed_LE, cur_LE)
+        search_end = t0 + (0.75 if exact != "off" else 0.9) * time_limit
         best_LE = swap_search(mixed_LE, cur_LE, trans, lm, limit, K, search_end)
         candidates.append(("search", _plan_of(current, best_LE, "replan-search")))
         if exact != "off":
@@ -154,8 +252,7 @@ def replan(
                 info["exact"] = res[1]
                 if res[0] is not None:
                     candidates.append(("exact", res[0]))
-    elif count_moves(current, target) > K:
-        trans = np.asarray(graph.trans_LEE, dtype=np.float64)
+    elif target is not None and count_moves(current, target) > K:
         limit_or_target = None if balance_eps is None else 1.0 + eps
         take_L = layer_states(current.holders_LEG > 0, target.holders_LEG > 0, trans, lm, limit_or_target, K)
         if take_L.any():
@@ -165,7 +262,7 @@ def replan(
     for name, plan in candidates:
         if count_moves(current, plan) > K:  # pragma: no cover - every candidate is built within the budget
             continue
-        scored.append((name, plan, scores(plan, graph, seed)))
+        scored.append((name, plan, scores(plan, graph, seed, forecast)))
     name, best, after = scored[0]
     for cand in scored[1:]:
         if better(cand[2], after):

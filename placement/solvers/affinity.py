@@ -28,6 +28,7 @@ from placement.graph import RoutingGraph
 from placement.plan import Plan, PlanError, gpu_of_expert_to_phy2log
 from placement.solvers.anneal import anneal, neighbour_weights
 from placement.solvers.base import PlanSpec, SolveResult
+from placement.solvers.deadline import check_deadline
 from placement.solvers.layer_assign import assign_layer
 from placement.solvers.replicate import add_replicas, replica_counts, robust_repair
 from placement.solvers.robust import LoadModel, predict_unseen_imbalance
@@ -81,6 +82,7 @@ def chain_descent(
     L, E = lm.share_LE.shape
 
     def place(l: int, w_EB: np.ndarray) -> np.ndarray:
+        check_deadline("affinity layer assignment")  # a caller's hard limit (placement/solvers/deadline.py)
         return assign_layer(w_EB, lm, l, limit, None if allowed_LEB is None else allowed_LEB[l])
 
     bin_LE = np.zeros((L, E), dtype=np.int64)

@@ -21,6 +21,7 @@ import numpy as np
 from placement.graph import RoutingGraph
 from placement.plan import gpu_of_expert_to_phy2log
 from placement.solvers.base import PlanSpec
+from placement.solvers.deadline import check_deadline
 from placement.solvers.layer_assign import assign_layer, repair_balance
 from placement.solvers.robust import LoadModel
 
@@ -201,6 +202,7 @@ def robust_repair(
     E, G = lm.share_LE.shape[1], num_gpus
     gpu_P = np.arange(P) // (P // G)
     for l in range(L):
+        check_deadline("robust replica repair")  # a caller's hard limit (placement/solvers/deadline.py)
         e_P = out[l]
         n_E = np.bincount(e_P, minlength=E)
         inv_P = 1.0 / n_E[e_P]
