@@ -301,3 +301,22 @@ def test_plan_objective_time_bad_inputs(cli, dataset: Path, tmp_path: Path, extr
     code, _, stderr = cli("plan", "--trace", dataset, "--gpus", 4, "--time-limit", 1, *extra, "--out", out)
     assert code == 1 and message in _one_error(stderr)
     assert not out.exists()
+
+
+def test_eval_predicts_time_with_hardware(cli, dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    code, _, stderr = cli("plan", "--trace", dataset, "--gpus", 4, "--solver", "eplb", "--out", out)
+    assert code == 0, stderr
+    args = ("--hardware", "h200-nvlink-ib400", "--hidden", 256, "--expert-ffn-size", 128, "--json")
+    code, stdout, stderr = cli("eval", "--plan", out, "--trace", dataset, *args)
+    assert code == 0, stderr
+    res = json.loads(stdout)
+    g = build_graph(open_trace(dataset), with_coact=False)
+    want = predict_time(Plan.load(out), g, PRESETS["h200-nvlink-ib400"], ModelDims(256, 128))
+    assert res["predicted_time"]["layer_s"] == pytest.approx(want.layer_L.tolist(), rel=1e-9)
+    assert res["predicted_time"]["tokens_per_step"] == 4 * 4096
+    assert res["home"]["bytes_per_token"] > 0 and res["topology"]["token_bytes"] == 256 * 2
+    code, stdout, _ = cli("eval", "--plan", out, "--trace", dataset)
+    assert code == 0 and "predicted" not in stdout  # without --hardware: no time model
+    code, _, stderr = cli("eval", "--plan", out, "--trace", dataset, "--tokens-per-step", 100)
+    assert code == 1 and "add --hardware" in _one_error(stderr)

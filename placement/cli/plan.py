@@ -235,10 +235,24 @@ def eval_cmd(
     plan: Annotated[Path, typer.Option("--plan", help="Plan JSON written by `moeplace plan`.")],
     trace: TraceArg,
     as_json: Annotated[bool, typer.Option("--json", help="Print all metrics as JSON.")] = False,
-    hidden: Annotated[int, typer.Option("--hidden", help="Hidden size of a token (for bytes).")] = 4096,
+    hidden: Annotated[
+        int | None,
+        typer.Option("--hidden", help="Hidden size of a token (for bytes). Default 4096; with --hardware the model's."),
+    ] = None,
     dtype_bytes: Annotated[int, typer.Option("--dtype-bytes", help="Bytes per element (2 = bf16).")] = 2,
     intra_bw: Annotated[float, typer.Option("--intra-bw", help="Intra-node bytes/s per GPU.")] = 450e9,
     inter_bw: Annotated[float, typer.Option("--inter-bw", help="Inter-node bytes/s per GPU.")] = 50e9,
+    hardware: Annotated[
+        str | None,
+        typer.Option(
+            "--hardware",
+            help="Also predict the step time (docs/metrics.md) on this preset (h100-nvlink-ib400, h200-nvlink-ib400) "
+            "or HardwarePreset JSON file.",
+        ),
+    ] = None,
+    hf_config: HfConfigOpt = None,
+    expert_ffn_size: FfnOpt = None,
+    tokens_per_step: StepTokensOpt = None,
     prompts: SplitOpt = "all",
     train_fraction: FractionOpt = 0.5,
     split_seed: SplitSeedOpt = 0,
@@ -253,9 +267,32 @@ def eval_cmd(
 
         tr = open_trace(trace)
         p.check_trace(tr.meta, where=str(plan))
+        dims = None
+        if hardware is not None:
+            from placement.timemodel import check_topology, load_hardware, predict_time, resolve_dims
+
+            hw = load_hardware(hardware)
+            check_topology(p.num_gpus, p.num_nodes, hw)
+            dims = resolve_dims(tr.meta, hf_config, hidden, expert_ffn_size, tokens_per_step)
+            dims = replace(dims, bytes_per_element=dtype_bytes)
+        elif hf_config is not None or expert_ffn_size is not None or tokens_per_step is not None:
+            raise UserError(
+                "--hf-config, --expert-ffn-size and --tokens-per-step are time model options; add --hardware"
+            )
         g, routes = load_graph_and_routes(tr, prompts, train_fraction, split_seed, need_routes=True)
-        topo = Topology(intra_node_bw=intra_bw, inter_node_bw=inter_bw, token_bytes=hidden * dtype_bytes)
+        token_bytes = (hidden or (dims.hidden_size if dims else 4096)) * dtype_bytes
+        topo = Topology(intra_node_bw=intra_bw, inter_node_bw=inter_bw, token_bytes=token_bytes)
         res = evaluate(p, g, routes, topo)  # type: ignore[arg-type]
+        if dims is not None:
+            st = predict_time(p, g, hw, dims)  # type: ignore[arg-type]
+            res["predicted_time"] = {
+                **st.summary(),
+                "layer_s": st.layer_L.tolist(),
+                "hardware": hw.name,
+                "tokens_per_step": dims.step_tokens(p.num_gpus),
+                "hidden_size": dims.hidden_size,
+                "expert_ffn_size": dims.expert_ffn_size,
+            }
     if as_json:
         echo_json(res)
         return
@@ -273,6 +310,13 @@ def eval_cmd(
         t.add_row(f"{mode}: bytes/token", f"{m['bytes_per_token']:,.0f}")
         t.add_row(f"{mode}: inter-node share", f"{m['bytes_inter_node'] / max(1, m['bytes_total']):.3f}")
         t.add_row(f"{mode}: all-to-all s (sum of layers)", f"{m['alltoall_seconds_total']:.6f}")
+    if "predicted_time" in res:
+        pt = res["predicted_time"]
+        t.add_row(
+            f"predicted ms per layer, mean / max ({pt['hardware']}, {pt['tokens_per_step']:,} tokens per step)",
+            f"{pt['layer_mean_s'] * 1e3:.3f} / {pt['layer_max_s'] * 1e3:.3f}",
+        )
+        t.add_row("predicted ms per step (compute + all-to-all)", f"{pt['step_s'] * 1e3:.3f}")
     Console().print(t)
 
 
