@@ -289,6 +289,7 @@ def test_plan_objective_time_end_to_end(cli, dataset: Path, tmp_path: Path) -> N
         (("--objective", "time"), "model dims of 'synthetic' unknown"),
         (("--hardware", "h100-nvlink-ib400"), "--hardware is an option of the time model; add --objective time"),
         (("--objective", "speed"), "--objective 'speed': use colocation or time"),
+        (("--objective", "time", "--balance", 0.1), "--objective time chooses the balance itself"),
         (("--objective", "time", "--hidden-size", 8, "--expert-ffn-size", 8, "--solver", "eplb"), "drop --solver"),
         (("--objective", "time", "--hf-config", "BAD"), "needs an integer 'moe_intermediate_size'"),
     ],

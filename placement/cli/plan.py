@@ -156,6 +156,8 @@ def plan_cmd(
         stray = [k for k, v in timed.items() if v is not None]
         if objective != "time" and stray:
             raise UserError(f"{stray[0]} is an option of the time model; add --objective time")
+        if objective == "time" and (balance is not None or unseen or robust):
+            raise UserError("--objective time chooses the balance itself; drop --balance, --unseen and --robust")
         spec = PlanSpec(
             num_gpus=gpus,
             num_nodes=nodes,
