@@ -23,6 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from placement.graph import RoutingGraph
 from placement.plan import Plan, PlanError, gpu_of_expert_to_phy2log
@@ -97,6 +98,8 @@ def chain_descent(
         if time.perf_counter() > deadline:
             break
         for l in range(L) if sweep % 2 == 0 else range(L - 1, -1, -1):
+            if time.perf_counter() > deadline:  # every layer is placed: stopping mid-sweep leaves a valid plan
+                break
             bin_LE[l] = place(l, neighbour_score(l, bin_LE, trans_XEE, num_bins))
         score = colocated(bin_LE, trans_XEE)
         if score <= best * (1 + 1e-6):
@@ -158,27 +161,44 @@ def place_gpus(
     node_G = np.arange(G) // (G // N)
     node_w = spec.inter_node_cost - 1.0 if N > 1 else 0.0
     W_LEG = neighbour_weights(gpu_LE, trans, G)
-    iters = int(max(0.0, deadline - time.perf_counter()) * float(spec.options.get("anneal_rate", 2e6)))
     temp0 = max(float(spec.options.get("anneal_temp", 0.02)) * float(W_LEG.sum(axis=2).mean()), 1e-9)
-    anneal(
-        gpu_LE,
-        W_LEG,
-        trans,
-        lm.share_LE,
-        lm.cov_LEE,
-        lm.kappa,
-        limit,
-        node_G,
-        1.0,
-        node_w,
-        iters,
-        temp0,
-        1e-3 * temp0,
-        spec.seed,
-    )
-    info["anneal_iters"] = iters
+    model = (lm.share_LE, lm.cov_LEE, lm.kappa, limit, node_G, node_w)
+    info["anneal_iters"] = anneal_until(gpu_LE, W_LEG, trans, model, deadline, temp0, spec.seed, spec)
     info["colocated_fit"] = colocated(gpu_LE, trans) / max(float(trans.sum()), 1.0)
     return gpu_LE, info
+
+
+def anneal_until(
+    bin_LE: np.ndarray,
+    W_LEG: np.ndarray,
+    trans_XEE: np.ndarray,
+    model: tuple[np.ndarray, np.ndarray, float, float, np.ndarray, float],
+    deadline: float,
+    temp0: float,
+    seed: int,
+    spec: PlanSpec,
+) -> int:
+    """Swap annealing (placement/solvers/anneal.py; ``model``: share_LE, cov_LEE, kappa, limit, node of each GPU,
+    node pair value) in place until ``deadline``, cooling geometrically from temp0 to temp0 / 1000.
+    Runs in chunks: after each one the move rate is measured and the remaining moves re-planned, so a slow or
+    busy machine ends the schedule early instead of overrunning the wall clock. Returns the moves tried."""
+    rate = float(spec.options.get("anneal_rate", 2e6))  # moves per second, first guess
+    temp, temp1, done = temp0, 1e-3 * temp0, 0
+    for chunk in range(64):
+        left_s = deadline - time.perf_counter()
+        planned = int(left_s * rate)
+        if planned < 1000:
+            break
+        n = max(planned // max(8 - chunk, 2), 1000)
+        end = temp * (temp1 / temp) ** (n / planned)
+        t0 = time.perf_counter()
+        share_LE, cov_LEE, kappa, limit, node_G, node_w = model
+        anneal(
+            bin_LE, W_LEG, trans_XEE, share_LE, cov_LEE, kappa, limit, node_G, 1.0, node_w, n, temp, end, seed + chunk
+        )
+        rate = n / max(time.perf_counter() - t0, 1e-6)
+        temp, done = end, done + n
+    return done
 
 
 def check_balance_reached(phy2log_LP: np.ndarray, graph: RoutingGraph, spec: PlanSpec) -> None:
@@ -213,35 +233,57 @@ def solve_affinity(graph: RoutingGraph, spec: PlanSpec) -> SolveResult:
 
 
 def solve_fixed(graph: RoutingGraph, spec: PlanSpec, deadline: float) -> SolveResult:
+    """Affinity placement at the fixed tolerance ``spec.balance_eps``, done by ``deadline`` (wall clock): the
+    search stops early enough to leave a tenth of the time to replicas and the eplb floor. BLAS runs on one
+    thread: the products here are small (E x G), and on a busy machine threaded BLAS made them 10-50x slower."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _solve_fixed(graph, spec, deadline)
+
+
+def _solve_fixed(graph: RoutingGraph, spec: PlanSpec, deadline: float) -> SolveResult:
     t0 = time.perf_counter()
     E, G = graph.num_experts, spec.num_gpus
     if E % G:
         raise PlanError(f"affinity needs E={E} divisible by --gpus {G} (replicas go on top of E/G per GPU)")
-    budget = max(deadline - t0, 1e-3)
     kappa = float(spec.options.get("kappa", 0.0))
     copies_LE = replica_counts(graph, spec)
     holdout = float(spec.options.get("holdout_ratio", 1.0))
     lm = LoadModel.from_graph(graph, kappa=kappa, holdout_ratio=holdout, copies_LE=copies_LE)
-    gpu_LE, info = place_gpus(graph, spec, lm, t0 + 0.85 * budget)
+    floor_LP = eplb_floor_start(graph, spec) if spec.options.get("eplb_floor", True) else None
+    gpu_LE, info = place_gpus(graph, spec, lm, deadline - 0.1 * max(deadline - time.perf_counter(), 0.0))
     phy2log_LP = add_replicas(gpu_LE, graph, spec, copies_LE, lm)
     if spec.num_redundant and kappa > 0:  # replicas and primaries judged together on unseen prompts
         whole = LoadModel.from_graph(graph, kappa=kappa, holdout_ratio=holdout)
         phy2log_LP = robust_repair(phy2log_LP, graph.trans_LEE.astype(np.float64), whole, G, 1.0 + spec.balance_eps)
-    if spec.options.get("eplb_floor", True):  # off for the default's search, which keeps eplb's plan at hand
-        phy2log_LP = never_below_eplb(phy2log_LP, graph, spec, max(deadline, time.perf_counter() + 0.1 * budget), info)
+    if floor_LP is not None:  # off for the default's search, which keeps eplb's plan at hand
+        phy2log_LP = never_below_eplb(phy2log_LP, floor_LP, graph, spec, deadline, info)
     check_balance_reached(phy2log_LP, graph, spec)
     return SolveResult(phy2log_LP, "affinity", "heuristic", solve_seconds=time.perf_counter() - t0, info=info)
 
 
-def never_below_eplb(
-    phy2log_LP: np.ndarray, graph: RoutingGraph, spec: PlanSpec, deadline: float, info: dict[str, Any]
-) -> np.ndarray:
-    """The plan, or a plan grown from EPLB's when that one is within 1 + eps on the fitted trace and the plan is
-    not (or co-locates less): EPLB's packing improved by swap annealing under the same limit (no replicas), or
-    EPLB's plan with its second copies on one GPU swapped for copies elsewhere (replicas). So affinity reaches
-    every balance that eplb reaches, with at least eplb's colocation there."""
-    from placement.metrics import colocation, imbalance
+def eplb_floor_start(graph: RoutingGraph, spec: PlanSpec) -> np.ndarray:
+    """phy2log [L, P] that ``never_below_eplb`` starts from: EPLB's plan, copies on distinct GPUs (``eplb_start``)."""
     from placement.solvers.baselines import eplb_phy2log
+
+    G, E = spec.num_gpus, graph.num_experts
+    eplb_LP = eplb_phy2log(graph.load_LE.astype(np.float64), E + spec.num_redundant, G, spec.num_nodes)
+    return eplb_start(eplb_LP, graph, G, 1.0 + spec.balance_eps + 1e-9)
+
+
+def never_below_eplb(
+    phy2log_LP: np.ndarray,
+    start_LP: np.ndarray,
+    graph: RoutingGraph,
+    spec: PlanSpec,
+    deadline: float,
+    info: dict[str, Any],
+) -> np.ndarray:
+    """The plan, or a plan grown from EPLB's (``start_LP``, from ``eplb_floor_start``) when that one is within
+    1 + eps on the fitted trace and the plan is not (or co-locates less): EPLB's packing improved by swap
+    annealing under the same limit until ``deadline`` (no replicas), or EPLB's plan with its second copies on one
+    GPU swapped for copies elsewhere (replicas). So affinity reaches every balance that eplb reaches, with at
+    least eplb's colocation there."""
+    from placement.metrics import colocation, imbalance
 
     G, N, E, L = spec.num_gpus, spec.num_nodes, graph.num_experts, graph.num_layers
     limit = 1.0 + spec.balance_eps + 1e-9
@@ -252,7 +294,6 @@ def never_below_eplb(
         return imbalance(plan, graph)[1] <= limit, colocation(plan, graph)
 
     ok, coloc = score(phy2log_LP)
-    start_LP = eplb_start(eplb_phy2log(load_LE, E + spec.num_redundant, G, N), graph, G, limit)
     start_ok, start_coloc = score(start_LP)
     if not start_ok or (ok and coloc >= start_coloc):
         return phy2log_LP
@@ -262,12 +303,10 @@ def never_below_eplb(
         share_LE = load_LE / np.maximum(load_LE.sum(axis=1, keepdims=True), 1e-12)
         trans = graph.trans_LEE.astype(np.float64)
         W_LEG = neighbour_weights(gpu_LE, trans, G)
-        iters = int(max(0.0, deadline - time.perf_counter()) * float(spec.options.get("anneal_rate", 2e6)))
         temp0 = max(float(spec.options.get("anneal_temp", 0.02)) * float(W_LEG.sum(axis=2).mean()), 1e-9)
         node_w = spec.inter_node_cost - 1.0 if N > 1 else 0.0
-        node_G = np.arange(G) // (G // N)
-        zeros = np.zeros((L, 1, 1))
-        anneal(gpu_LE, W_LEG, trans, share_LE, zeros, 0.0, limit, node_G, 1.0, node_w, iters, temp0, 1e-3 * temp0, 0)
+        model = (share_LE, np.zeros((L, 1, 1)), 0.0, limit, np.arange(G) // (G // N), node_w)
+        anneal_until(gpu_LE, W_LEG, trans, model, deadline, temp0, 0, spec)
         grown_LP = gpu_of_expert_to_phy2log(gpu_LE, G)
         grown_ok, grown_coloc = score(grown_LP)
         if grown_ok and grown_coloc >= start_coloc:
