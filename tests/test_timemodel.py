@@ -234,8 +234,13 @@ def test_hf_config_errors(tmp_path: Path) -> None:
         dims_from_hf_config(tmp_path / "nope.json")
 
 
-def test_dims_resolution_order() -> None:
+def test_dims_resolution_order(tmp_path: Path) -> None:
     meta = TraceMeta("deepseek-v2-lite-chat", 64, 6, (1, 2))
+    cfg = {"model_type": "deepseek_v2", "hidden_size": 2048, "moe_intermediate_size": 1408, "n_routed_experts": 64}
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "float16"}))
+    from_cfg = resolve_dims(meta, hf_config=tmp_path, tokens_per_step=512)
+    assert (from_cfg.hidden_size, from_cfg.expert_ffn_size, from_cfg.tokens_per_step) == (2048, 1408, 512)
+    assert resolve_dims(meta, hf_config=tmp_path, hidden_size=1024).hidden_size == 1024  # flags win
     assert (resolve_dims(meta).hidden_size, resolve_dims(meta).expert_ffn_size) == (2048, 1408)
     assert resolve_dims(meta, expert_ffn_size=99).expert_ffn_size == 99
     own = TraceMeta("mine", 8, 2, (0,), extra={"hidden_size": 32, "moe_intermediate_size": 16})
