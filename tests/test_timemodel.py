@@ -139,6 +139,22 @@ def test_vectorised_equals_per_layer_loop(seed: int, N: int) -> None:
     assert ref.comm_L.min() > 0
 
 
+def test_top1_dispatch_equals_the_evaluators_follow_traffic() -> None:
+    """With one expert per token and no replicas, a token sits on one GPU: the model's dispatch after layer 0 is
+    exactly the per-token follow-mode dispatch of placement/metrics.py."""
+    from placement.metrics import load_split, traffic
+    from placement.timemodel import dispatch_demand, dispatch_flows
+
+    meta, routes = synthetic_trace(5, 8, 1, 400, num_preferred=2, num_topics=3, seed=3)
+    g = graph_from_routes(routes.expert_ids_TLK, meta, with_coact=False)
+    rng = np.random.default_rng(0)
+    plan = Plan(4, 2, 8, meta.layers, np.stack([rng.permutation(8) for _ in range(5)]))
+    F_LGG = dispatch_flows(plan, dispatch_demand(load_split(plan), g.load_LE, g.trans_LEE, 1))
+    tok_L2GG = traffic(plan, routes, "follow")
+    np.testing.assert_allclose(F_LGG[1:], tok_L2GG[1:, 0])
+    assert F_LGG[1:].sum() > 0
+
+
 def test_forecast_equals_prediction_when_every_fold_looks_alike() -> None:
     g = _graph(HAND * 16, 4)
     plan = Plan(2, 1, 4, (0, 1), np.array([[0, 1, 2, 3], [0, 2, 1, 3]]))
