@@ -138,6 +138,7 @@ def plan_cmd(
     next on another GPU (x1 within a node, x --inter-node-cost across nodes; lower is better), and gap: how far
     cost may still be above the best possible, as a share of cost (0 = proven optimal; for heuristics the gap
     to a lower bound). The forecast line gives the expected imbalance_max on prompts the trace does not hold.
+    With --objective time it also prints every candidate's predicted time per layer (mean / max) and per step.
     """
     from placement.graph import PROMPT_FOLDS
     from placement.plan import PlanError
