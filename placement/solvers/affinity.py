@@ -349,22 +349,32 @@ def solve_for_unseen(
 ) -> SolveResult:
     """Most co-located plan whose forecast imbalance_max on unseen prompts (median, placement/solvers/robust.py)
     is <= ``target`` (default 1 + eps; the fitted prompts are held to 1 + eps): a search on the robustness kappa
-    (Illinois regula falsi on the forecast), ``steps`` solves sharing ``budget`` seconds (default the time
-    limit). Raises PlanError when even ``kappa_max`` misses the target, naming the forecast reached; with
-    ``closest`` it returns the plan of the lowest forecast tried instead (info ``unseen_target_missed``)."""
+    (Illinois regula falsi on the forecast), up to ``steps`` solves sharing ``budget`` seconds (default the time
+    limit); a solve starts only while one as long as the longest so far fits in the budget (at DeepSeek-V3 size
+    a solve overruns its share), except that without ``closest`` both ends are always tried. Raises PlanError
+    when even ``kappa_max`` misses the target, naming the forecast reached; with ``closest`` it returns the plan
+    of the lowest forecast tried instead (info ``unseen_target_missed``)."""
     if graph.fold_load_SLE is None:
         raise PlanError("--unseen needs prompt ids in the trace (seq_id) to forecast unseen prompts")
     t0 = time.perf_counter()
     target = 1.0 + spec.balance_eps if target is None else target
     per_solve = float(spec.time_limit if budget is None else budget) / steps
+    end = t0 + per_solve * steps
     tried: list[tuple[float, float, SolveResult]] = []
+    took: list[float] = []
+
+    def room() -> bool:  # time for one more solve as long as the longest so far (large models overrun per_solve)
+        return time.perf_counter() + max(took, default=0.0) <= end + 0.25 * per_solve
 
     def attempt(kappa: float) -> float:
         sub = replace(spec, options={**spec.options, "unseen": False, "kappa": kappa})
+        start = time.perf_counter()
         try:
-            res = solve_fixed(graph, sub, time.perf_counter() + per_solve)
+            res = solve_fixed(graph, sub, max(min(start + per_solve, end), start + 0.25 * per_solve))
         except PlanError:  # not even the fitted prompts could be balanced this tightly
             return float("inf")
+        finally:
+            took.append(time.perf_counter() - start)
         plan = Plan(spec.num_gpus, spec.num_nodes, graph.num_experts, graph.meta.layers, res.phy2log_LP)
         fc = predict_unseen_imbalance(plan, graph.load_LE, graph.fold_load_SLE, seed=spec.seed)
         if fc is None:
@@ -375,7 +385,7 @@ def solve_for_unseen(
     lo, hi = 0.0, kappa_max
     f_lo = attempt(lo)
     if f_lo > target:
-        f_hi = attempt(hi)
+        f_hi = attempt(hi) if room() or not (closest and tried) else float("inf")
         if f_hi > target and closest and tried:
             kappa, _, best = min(tried, key=lambda t: t[1])
             info = {**best.info, "unseen_target": target, "unseen_target_missed": True, "kappa": kappa}
@@ -392,7 +402,7 @@ def solve_for_unseen(
         # so a forecast that falls steeply at small kappa does not pin the steps to the high end.
         h_lo, h_hi, kept = f_lo - target, f_hi - target, 0
         for _ in range(steps - 2):
-            if time.perf_counter() - t0 + per_solve > per_solve * steps:  # solves overran: stop refining
+            if not room():  # solves overran: stop refining
                 break
             frac = h_lo / (h_lo - h_hi) if np.isfinite(h_lo) else 0.5
             mid = lo + min(max(frac, 0.05), 0.95) * (hi - lo)
