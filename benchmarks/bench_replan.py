@@ -2,6 +2,7 @@
 the NEXT window (no peeking), moves counted between consecutive plans (../shared/METRICS.md).
 
     python benchmarks/bench_replan.py [--quick] [--only NAME ...] [--json OUT]
+    python benchmarks/bench_replan.py --v3 [--time-limit S]     # replan's wall clock at DeepSeek-V3 size
 
 Streams (../shared/traces is read in place, never copied):
 - ds-v2-lite: DeepSeek-V2-Lite-Chat dev prompts in file order, windows of 125 prompts, G = 8.
@@ -9,6 +10,9 @@ Streams (../shared/traces is read in place, never copied):
   55 tokens (pseudo-prompts of 8 consecutive tokens for the forecast's folds), G = 4.
 - synthetic-shift: synthetic DeepSeek-V2-Lite shape (26 x 64, top-6), 8 windows of 125 prompts whose topic mix
   moves from topics 0-15 to 16-31 halfway (same model), G = 8.
+- synthetic-drift: a stream the defaults were not chosen on, of another shape: 16 x 32, top-4, 12 topics with 4
+  preferred experts each (more affinity), 8 windows of 100 prompts of 32 tokens whose topic mix drifts in four
+  steps (topics 0-5, 3-8, 6-11, 9-11 and 0-2), G = 4.
 
 Policies (all start from a plan fitted on the first window, scored from the second window on):
 - static: the affinity plan (robust 2) of the first window, never changed.
@@ -16,7 +20,8 @@ Policies (all start from a plan fitted on the first window, scored from the seco
   layer to minimise moves from the deployed plan, and the better balanced on the next window is taken (an oracle
   choice: EPLB's best case).
 - affinity: the affinity optimiser (robust 2) recomputed on all traffic so far, GPUs relabelled (one renaming).
-- decide: ``placement.replan.decide`` with its defaults on the traffic so far, decayed (half-life 4 windows).
+- decide: ``placement.replan.decide`` with its defaults on the traffic so far, decayed (half-life 2 windows: the
+  service's default of 25,000 tokens on DeepSeek-V2-Lite).
 A policy is any callable ``(history, current_plan) -> Plan | tuple[Plan, ...]`` where ``history`` is the list of
 window graphs seen so far; ``replay`` is what the service's end-to-end benchmark reuses to add its own column.
 Columns: next-window imbalance_max and colocation, moves and bytes moved, decision seconds.
@@ -53,7 +58,9 @@ EXPERT_BYTES = {
     "ds-v2-lite": 3 * 2048 * 1408 * 2,
     "mixtral": 3 * 4096 * 14336 * 2,
     "synthetic-shift": 3 * 2048 * 1408 * 2,
+    "synthetic-drift": 3 * 2048 * 1408 * 2,
 }
+STREAMS = tuple(EXPERT_BYTES)
 
 
 def prompt_windows(routes: RouteArrays, prompts_per_window: int) -> list[RouteArrays]:
@@ -65,14 +72,6 @@ def prompt_windows(routes: RouteArrays, prompts_per_window: int) -> list[RouteAr
     rank[order] = np.arange(order.size)
     win_T = rank[seq_T] // prompts_per_window
     return [routes.take(win_T == w) for w in range(int(win_T.max()) + 1)]
-
-
-def window_graphs(meta: TraceMeta, routes: RouteArrays, prompts_per_window: int) -> list[RoutingGraph]:
-    """Graphs of ``prompt_windows``."""
-    return [
-        graph_from_routes(part.expert_ids_TLK, meta, False, part.seq_ids_T, PROMPT_FOLDS)
-        for part in prompt_windows(routes, prompts_per_window)
-    ]
 
 
 def merged(graphs: Sequence[RoutingGraph], weights: Sequence[float] | None = None) -> RoutingGraph:
@@ -89,7 +88,7 @@ def merged(graphs: Sequence[RoutingGraph], weights: Sequence[float] | None = Non
     return RoutingGraph(graphs[0].meta, int(sum(g.num_tokens for g in graphs)), loads, trans, None, fold)
 
 
-def decayed(history: Sequence[RoutingGraph], half_life: float = 4.0) -> RoutingGraph:
+def decayed(history: Sequence[RoutingGraph], half_life: float = 2.0) -> RoutingGraph:
     n = len(history)
     return merged(history, [0.5 ** ((n - 1 - k) / half_life) for k in range(n)])
 
@@ -149,35 +148,58 @@ def initial_plans(first: RoutingGraph, G: int, time_limit: float) -> dict[str, P
     return {"static": aff, "eplb": eplb_plan(first, blank), "affinity": aff, "decide": aff}
 
 
-def streams(quick: bool) -> dict[str, tuple[list[RoutingGraph], int]]:
-    out: dict[str, tuple[list[RoutingGraph], int]] = {}
+def topic_stream(
+    shape: tuple[int, int, int],
+    mixes: list[np.ndarray],
+    windows_per_mix: int,
+    prompts: int,
+    tokens_per_prompt: int,
+    **kw: Any,
+) -> tuple[TraceMeta, list[RouteArrays]]:
+    """A synthetic model (one seed: same popularity and preferred experts) under a topic mix that changes every
+    ``windows_per_mix`` windows of ``prompts`` prompts."""
+    L, E, K = shape
+    wins: list[RouteArrays] = []
+    for i, mix in enumerate(mixes):
+        T = windows_per_mix * prompts * tokens_per_prompt
+        meta, r = synthetic_trace(L, E, K, T, num_topics=mix.size, tokens_per_prompt=tokens_per_prompt, seed=7,
+                                  topic_probs=mix / mix.sum(), **kw)  # fmt: skip
+        seq_T = r.seq_ids_T + i * len(mixes) * windows_per_mix * prompts
+        wins += prompt_windows(RouteArrays(r.expert_ids_TLK, seq_T, r.token_pos_T), prompts)
+    return meta, wins
+
+
+def stream_routes(quick: bool) -> dict[str, tuple[TraceMeta, list[RouteArrays], int]]:
+    """Every stream as routes per window: (meta, windows, G); quick: 4 windows each."""
+    out: dict[str, tuple[TraceMeta, list[RouteArrays], int]] = {}
     if (SHARED / "README.md").exists():
         tr = open_trace(SHARED / "deepseek-v2-lite-chat.dev.npz")
-        wins = window_graphs(tr.meta, tr.read_all(with_gates=False), 125)
-        out["ds-v2-lite"] = (wins[:4] if quick else wins, 8)
-        parts = []
-        for arr in ("prefill", "decode"):
-            t = open_trace(f"{SHARED / 'mixtral-8x7b-instruct.humaneval0.npz'}:{arr}")
-            r = t.read_all(with_gates=False)
-            parts.append((t.meta, r.expert_ids_TLK))
-        ids = np.concatenate([p[1] for p in parts])
+        wins = prompt_windows(tr.read_all(with_gates=False), 125)
+        out["ds-v2-lite"] = (tr.meta, wins[:4] if quick else wins, 8)
+        parts = [open_trace(f"{SHARED / 'mixtral-8x7b-instruct.humaneval0.npz'}:{a}") for a in ("prefill", "decode")]
+        ids = np.concatenate([p.read_all(with_gates=False).expert_ids_TLK for p in parts])
         T = ids.shape[0]
-        seq = np.arange(T) // 8  # pseudo-prompts of 8 tokens for the folds
-        routes = RouteArrays(ids, seq.astype(np.int64), np.zeros(T, np.int32))
-        out["mixtral"] = (window_graphs(parts[0][0], routes, -(-T // 8 // 4)), 4)
+        seq = (np.arange(T) // 8).astype(np.int64)  # pseudo-prompts of 8 tokens for the folds
+        routes = RouteArrays(ids, seq, np.zeros(T, np.int32))
+        out["mixtral"] = (parts[0].meta, prompt_windows(routes, -(-T // 8 // 4)), 4)
     else:
-        print(f"note: {SHARED} not found; only the synthetic stream runs", file=sys.stderr)
-    n_win, C, prompts, tpp = (4 if quick else 8), 32, 125, 64
-    graphs: list[RoutingGraph] = []
-    for half in range(2):  # same seed: the same model (popularity, preferred experts), another topic mix
-        mix = np.zeros(C)
-        mix[half * C // 2 : (half + 1) * C // 2] = 2.0 / C
-        meta, r = synthetic_trace(26, 64, 6, n_win // 2 * prompts * tpp, num_topics=C, tokens_per_prompt=tpp,
-                                  seed=7, model_name="synthetic-v2-lite", topic_probs=mix)  # fmt: skip
-        r = RouteArrays(r.expert_ids_TLK, r.seq_ids_T + half * n_win * prompts, r.token_pos_T)
-        graphs += window_graphs(meta, r, prompts)
-    out["synthetic-shift"] = (graphs, 8)
+        print(f"note: {SHARED} not found; only the synthetic streams run", file=sys.stderr)
+    n = 2 if quick else 4
+    halves = [np.r_[np.full(16, 1.0), np.zeros(16)], np.r_[np.zeros(16), np.full(16, 1.0)]]
+    out["synthetic-shift"] = (*topic_stream((26, 64, 6), halves, n, 125, 64, model_name="synthetic-v2-lite"), 8)
+    steps = [np.roll(np.r_[np.full(6, 1.0), np.zeros(6)], 3 * i) for i in range(4)]
+    drift = topic_stream((16, 32, 4), steps[: 2 if quick else 4], 2, 100, 32, num_preferred=4, follow=0.8,
+                         model_name="synthetic-drift")  # fmt: skip
+    out["synthetic-drift"] = (*drift, 4)
     return out
+
+
+def streams(quick: bool) -> dict[str, tuple[list[RoutingGraph], int]]:
+    """``stream_routes`` as window graphs: (graphs, G)."""
+    return {
+        name: ([graph_from_routes(w.expert_ids_TLK, meta, False, w.seq_ids_T, PROMPT_FOLDS) for w in wins], G)
+        for name, (meta, wins, G) in stream_routes(quick).items()
+    }
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -210,13 +232,38 @@ def print_stream(name: str, rows: list[dict[str, Any]]) -> None:
               f"{s['bytes'] / 1e9:>9.2f} {s['seconds']:>6.2f}{rel}")  # fmt: skip
 
 
+def bench_v3(time_limit: float, max_moves: int = 800) -> None:
+    """``replan`` at DeepSeek-V3 size (58 x 256, top-8, G = 32 on 4 nodes, 32 redundant slots) from EPLB's plan for
+    another synthetic topic mix: wall seconds against the time limit, and what the target plan did."""
+    from placement.replan import replan
+
+    L, E, G, N, R = 58, 256, 32, 4, 32
+    mixes = [np.r_[np.ones(16), np.zeros(16)], np.r_[np.zeros(16), np.ones(16)]]
+    meta, wins = topic_stream((L, E, 8), mixes, 1, 200, 50, model_name="dsv3-shape")
+    old, new = (graph_from_routes(w.expert_ids_TLK, meta, False, w.seq_ids_T, PROMPT_FOLDS) for w in wins)
+    blank = Plan(G, N, E, meta.layers, np.tile(np.arange(E), (L, 1)), meta.model_name)
+    cur = replace(blank, phy2log=eplb_phy2log(old.load_LE.astype(np.float64), E + R, G, N))
+    t0 = time.perf_counter()
+    res = replan(cur, new, max_moves=max_moves, time_limit=time_limit)
+    wall = time.perf_counter() - t0
+    chosen = res.plan.provenance.get("replan", {}).get("chosen", "current")
+    print(f"replan {L} x {E} top-8, G = {G} on {N} nodes, +{R} slots, {new.num_tokens:,} tokens, budget {max_moves}: "
+          f"{wall:.1f} s wall for a {time_limit:g} s limit; chose {chosen} ({count_moves(cur, res.plan)} moves, "
+          f"forecast {res.before['forecast_imbalance']:.3f} -> {res.after['forecast_imbalance']:.3f}); "
+          f"target: {res.info.get('target', 'ready')}")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="CI size: 3 windows per stream, short time limits")
-    ap.add_argument("--only", nargs="*", help="stream names to run (ds-v2-lite, mixtral, synthetic-shift)")
+    ap.add_argument("--only", nargs="*", help=f"stream names to run ({', '.join(STREAMS)})")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds per plan (default 8, quick 2)")
     ap.add_argument("--json", type=Path, help="write all rows as JSON")
+    ap.add_argument("--v3", action="store_true", help="time replan at DeepSeek-V3 size instead (default limit 20 s)")
     args = ap.parse_args(argv)
+    if args.v3:
+        bench_v3(args.time_limit or 20.0)
+        return
     tl = args.time_limit or (2.0 if args.quick else 8.0)
     everything: dict[str, Any] = {}
     for name, (wins, G) in streams(args.quick).items():

@@ -35,47 +35,23 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_replan import (
     EXPERT_BYTES,
-    SHARED,
+    STREAMS,
     initial_plans,
     policies,
     print_stream,
-    prompt_windows,
     replay,
+    stream_routes,
     summarise,
 )
 
 from placement.graph import PROMPT_FOLDS, RoutingGraph, graph_from_routes
 from placement.plan import Plan
-from placement.trace.dataset import TraceWriter, open_trace
+from placement.trace.dataset import TraceWriter
 from placement.trace.schema import RouteArrays, TraceMeta
 from placement.trace.synthetic import synthetic_trace
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token"
-
-
-def stream_windows(quick: bool) -> dict[str, tuple[TraceMeta, list[RouteArrays], int]]:
-    """bench_replan's streams as routes per window: (meta, windows, G)."""
-    out: dict[str, tuple[TraceMeta, list[RouteArrays], int]] = {}
-    if (SHARED / "README.md").exists():
-        tr = open_trace(SHARED / "deepseek-v2-lite-chat.dev.npz")
-        wins = prompt_windows(tr.read_all(with_gates=False), 125)
-        out["ds-v2-lite"] = (tr.meta, wins[:4] if quick else wins, 8)
-        parts = [open_trace(f"{SHARED / 'mixtral-8x7b-instruct.humaneval0.npz'}:{a}") for a in ("prefill", "decode")]
-        ids = np.concatenate([p.read_all(with_gates=False).expert_ids_TLK for p in parts])
-        T = ids.shape[0]
-        routes = RouteArrays(ids, (np.arange(T) // 8).astype(np.int64), np.zeros(T, np.int32))
-        out["mixtral"] = (parts[0].meta, prompt_windows(routes, -(-T // 8 // 4)), 4)
-    n_win, C, prompts, tpp = (4 if quick else 8), 32, 125, 64
-    wins = []
-    for half in range(2):
-        mix = np.zeros(C)
-        mix[half * C // 2 : (half + 1) * C // 2] = 2.0 / C
-        meta, r = synthetic_trace(26, 64, 6, n_win // 2 * prompts * tpp, num_topics=C, tokens_per_prompt=tpp,
-                                  seed=7, model_name="synthetic-v2-lite", topic_probs=mix)  # fmt: skip
-        wins += prompt_windows(RouteArrays(r.expert_ids_TLK, r.seq_ids_T + half * n_win * prompts, r.token_pos_T), 125)
-    out["synthetic-shift"] = (meta, wins, 8)
-    return out
 
 
 class Service:
@@ -178,7 +154,7 @@ def bench_ingest(num_tokens: int = 100_000, shards: int = 3) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="CI size: 4 windows per stream, short time limits")
-    ap.add_argument("--only", nargs="*", help="stream names to run (ds-v2-lite, mixtral, synthetic-shift)")
+    ap.add_argument("--only", nargs="*", help=f"stream names to run ({', '.join(STREAMS)})")
     ap.add_argument("--half-life", type=float, nargs="+", default=[2.0], help="service half-life in windows")
     ap.add_argument("--max-moves", type=int, default=None, help="service --max-moves (default: the policy's)")
     ap.add_argument("--with", dest="others", nargs="*", default=["static", "eplb", "decide"], help="other policies")
@@ -191,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     tl = args.time_limit or (2.0 if args.quick else 8.0)
     everything: dict[str, Any] = {}
-    for name, (meta, windows, G) in stream_windows(args.quick).items():
+    for name, (meta, windows, G) in stream_routes(args.quick).items():
         if args.only and name not in args.only:
             continue
         graphs = [graph_from_routes(w.expert_ids_TLK, meta, False, w.seq_ids_T, PROMPT_FOLDS) for w in windows]

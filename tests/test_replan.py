@@ -288,6 +288,26 @@ def test_decide_keeps_the_plan_when_the_gain_does_not_pay(small_graph: RoutingGr
     assert taken.changed and 0 < count_moves(cur, taken.plan) <= 10
 
 
+def test_the_budget_grows_when_eplb_forecasts_better_balance(small_graph: RoutingGraph) -> None:
+    from placement.replan.policy import FLOOR_SHARE, HIGH_SHARE, default_budget, forecast_budget
+    from placement.replan.solve import Forecaster, eplb_plan
+
+    fc = Forecaster.of(small_graph)
+    blank = Plan(4, 1, 16, small_graph.meta.layers, np.tile(np.arange(16), (6, 1)), "m")
+    balanced = eplb_plan(blank, small_graph)  # EPLB's own plan: nothing to rebalance, the floor stays
+    k, why = forecast_budget(balanced, small_graph, fc)
+    assert k == default_budget(balanced, FLOOR_SHARE) == 4 and "within EPLB" in why and "moves 0" in why
+    skewed_LE = np.tile(np.argsort(-small_graph.load_LE[0]), (6, 1))  # the heaviest experts together on GPU 0
+    skewed = Plan(4, 1, 16, small_graph.meta.layers, skewed_LE, "m")
+    full = count_moves(skewed, relabel_gpus(skewed, eplb_plan(skewed, small_graph), per_layer=True))
+    k, why = forecast_budget(skewed, small_graph, fc)
+    assert full > 40 and k == int(HIGH_SHARE * full) and "behind EPLB" in why
+    assert forecast_budget(skewed, small_graph, Forecaster(None)) == (default_budget(skewed), "no forecast")
+    res = decide(skewed, small_graph, time_limit=2.0, exact="off")
+    assert res.changed and res.info["budget"] == k and count_moves(skewed, res.plan) <= k
+    assert res.after["forecast_imbalance"] < res.before["forecast_imbalance"]
+
+
 def test_expert_bytes_from_hf_config(tmp_path: Path) -> None:
     cfg = {"hidden_size": 2048, "moe_intermediate_size": 1408, "intermediate_size": 10944, "torch_dtype": "bfloat16"}
     (tmp_path / "config.json").write_text(json.dumps(cfg))

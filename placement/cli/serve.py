@@ -52,7 +52,7 @@ def serve_cmd(
             min=0,
             help="Tokens after which old routing weighs half (0: no decay; docs/service.md on choosing it).",
         ),
-    ] = 50_000,
+    ] = 25_000,
     max_moves: Annotated[
         int | None, typer.Option("--max-moves", min=0, help="Expert copies allowed per decision (default: policy's).")
     ] = None,

@@ -8,9 +8,10 @@
 2. If the target fits the budget it is a candidate as it is. Otherwise (one replica per expert) the best mix of
    current and target layers (exact dynamic programme over the layer chain), then swap search under the budget
    (placement/replan/search.py; without a target, swap search from the current plan); with replicas, the layer
-   mix alone. A balance seed is always a candidate too: the best mix of current layers and the layers of EPLB's
-   plan for the recent graph (GPUs relabelled per layer to the current plan), the pure balancer's plan reached
-   within the budget.
+   mix alone. Balance seeds are always candidates too: EPLB's plan for the recent graph (GPUs relabelled per
+   layer to the current plan) when it fits the budget, else the pure balancer's plan reached within the budget:
+   the mixes of current layers and EPLB's layers that (a) bring the layers over EPLB's worst robust ratio under
+   it with the most colocation, and (b) lower the robust load over the mean the most (its most valuable moves).
 3. Exact where it fits (one replica, few block combinations, e.g. Mixtral): the bounded-move model
    (placement/replan/exact.py) with the best heuristic answer as its hint; its proven bound is reported.
 4. Every candidate (the current plan included) is scored by its forecast imbalance_max on unseen prompts
@@ -44,7 +45,7 @@ FORECAST_QUANTILE = "p90"
 # also leaves RESERVE_SCORES times one plan's scoring (measured on the current plan) for the candidates
 TARGET_SHARE = 0.45
 TARGET_SLACK = 0.1
-RESERVE_SCORES = 6.0
+RESERVE_SCORES = 7.0
 
 
 @dataclass(frozen=True)
@@ -196,8 +197,10 @@ def replan(
     seed: int = 0,
     exact: str = "auto",
     kappa: float = 2.0,
+    forecast: Forecaster | None = None,
 ) -> ReplanResult:
-    """Re-plan ``current`` for ``graph`` with at most ``max_moves`` moves (None: any); module docstring."""
+    """Re-plan ``current`` for ``graph`` with at most ``max_moves`` moves (None: any); module docstring.
+    ``forecast``: ``Forecaster.of(graph, seed)`` when the caller has it already."""
     t0 = time.perf_counter()
     deadline = t0 + time_limit
     current.check_trace(graph.meta, where="current plan")
@@ -207,7 +210,7 @@ def replan(
         raise PlanError(f"--max-moves {max_moves}: must be >= 0")
     if time_limit <= 0:
         raise PlanError(f"--time-limit {time_limit}: must be > 0 seconds")
-    forecast = Forecaster.of(graph, seed)
+    forecast = Forecaster.of(graph, seed) if forecast is None else forecast
     before = {**scores(current, graph, seed, forecast), "moves": 0, "bytes": 0}
     score_s = time.perf_counter() - t0
     empty = MoveList(current.model_name, current.num_gpus, expert_bytes, (), current.layers)
@@ -227,10 +230,14 @@ def replan(
     lm = LoadModel.from_graph(graph, kappa=kappa)
     trans = np.asarray(graph.trans_LEE, dtype=np.float64)
     balancer = relabel_gpus(current, eplb_plan(current, graph), per_layer=True)
-    take_L = layer_states(current.holders_LEG > 0, balancer.holders_LEG > 0, trans, lm, None, K)
-    if take_L.any():
-        mixed = np.where(take_L[:, None] == 1, balancer.phy2log, current.phy2log)
-        candidates.append(("eplb-mix", replace(current, phy2log=mixed, provenance={"solver": "replan-eplb-mix"})))
+    if count_moves(current, balancer) <= K:
+        candidates.append(("eplb", balancer))
+    else:  # its layers that fix what is over EPLB's worst ratio, and those that lower the robust load most
+        for how, lim in (("eplb-mix", None), ("eplb-balance", 1.0)):
+            take_L = layer_states(current.holders_LEG > 0, balancer.holders_LEG > 0, trans, lm, lim, K)
+            if take_L.any():
+                mixed = np.where(take_L[:, None] == 1, balancer.phy2log, current.phy2log)
+                candidates.append((how, replace(current, phy2log=mixed, provenance={"solver": f"replan-{how}"})))
     if one_replica:
         G = current.num_gpus
         cur_LE = _gpu_of(current)
