@@ -84,7 +84,8 @@ def chain_descent(
 
     def place(l: int, w_EB: np.ndarray) -> np.ndarray:
         check_deadline("affinity layer assignment")  # a caller's hard limit (placement/solvers/deadline.py)
-        return assign_layer(w_EB, lm, l, limit, None if allowed_LEB is None else allowed_LEB[l])
+        # past the deadline the repairs stop at once: the remaining layers of a start take a balanced packing
+        return assign_layer(w_EB, lm, l, limit, None if allowed_LEB is None else allowed_LEB[l], None, deadline)
 
     bin_LE = np.zeros((L, E), dtype=np.int64)
     start = int(rng.integers(L))
@@ -189,7 +190,7 @@ def anneal_until(
         planned = int(left_s * rate)
         if planned < 1000:
             break
-        n = max(planned // max(8 - chunk, 2), 1000)
+        n = max(min(planned // max(8 - chunk, 2), 200_000 if chunk == 0 else planned), 1000)  # 1st: calibration
         end = temp * (temp1 / temp) ** (n / planned)
         t0 = time.perf_counter()
         share_LE, cov_LEE, kappa, limit, node_G, node_w = model
@@ -254,7 +255,8 @@ def _solve_fixed(graph: RoutingGraph, spec: PlanSpec, deadline: float) -> SolveR
     phy2log_LP = add_replicas(gpu_LE, graph, spec, copies_LE, lm)
     if spec.num_redundant and kappa > 0:  # replicas and primaries judged together on unseen prompts
         whole = LoadModel.from_graph(graph, kappa=kappa, holdout_ratio=holdout)
-        phy2log_LP = robust_repair(phy2log_LP, graph.trans_LEE.astype(np.float64), whole, G, 1.0 + spec.balance_eps)
+        trans = graph.trans_LEE.astype(np.float64)
+        phy2log_LP = robust_repair(phy2log_LP, trans, whole, G, 1.0 + spec.balance_eps, deadline)
     if floor_LP is not None:  # off for the default's search, which keeps eplb's plan at hand
         phy2log_LP = never_below_eplb(phy2log_LP, floor_LP, graph, spec, deadline, info)
     check_balance_reached(phy2log_LP, graph, spec)
@@ -385,7 +387,7 @@ def solve_for_unseen(
     lo, hi = 0.0, kappa_max
     f_lo = attempt(lo)
     if f_lo > target:
-        f_hi = attempt(hi) if room() or not (closest and tried) else float("inf")
+        f_hi = attempt(hi) if room() or not closest else float("inf")
         if f_hi > target and closest and tried:
             kappa, _, best = min(tried, key=lambda t: t[1])
             info = {**best.info, "unseen_target": target, "unseen_target_missed": True, "kappa": kappa}

@@ -4,12 +4,15 @@ affinity-aware replication.
 ``assign_layer`` maximises the traffic each expert shares with a bin (exact linear assignment over bins repeated
 E/B times), then ``repair_balance`` swaps experts off the worst bin until every bin's robust ratio (training share
 plus kappa standard deviations on unseen prompts, placement/solvers/robust.py) is within the limit; a
-load-balanced packing is the fallback when the repair cannot get there.
+load-balanced packing is the fallback when the repair cannot get there. Both stop at an optional wall-clock
+``deadline`` (``time.perf_counter()`` seconds): a repair cut short still returns a valid assignment.
 
 Dimension key: E experts (or items) of the layer, B bins (GPUs or nodes), A / C candidate experts of a swap.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -27,22 +30,25 @@ def assign_layer(
     limit: float,
     allowed_EB: np.ndarray | None = None,
     base_B: np.ndarray | None = None,
+    deadline: float = float("inf"),
 ) -> np.ndarray:
     """Best bin of each expert at layer l: maximise sum w[e, bin(e)] with E/B experts per bin (exact linear
-    assignment), then repair balance (``repair_balance``). If the repair cannot reach ``limit``, fall back to a
-    load-balanced packing whose bins are renamed to fit the neighbours best, when that is better balanced.
-    ``allowed_EB`` restricts experts to some bins; ``base_B`` is load share already on each bin. int64 [E]."""
+    assignment), then repair balance (``repair_balance``). If the repair cannot reach ``limit`` (or is cut short
+    by ``deadline``), fall back to a load-balanced packing whose bins are renamed to fit the neighbours best,
+    when that is better balanced. ``allowed_EB`` restricts experts to some bins; ``base_B`` is load share
+    already on each bin. int64 [E]."""
     E, B = w_EB.shape
     cap = E // B
     cost_ES = -np.repeat(w_EB, cap, axis=1)
     if allowed_EB is not None:
         cost_ES = np.where(np.repeat(allowed_EB, cap, axis=1), cost_ES, _BIG)
     _, slot_E = linear_sum_assignment(cost_ES)
-    bin_E = repair_balance(slot_E // cap, w_EB, lm, l, limit, allowed_EB, base_B)
+    bin_E = repair_balance(slot_E // cap, w_EB, lm, l, limit, allowed_EB, base_B, deadline)
     worst = _worst_ratio(bin_E, lm, l, base_B, B)
     if worst <= limit + 1e-9 or base_B is not None:
         return bin_E
-    packed_E = repair_balance(_packed_layer(w_EB, lm.share_LE[l], allowed_EB), w_EB, lm, l, limit, allowed_EB)
+    packed_E = _packed_layer(w_EB, lm.share_LE[l], allowed_EB)
+    packed_E = repair_balance(packed_E, w_EB, lm, l, limit, allowed_EB, None, deadline)
     return packed_E if _worst_ratio(packed_E, lm, l, None, B) < worst - 1e-9 else bin_E
 
 
@@ -77,8 +83,10 @@ def repair_balance(
     limit: float,
     allowed_EB: np.ndarray | None = None,
     base_B: np.ndarray | None = None,
+    deadline: float = float("inf"),
 ) -> np.ndarray:
-    """Swap experts off the worst bin until every bin's robust ratio is <= ``limit`` (or no swap helps).
+    """Swap experts off the worst bin until every bin's robust ratio is <= ``limit`` (or no swap helps, or the
+    wall clock passes ``deadline``).
 
     Each step takes, among swaps (a on the worst bin, b on another bin h) that leave both bins below the worst
     ratio, the one losing the least score per unit of ratio reduced. Vectorised over all candidate pairs.
@@ -96,7 +104,7 @@ def repair_balance(
         ratio_B = B * (mean_B + kap * np.sqrt(np.maximum(var_B, 0.0)))
         hot = int(np.argmax(ratio_B))
         worst = float(ratio_B[hot])
-        if worst <= limit + 1e-12:
+        if worst <= limit + 1e-12 or time.perf_counter() > deadline:
             break
         a_A = np.flatnonzero(bin_E == hot)
         b_C = np.flatnonzero(bin_E != hot)

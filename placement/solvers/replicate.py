@@ -190,10 +190,16 @@ def distinct_copies(phy2log_LP: np.ndarray, load_LE: np.ndarray, num_gpus: int) 
 
 
 def robust_repair(
-    phy2log_LP: np.ndarray, trans_XEE: np.ndarray, lm: LoadModel, num_gpus: int, limit: float
+    phy2log_LP: np.ndarray,
+    trans_XEE: np.ndarray,
+    lm: LoadModel,
+    num_gpus: int,
+    limit: float,
+    deadline: float = float("inf"),
 ) -> np.ndarray:
     """phy2log int64 [L, P] with single-copy experts swapped between GPUs until every GPU's robust ratio is
-    within ``limit`` (or no swap helps), least co-located traffic lost first. The ratio counts every slot: a
+    within ``limit`` (or no swap helps, or the wall clock passes ``deadline``), least co-located traffic lost
+    first. The ratio counts every slot: a
     copy carries 1/copies of its expert's share and of its unseen-prompt deviation, so replicas and primaries
     are judged together (``lm``: shares and covariance of whole experts, placement/solvers/robust.py).
     Experts with several copies stay where they are, so no GPU ever gets two copies of one expert."""
@@ -215,7 +221,7 @@ def robust_repair(
                 held_EG[out[k], gpu_P] = 1.0
                 w_PG += ((trans_XEE[k].T if k < l else trans_XEE[l]) @ held_EG)[e_P]
         allowed_PG = (n_E[e_P] == 1)[:, None] | (gpu_P[:, None] == np.arange(G)[None, :])
-        new_gpu_P = repair_balance(gpu_P, w_PG, slots, 0, limit, allowed_PG)
+        new_gpu_P = repair_balance(gpu_P, w_PG, slots, 0, limit, allowed_PG, None, deadline)
         out[l] = e_P[np.argsort(new_gpu_P, kind="stable")]
     return out
 
