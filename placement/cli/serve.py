@@ -70,6 +70,19 @@ def serve_cmd(
     time_limit: Annotated[float, typer.Option("--time-limit", min=0.1, help="Solver seconds per decision.")] = 10.0,
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.001, help="Request body size limit (MiB).")] = 64,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    ray: Annotated[
+        bool, typer.Option("--ray", help="Count new shards of --watch as Ray tasks (docs/ray.md); same counts.")
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address", help="With --ray: Ray head host:port or 'auto' (default: RAY_ADDRESS or a local Ray)."
+        ),
+    ] = None,
+    ray_cpus: Annotated[int, typer.Option("--ray-cpus", min=1, help="With --ray: CPUs of the embedded local Ray.")] = 2,
+    ray_workers: Annotated[
+        int, typer.Option("--ray-workers", min=1, help="With --ray: shard-counting tasks running at once.")
+    ] = 2,
 ) -> None:
     """Serve plans over HTTP, follow live routing and re-plan with few expert moves (docs/service.md).
 
@@ -78,6 +91,7 @@ def serve_cmd(
     version with its move list in --state. SIGTERM or Ctrl-C stops it after the shard in progress.
     """
     import logging
+    from dataclasses import replace
 
     import uvicorn
 
@@ -85,6 +99,7 @@ def serve_cmd(
     from placement.serve.app import create_app
     from placement.serve.service import ReplanService, ServiceConfig
     from placement.trace.outputs import check_output
+    from ray_jobs.driver import RayJobError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with user_errors():
@@ -92,6 +107,10 @@ def serve_cmd(
             raise UserError(f"--log-level {log_level!r}: use debug, info, warning or error")
         if watch is not None and watch.exists() and not watch.is_dir():
             raise UserError(f"--watch {watch}: not a directory; pass the dataset directory")
+        if not ray and (ray_address is not None or ray_cpus != 2 or ray_workers != 2):
+            raise UserError("--ray-address, --ray-cpus and --ray-workers need --ray")
+        if ray and watch is None:
+            raise UserError("--ray counts the shards of --watch; pass --watch DATASET or drop --ray")
         if expert_bytes and hf_config is not None:
             raise UserError("--expert-bytes and --hf-config both give the expert size; pass one of them")
         if hf_config is not None:
@@ -102,8 +121,12 @@ def serve_cmd(
         check_output(state, kind="dataset", flag="--state")  # a state directory: created (parent must exist) or resumed
         secret = _token(token, token_file, state)
         cfg = ServiceConfig(state, watch, half_life, max_moves, expert_bytes, interval, poll, time_limit)
+        cfg = replace(cfg, ray=ray, ray_address=ray_address, ray_cpus=ray_cpus, ray_workers=ray_workers)
         service = ReplanService(initial, cfg)
-        service.start()
+        try:
+            service.start()
+        except RayJobError as exc:
+            raise UserError(str(exc)) from None
     try:
         app = create_app(service, secret, max_body=int(max_body_mb * (1 << 20)))
         uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=30)

@@ -1,7 +1,8 @@
 """The re-planning service without its HTTP shell: routing in, decayed window, decisions, plan versions.
 
 ``ReplanService`` owns one STATE_DIR (placement/serve/state.py). Its watcher thread ingests new shards of the
-watched dataset, and every ``interval`` seconds (when traffic arrived since the last decision) asks the policy
+watched dataset (in process, or with ``ray`` as Ray tasks: ray_jobs/ingest.py, the same counts in the same
+order), and every ``interval`` seconds (when traffic arrived since the last decision) asks the policy
 ``placement.replan.decide`` whether to re-plan. ``decide_now`` (``POST /v1/replan``) asks it at once.
 
 Every change of the counts is checkpointed together with the ledger that says what they contain, so a shard or
@@ -19,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from placement.metrics import colocation, imbalance
 from placement.plan import Plan
@@ -28,6 +29,11 @@ from placement.serve.ingest import Watcher, observation_counts, pending_shards, 
 from placement.serve.state import Ledger, PlanVersion, StateError, StateStore
 from placement.serve.window import Counts, DecayedWindow
 from placement.trace.schema import TraceError, TraceMeta
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from ray_jobs.ingest import ShardCounter
 
 log = logging.getLogger("moeplace.serve")
 
@@ -45,6 +51,10 @@ class ServiceConfig:
     poll: float = 1.0
     time_limit: float = 10.0
     seed: int = 0
+    ray: bool = False
+    ray_address: str | None = None
+    ray_cpus: int = 2
+    ray_workers: int = 2
 
 
 class ReplanService:
@@ -64,6 +74,7 @@ class ReplanService:
         self._tokens_at_decision = 0
         self._last_decision = time.monotonic()
         self._watcher: Watcher | None = None
+        self._ray: ShardCounter | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, watch: bool = True) -> None:
@@ -71,6 +82,12 @@ class ReplanService:
         self.store.open()
         try:
             self._restore()
+            if self.config.ray:
+                from ray_jobs.ingest import ShardCounter
+
+                cfg = self.config
+                self._ray = ShardCounter(cfg.ray_address, cfg.ray_cpus, cfg.ray_workers)
+                log.info("counting watched shards as Ray tasks on %s", self._ray.open())
         except BaseException:
             self.store.close()
             raise
@@ -83,6 +100,9 @@ class ReplanService:
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
+        if self._ray is not None:
+            self._ray.close()
+            self._ray = None
         if self.current is None:
             return  # not started, or stopped already
         with self._lock:
@@ -142,9 +162,11 @@ class ReplanService:
         with self._lock:
             done = set(self.ledger.shards) | set(self.ledger.quarantined)
         n = 0
-        for path in pending_shards(self.config.watch_dir, done):
+        for path, got in self._counted(pending_shards(self.config.watch_dir, done)):
             try:
-                counts, top_k = shard_counts(path, self.current_plan)
+                if isinstance(got, Exception):
+                    raise got
+                counts, top_k = got
                 self.window.check(counts, path.name)
             except (TraceError, ValueError) as exc:
                 with self._lock:
@@ -157,6 +179,19 @@ class ReplanService:
                 self._add(counts, top_k)
             n += 1
         return n
+
+    def _counted(self, paths: list[Path]) -> Iterator[tuple[Path, Any]]:
+        """``(path, (counts, top-k) or the shard's TraceError / ValueError)`` per shard, in the order of ``paths``:
+        counted in process, or as Ray tasks with ``ray`` (the same function, so the same counts and errors)."""
+        errors = (TraceError, ValueError)
+        if self._ray is not None:
+            yield from self._ray.counted(shard_counts, paths, self.current_plan, errors=errors)
+            return
+        for path in paths:
+            try:
+                yield path, shard_counts(path, self.current_plan)
+            except errors as exc:
+                yield path, exc
 
     def observe(self, body: bytes, content_type: str, key: str | None) -> dict[str, Any]:
         """Count a posted observation (``key``: idempotency key, counted at most once); ObservationError or
