@@ -1,11 +1,20 @@
 """``moeplace serve --ray``: the real server (uvicorn in a subprocess, real HTTP) counts the watched shards as Ray
 tasks (ray_jobs/ingest.py, an embedded local Ray with 2 CPUs) and ends exactly where the in-process service
-ends: the same observed tokens, ledger (quarantine reasons included), decayed window arrays and next plan, with a
-corrupt shard and a shard of another model among the good ones. ``ShardCounter`` is also checked on its own."""
+ends: the same observed tokens, ledger (quarantine reasons included), decayed window arrays and so the same input
+to the next decision, with a corrupt shard and a shard of another model among the good ones; on a Ray head at
+``--ray-address`` too, across a restart. ``ShardCounter`` is also checked on its own."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +24,12 @@ import pytest
 from placement.plan import Plan
 from placement.serve.ingest import shard_counts
 from placement.serve.state import Ledger, StateStore
-from placement.trace.schema import TraceError
+from placement.serve.window import DecayedWindow
+from placement.trace.schema import TraceError, TraceMeta
 from ray_jobs.driver import JobConfig, RayJobError, connect
 from ray_jobs.ingest import ShardCounter
-from tests.serve_support import E, Server, initial_plan, traffic, write_shard
+from tests.serve_support import E, Server, free_port, initial_plan, traffic, write_shard
 
-ray_slow = [pytest.mark.ray, pytest.mark.slow]
 HALF_LIFE = "1500"  # tokens: the window decays between shards, so the order of folding shows in its arrays
 
 
@@ -152,3 +161,68 @@ def test_serve_ray_options_are_checked_before_ray_starts(cli: Any, tmp_path: Pat
         assert code == 1 and err.startswith("error: ") and msg in err and err.count("\n") == 1, err
     with pytest.raises(RayJobError, match="must be >= 1"):
         ShardCounter(num_workers=0)
+
+
+@pytest.fixture()
+def ray_head(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A loopback Ray head (2 CPUs, no dashboard, token auth off for it and for the servers started here) in its
+    own session, whose process group teardown ends (``ray stop`` would stop every cluster of the user)."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    port = free_port()
+    start = [
+        str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+        "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=false", "--block",
+    ]  # fmt: skip
+    head = subprocess.Popen(start, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):  # the GCS port accepts connections once the head is up
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if head.poll() is not None:
+                pytest.fail(f"ray start --head exited with {head.returncode}")
+            time.sleep(0.2)
+        else:
+            pytest.fail("the Ray head did not come up within 2 minutes")
+        yield f"127.0.0.1:{port}"
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, sig)
+            time.sleep(2)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_address_and_restart_count_every_shard_once(staged: Path, ray_head: str) -> None:
+    """On a running head (``--ray-address``): the window equals the shards folded in name order in this process,
+    and a restart counts nothing again."""
+    plan = Plan.load(staged / "plan.json")
+    watch, state = staged / "cluster" / "ds", staged / "cluster" / "state"
+    watch.parent.mkdir()
+    _arrive(staged / "first", watch)
+    _arrive(staged / "later", watch)
+    args = ("--half-life", HALF_LIFE, "--ray", "--ray-address", ray_head, "--log-level", "info")
+    s = Server(staged / "plan.json", state, watch, *args)
+    try:
+        st = s.wait_for(lambda st: st["shards_ingested"] + st["shards_quarantined"] == 6)
+    finally:
+        assert s.stop() in (0, -15)
+    assert f"watched shards as Ray tasks on Ray at {ray_head}" in s.log.read_text()
+    assert (st["observed_tokens"], st["shards_ingested"], st["shards_quarantined"]) == (3550, 4, 2)
+
+    want = DecayedWindow(TraceMeta(plan.model_name, E, 1, plan.layers, "test"), float(HALF_LIFE))
+    for path in sorted(watch.glob("part-*.parquet")):
+        with contextlib.suppress(TraceError):
+            want.add(shard_counts(path, plan)[0])
+    arrays = _checkpoint(state)[0]
+    for name, a in want.arrays().items():
+        assert np.array_equal(arrays[name], a), name
+
+    s = Server(staged / "plan.json", state, watch, *args)  # restart: the ledger says every shard is counted
+    try:
+        again = s.status()
+        time.sleep(1.0)  # several scans of --watch
+        assert s.status() == again and again["observed_tokens"] == 3550 and again["shards_ingested"] == 4
+    finally:
+        assert s.stop() in (0, -15)
