@@ -14,10 +14,16 @@ from placement.graph import PROMPT_FOLDS, RoutingGraph, graph_from_routes
 from placement.metrics import colocation, imbalance
 from placement.plan import Plan, PlanError
 from placement.planner import make_plan
-from placement.solvers.balance_target import FORECAST_OPTIMISM, eplb_reference
+from placement.solvers.balance_target import (
+    FORECAST_OPTIMISM,
+    FORECAST_OPTIMISM_REDUNDANT,
+    eplb_reference,
+    forecast_optimism,
+)
 from placement.solvers.base import PlanSpec
 from placement.solvers.baselines import eplb_phy2log
 from placement.solvers.replicate import distinct_copies, replica_counts
+from placement.solvers.robust import predict_unseen_imbalance
 from placement.trace.schema import RouteArrays, TraceMeta
 from placement.trace.synthetic import skewed_top1_trace, synthetic_trace
 
@@ -106,19 +112,45 @@ def test_default_on_a_skewed_top1_model_succeeds_and_beats_eplb(skewed) -> None:
     assert colocation(aff, g) > colocation(ep, g)
 
 
-def test_default_targets_eplb_forecast_less_the_optimism() -> None:
+@pytest.mark.parametrize("redundant", [0, 4])
+def test_default_targets_eplb_forecast_less_the_optimism(redundant: int) -> None:
+    """The target is eplb's forecast less the optimism measured for searched plans: 0.01 without redundant slots,
+    none with them (their searched plans' forecasts were not measurably optimistic)."""
     meta, r = synthetic_trace(6, 16, 2, 8000, tokens_per_prompt=25, num_topics=8, num_preferred=2, seed=1)
     g = _graph(meta, r)
-    spec = PlanSpec(4, 1, 0, time_limit=4.0, auto_balance=True)
+    spec = PlanSpec(4, 1, redundant, time_limit=4.0, auto_balance=True)
+    assert forecast_optimism(spec) == (FORECAST_OPTIMISM_REDUNDANT if redundant else FORECAST_OPTIMISM)
     plan = make_plan(g, spec, "auto")
     eplb_fc = eplb_reference(g, spec)[2]
     info = plan.provenance["info"]
     assert eplb_fc is not None and info["eplb_forecast"] == pytest.approx(eplb_fc)
+    assert info["unseen_target"] == pytest.approx(eplb_fc - forecast_optimism(spec), abs=1e-4)
     if info.get("unseen_target_missed"):  # the lowest forecast found, never above eplb's (R = 0: eplb's plan)
         assert plan.provenance["unseen_imbalance"]["p50"] <= eplb_fc + 1e-9
     else:
-        assert plan.provenance["unseen_imbalance"]["p50"] <= eplb_fc - FORECAST_OPTIMISM + 1e-9
+        assert plan.provenance["unseen_imbalance"]["p50"] <= eplb_fc - forecast_optimism(spec) + 1e-9
     assert colocation(plan, g) > colocation(make_plan(g, spec, "eplb"), g)
+
+
+def test_forecast_optimism_is_smaller_with_redundant_slots() -> None:
+    assert forecast_optimism(PlanSpec(8, 1, 8)) < forecast_optimism(PlanSpec(8)) == FORECAST_OPTIMISM
+
+
+def test_default_fallback_to_eplb_never_forecasts_above_eplb_with_replicas() -> None:
+    """No time for the search: the default falls back to eplb's plan. Replacing its doubled copies by copies of
+    other experts would forecast above eplb's own here, so the doubled copies move to other GPUs instead."""
+    meta, r = synthetic_trace(6, 16, 2, 8000, tokens_per_prompt=25, num_topics=8, num_preferred=2, seed=1)
+    g = _graph(meta, r)
+    spec = PlanSpec(4, 1, 4, time_limit=0.2, auto_balance=True)
+    phy_LP, _, eplb_fc = eplb_reference(g, spec)
+    assert eplb_fc is not None
+    replaced = Plan(4, 1, 16, meta.layers, distinct_copies(phy_LP, g.load_LE.astype(np.float64), 4))
+    replaced_fc = predict_unseen_imbalance(replaced, g.load_LE, g.fold_load_SLE)
+    assert replaced_fc is not None and replaced_fc["p50"] > eplb_fc  # the case at hand
+    plan = make_plan(g, spec, "auto")
+    assert plan.provenance["info"]["balance"] == "eplb plan"
+    assert plan.provenance["unseen_imbalance"]["p50"] <= eplb_fc + 1e-9
+    assert (plan.holders_LEG.max(axis=2) <= 1).all()
 
 
 def test_default_without_prompt_ids_falls_back_to_eplb_fitted_balance() -> None:
