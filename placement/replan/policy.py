@@ -16,6 +16,7 @@ least ``colocation_per_move`` per moved expert. Defaults come from benchmarks/be
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 from placement.graph import RoutingGraph
@@ -71,10 +72,12 @@ def decide(
 ) -> ReplanResult:
     """Re-plan ``current`` for ``graph`` within ``budget`` moves (None: ``forecast_budget``) when it pays; the
     result has ``changed=False`` and the current plan otherwise, with the reason either way."""
+    t0 = time.perf_counter()
     forecast = Forecaster.of(graph, seed)
     k, why_k = (budget, "given") if budget is not None else forecast_budget(current, graph, forecast)
+    left = max(time_limit - (time.perf_counter() - t0), 0.1 * time_limit)  # the whole decision keeps the limit
     res = replan(current, graph, max_moves=k, expert_bytes=expert_bytes, balance_eps=balance_eps,
-                 kappa=kappa, time_limit=time_limit, seed=seed, exact=exact, forecast=forecast)  # fmt: skip
+                 kappa=kappa, time_limit=left, seed=seed, exact=exact, forecast=forecast)  # fmt: skip
     res = replace(res, info={**res.info, "budget": k, "budget_reason": why_k})
     if not res.changed:
         return replace(res, reason=f"{res.reason} [budget {k}: {why_k}]")

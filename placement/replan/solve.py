@@ -45,7 +45,11 @@ FORECAST_QUANTILE = "p90"
 # also leaves RESERVE_SCORES times one plan's scoring (measured on the current plan) for the candidates
 TARGET_SHARE = 0.45
 TARGET_SLACK = 0.1
-RESERVE_SCORES = 7.0
+RESERVE_SCORES = 8.0
+# the exact model runs only with at least EXACT_MIN_S plus its build time (variables / EXACT_VARS_PER_S) left:
+# building 90,000 variables took 2-5 s on the shared 2-core machine, outside the solver's own clock
+EXACT_MIN_S = 0.5
+EXACT_VARS_PER_S = 20_000.0
 
 
 @dataclass(frozen=True)
@@ -312,10 +316,11 @@ def _exact(
     mean_L = load_LE.sum(axis=1) / G
     hint_load_LG = np.einsum("le,leg->lg", load_LE, (hint_LE[:, :, None] == np.arange(G)).astype(np.float64))
     cap_L = np.maximum(limit * mean_L, hint_load_LG.max(axis=1))
-    if mode == "auto" and flow_num_vars(load_LE, G, cap_L) > 150_000:
+    num_vars = flow_num_vars(load_LE, G, cap_L)
+    if mode == "auto" and num_vars > 150_000:
         return None
     left = deadline - time.perf_counter()
-    if left < 0.5:
+    if left < EXACT_MIN_S + num_vars / EXACT_VARS_PER_S:  # building the model alone would overrun
         return None
     res = solve_bounded(cur_LE, load_LE, graph.trans_LEE, G, cap_L, K, hint_LE,
                         "pulp" if mode == "pulp" else "cpsat", left, seed)  # fmt: skip
