@@ -246,9 +246,10 @@ def replan(
         G = current.num_gpus
         cur_LE = _gpu_of(current)
         seed_LE = cur_LE if target is None else _gpu_of(target)  # no target: local search from the current plan
+        ref_LE = seed_LE if target is not None else _gpu_of(balancer)
         limit = 1.0 + eps
         if balance_eps is None:  # what the target (or EPLB) reaches, or the current plan where it is better balanced
-            limit = max(float(robust_ratio_LG(seed_LE if target else _gpu_of(balancer), lm, G).max()), 1.0)
+            limit = max(float(robust_ratio_LG(ref_LE, lm, G).max()), 1.0)
         mixed_LE = cur_LE
         if target is not None:
             take_L = layer_states(current.holders_LEG > 0, target.holders_LEG > 0, trans, lm, limit, K)
