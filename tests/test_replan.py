@@ -15,7 +15,7 @@ import pytest
 
 from placement.graph import PROMPT_FOLDS, RoutingGraph, graph_from_routes
 from placement.metrics import colocation, imbalance
-from placement.plan import Plan, PlanError
+from placement.plan import Plan, PlanError, gpu_of_expert_to_phy2log
 from placement.replan import MoveList, apply_moves, count_moves, decide, move_list, relabel_gpus, replan
 from placement.replan.exact import solve_bounded
 from placement.replan.moves import expert_bytes_from_hf_config
@@ -276,6 +276,22 @@ def test_bounded_move_model_proves_optimality_at_mixtral_size(traces_dir: Path) 
     before = float((g.trans_LEE * (cur[:-1, :, None] == cur[1:, None, :])).sum())
     assert res.objective is not None and res.objective > before
     assert E == 8
+
+
+def test_decide_keeps_its_time_limit_where_the_exact_model_is_too_big_to_build(traces_dir: Path) -> None:
+    from placement.graph import build_graph
+    from placement.trace.dataset import open_trace
+
+    mix = traces_dir / "mixtral-8x7b-instruct.humaneval0.npz"
+    tr = open_trace(f"{mix}:prefill")
+    g = build_graph(tr, with_coact=False, num_folds=PROMPT_FOLDS)
+    d = build_graph(open_trace(f"{mix}:decode"), with_coact=False)
+    cur_LE = np.argsort(np.argsort(-d.load_LE, axis=1), axis=1) % 4  # G = 4: about 90,000 variables
+    cur = Plan(4, 1, 8, g.meta.layers, gpu_of_expert_to_phy2log(cur_LE, 4), g.meta.model_name)
+    t0 = time.perf_counter()
+    res = decide(cur, g, budget=16, time_limit=4.0)
+    assert time.perf_counter() - t0 <= 4.0 and "exact" not in res.info  # building it takes seconds: skipped
+    assert count_moves(cur, res.plan) <= 16
 
 
 def test_decide_keeps_the_plan_when_the_gain_does_not_pay(small_graph: RoutingGraph) -> None:
