@@ -158,6 +158,11 @@ class ModelDims:
         _check_positive(where, hidden_size=self.hidden_size, expert_ffn_size=self.expert_ffn_size)
         _check_positive(where, bytes_per_element=self.bytes_per_element, tokens_per_step=self.tokens_per_step)
 
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one routed expert's weights: gate, up and down projections of hidden x expert_ffn."""
+        return 3 * self.hidden_size * self.expert_ffn_size * self.bytes_per_element
+
     def step_tokens(self, num_gpus: int) -> int:
         return self.tokens_per_step or DEFAULT_TOKENS_PER_GPU * num_gpus
 
@@ -190,10 +195,13 @@ _MOE_FFN_KEY |= {"qwen2_moe": "moe_intermediate_size", "qwen3_moe": "moe_interme
 _EXPERT_COUNT_KEYS = ("n_routed_experts", "num_local_experts", "num_experts")
 
 
-def dims_from_hf_config(path: str | Path, num_experts: int | None = None) -> ModelDims:
+def dims_from_hf_config(
+    path: str | Path, num_experts: int | None = None, fix: str = "pass --hidden-size / --expert-ffn-size"
+) -> ModelDims:
     """hidden_size, the routed experts' intermediate size (moe_intermediate_size for DeepSeek-V2/V3 and
     Qwen-MoE, intermediate_size for Mixtral) and torch_dtype of a config.json (or its directory); with
-    ``num_experts`` its routed-expert count must match the trace's."""
+    ``num_experts`` its routed-expert count must match the trace's. ``fix``: the flags that replace the config,
+    named in the error when a size is missing."""
     p = Path(path)
     p = p / "config.json" if p.is_dir() else p
     if not p.is_file():
@@ -210,9 +218,7 @@ def dims_from_hf_config(path: str | Path, num_experts: int | None = None) -> Mod
         ffn_key = "moe_intermediate_size" if "moe_intermediate_size" in cfg else "intermediate_size"
     for key in ("hidden_size", ffn_key):
         if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool):
-            raise TimeModelError(
-                f"--hf-config {p}: needs an integer {key!r}; or pass --hidden-size / --expert-ffn-size"
-            )
+            raise TimeModelError(f"--hf-config {p}: needs an integer {key!r}; or {fix}")
     count = next((cfg[k] for k in _EXPERT_COUNT_KEYS if isinstance(cfg.get(k), int)), None)
     if num_experts is not None and count is not None and count != num_experts:
         raise TimeModelError(
@@ -220,7 +226,9 @@ def dims_from_hf_config(path: str | Path, num_experts: int | None = None) -> Mod
         )
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").removeprefix("torch.")
     if dtype not in _DTYPE_BYTES:
-        raise TimeModelError(f"--hf-config {p}: torch_dtype {dtype!r} unknown; use one of {', '.join(_DTYPE_BYTES)}")
+        raise TimeModelError(
+            f"--hf-config {p}: torch_dtype {dtype!r} unknown; use one of {', '.join(_DTYPE_BYTES)} or {fix}"
+        )
     return ModelDims(cfg["hidden_size"], cfg[ffn_key], None, _DTYPE_BYTES[dtype], source=str(p))
 
 

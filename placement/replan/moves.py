@@ -289,31 +289,16 @@ def apply_moves(current: Plan, moves: MoveList) -> np.ndarray:
     return cnt_LEG
 
 
-_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float8_e4m3fn": 1, "int8": 1}
-
-
 def expert_bytes_from_hf_config(path: str | Path) -> int:
     """Bytes of one routed expert's weights from a Hugging Face config.json (or its directory): 3 matrices of
-    hidden_size x moe_intermediate_size (DeepSeek, Qwen-MoE; intermediate_size for Mixtral) in torch_dtype."""
-    p = Path(path)
-    p = p / "config.json" if p.is_dir() else p
-    if not p.is_file():
-        raise PlanError(f"{p}: no such Hugging Face config; pass the model directory or its config.json")
+    hidden_size x moe_intermediate_size (DeepSeek, Qwen-MoE; intermediate_size for Mixtral) in torch_dtype
+    (placement/timemodel.py ``dims_from_hf_config`` reads the config)."""
+    from placement.timemodel import TimeModelError, dims_from_hf_config
+
     try:
-        cfg = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PlanError(f"{p}: not JSON ({exc}); pass the model's config.json") from exc
-    cfg = {**cfg.get("text_config", {}), **cfg} if isinstance(cfg, dict) else {}
-    hidden = cfg.get("hidden_size")
-    inter = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
-    if not isinstance(hidden, int) or not isinstance(inter, int):
-        raise PlanError(
-            f"{p}: needs integer hidden_size and moe_intermediate_size (or intermediate_size); or pass --expert-bytes"
-        )
-    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").removeprefix("torch.")
-    if dtype not in _DTYPE_BYTES:
-        raise PlanError(f"{p}: torch_dtype {dtype!r} unknown; use one of {', '.join(_DTYPE_BYTES)} or --expert-bytes")
-    return 3 * hidden * inter * _DTYPE_BYTES[dtype]
+        return dims_from_hf_config(path, fix="pass --expert-bytes").expert_bytes
+    except TimeModelError as exc:
+        raise PlanError(str(exc)) from None
 
 
 def save_moves(moves: MoveList, path: str | Path) -> None:
