@@ -1,5 +1,6 @@
 """The affinity optimiser keeps its wall-clock limit: annealing in re-planned chunks, a search that stops at its
-deadline, and the robustness search that starts no solve it has no time for (placement/solvers/affinity.py)."""
+deadline, and the robustness search that starts no solve it has no time for (placement/solvers/affinity.py); the
+eplb floor's slot separation scores all its candidate swaps at once (placement/solvers/replicate.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from placement.plan import Plan
 from placement.solvers.affinity import anneal_until, colocated, solve_fixed, solve_for_unseen
 from placement.solvers.anneal import neighbour_weights
 from placement.solvers.base import PlanSpec
+from placement.solvers.baselines import eplb_phy2log
 from placement.solvers.layer_assign import assign_layer, repair_balance
+from placement.solvers.replicate import separate_slots
 from placement.solvers.robust import LoadModel
 from placement.trace.synthetic import synthetic_trace
 
@@ -59,6 +62,61 @@ def test_a_repair_past_its_deadline_stops_and_a_layer_still_gets_a_balanced_pack
     packed_E = assign_layer(w_EB, lm, 0, 1.05, deadline=late)  # no repair time: the packing fallback
     assert (np.bincount(packed_E, minlength=B) == E // B).all()
     assert lm.bin_ratio(0, np.eye(B)[packed_E]).max() < lm.bin_ratio(0, np.eye(B)[bin_E]).max()
+
+
+def _busiest_each_layer(phy2log_LP: np.ndarray, load_LE: np.ndarray, G: int) -> np.ndarray:
+    L, P = phy2log_LP.shape
+    out = np.empty(L)
+    for l in range(L):
+        held_EG = np.zeros((load_LE.shape[1], G))
+        held_EG[phy2log_LP[l], np.arange(P) // (P // G)] = 1.0
+        out[l] = ((load_LE[l] / held_EG.sum(axis=1)) @ held_EG).max()
+    return out
+
+
+def _separate_one_swap_at_a_time(phy2log_LP: np.ndarray, load_LE: np.ndarray, G: int) -> np.ndarray:
+    """Reference: every allowed swap of the first doubled copy tried by rebuilding the holder sets."""
+    out = phy2log_LP.copy()
+    L, P = out.shape
+    gpu_P = np.arange(P) // (P // G)
+    for l in range(L):
+        for _ in range(P):
+            H_EG = np.zeros((load_LE.shape[1], G), dtype=np.int64)
+            np.add.at(H_EG, (out[l], gpu_P), 1)
+            dup_P = np.flatnonzero(H_EG[out[l], gpu_P] > 1)
+            if dup_P.size == 0:
+                break
+            p = int(dup_P[0])
+            e, g = int(out[l, p]), int(gpu_P[p])
+            best, best_q = np.inf, -1
+            for q in np.flatnonzero((H_EG[e, gpu_P] == 0) & (H_EG[out[l], g] == 0) & (gpu_P != g)):
+                e_P = out[l].copy()
+                e_P[p], e_P[q] = e_P[q], e_P[p]
+                worst = float(_busiest_each_layer(e_P[None, :], load_LE[l : l + 1], G)[0])
+                if worst < best:
+                    best, best_q = worst, int(q)
+            if best_q < 0:
+                break
+            out[l, p], out[l, best_q] = out[l, best_q], out[l, p]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_slot_separation_scores_swaps_as_rebuilding_the_holders_does(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    L, E, G = 3, 16, 4
+    load_LE = rng.lognormal(0.0, 1.2, (L, E)) * 100  # hot experts: eplb doubles some copies on one GPU
+    eplb_LP = eplb_phy2log(load_LE, E + 2 * G, G, 1)
+    got_LP, ref_LP = separate_slots(eplb_LP, load_LE, G), _separate_one_swap_at_a_time(eplb_LP, load_LE, G)
+    P = got_LP.shape[1]
+
+    def doubled(phy_LP: np.ndarray) -> int:  # copies beyond the first of an expert on one GPU
+        return sum(P - len(set(zip(row.tolist(), (np.arange(P) // (P // G)).tolist(), strict=True))) for row in phy_LP)
+
+    assert doubled(eplb_LP) > 0 and doubled(got_LP) == doubled(ref_LP) < doubled(eplb_LP)
+    for l in range(L):
+        assert np.array_equal(np.sort(got_LP[l]), np.sort(eplb_LP[l]))  # swaps only: the same copies
+    np.testing.assert_allclose(_busiest_each_layer(got_LP, load_LE, G), _busiest_each_layer(ref_LP, load_LE, G))
 
 
 @pytest.mark.slow

@@ -229,36 +229,38 @@ def robust_repair(
 def separate_slots(phy2log_LP: np.ndarray, load_LE: np.ndarray, num_gpus: int) -> np.ndarray:
     """phy2log int64 [L, P] in which no GPU holds two copies of one expert: each second copy swaps slots with an
     expert of another GPU (which lacks the copy's expert, while the copy's GPU lacks that expert), the swap that
-    leaves the layer's busiest GPU least loaded (loads as ../shared/METRICS.md splits them)."""
+    leaves the layer's busiest GPU least loaded (loads as ../shared/METRICS.md splits them; all candidate swaps
+    scored at once, Q of them)."""
     out = np.asarray(phy2log_LP, dtype=np.int64).copy()
     L, P = out.shape
     E, G = load_LE.shape[1], num_gpus
     gpu_P = np.arange(P) // (P // G)
-
-    def holders(e_P: np.ndarray) -> np.ndarray:
-        H_EG = np.zeros((E, G), dtype=np.int64)
-        np.add.at(H_EG, (e_P, gpu_P), 1)
-        return H_EG
-
     for l in range(L):
+        w_E = np.asarray(load_LE[l], dtype=np.float64)
         for _ in range(P):
-            H_EG = holders(out[l])
+            H_EG = np.zeros((E, G), dtype=np.int64)
+            np.add.at(H_EG, (out[l], gpu_P), 1)
             dup_P = np.flatnonzero(H_EG[out[l], gpu_P] > 1)
             if dup_P.size == 0:
                 break
             p = int(dup_P[0])
             e, g = int(out[l, p]), int(gpu_P[p])
-            f_Q = out[l]
-            ok_Q = (H_EG[e, gpu_P] == 0) & (H_EG[f_Q, g] == 0) & (gpu_P != g)
-            best, best_q = np.inf, -1
-            for q in np.flatnonzero(ok_Q):
-                e_P = out[l].copy()
-                e_P[p], e_P[q] = e_P[q], e_P[p]
-                held_EG = (holders(e_P) > 0).astype(np.float64)
-                worst = float(((load_LE[l] / held_EG.sum(axis=1)) @ held_EG).max())
-                if worst < best:
-                    best, best_q = worst, int(q)
-            if best_q < 0:
+            q_Q = np.flatnonzero((H_EG[e, gpu_P] == 0) & (H_EG[out[l], g] == 0) & (gpu_P != g))
+            if q_Q.size == 0:
                 break
-            out[l, p], out[l, best_q] = out[l, best_q], out[l, p]
+            held_EG = (H_EG > 0).astype(np.float64)
+            n_E = np.maximum(held_EG.sum(axis=1), 1.0)
+            # e gains GPU h (its copies now share w_e n_e + 1 ways); f = the expert of slot q moves from h to g,
+            # or, when it has a second copy on h, gains g (n_f + 1 ways)
+            h_Q, f_Q, rows_Q = gpu_P[q_Q], out[l, q_Q], np.arange(q_Q.size)
+            we_new = w_E[e] / (n_E[e] + 1.0)
+            new_QG = np.tile((w_E / n_E) @ held_EG + held_EG[e] * (we_new - w_E[e] / n_E[e]), (q_Q.size, 1))
+            new_QG[rows_Q, h_Q] += we_new
+            wf_Q, nf_Q = w_E[f_Q], n_E[f_Q]
+            single_Q = H_EG[f_Q, h_Q] == 1
+            new_QG[rows_Q, h_Q] -= np.where(single_Q, wf_Q / nf_Q, 0.0)
+            new_QG += np.where(single_Q, 0.0, wf_Q / (nf_Q + 1.0) - wf_Q / nf_Q)[:, None] * held_EG[f_Q]
+            new_QG[:, g] += np.where(single_Q, wf_Q / nf_Q, wf_Q / (nf_Q + 1.0))
+            q = int(q_Q[int(np.argmin(new_QG.max(axis=1)))])
+            out[l, p], out[l, q] = out[l, q], out[l, p]
     return out
