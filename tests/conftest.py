@@ -87,3 +87,10 @@ def listing(path: Path) -> list[str]:
     """Every file and directory under ``path`` (and its siblings' temp files), for 'nothing left behind'."""
     root = path if path.is_dir() else path.parent
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def one_error_line(stderr: str) -> str:
+    """The one ``error:`` line a failed command prints on stderr (asserting there is nothing else)."""
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]

@@ -11,6 +11,7 @@ import pytest
 from placement.plan import Plan
 from placement.trace.dataset import write_trace
 from placement.trace.synthetic import synthetic_trace
+from tests.conftest import one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +20,6 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ds") / "trace"
     write_trace(out, meta, r)
     return out
-
-
-def _one_error(stderr: str) -> str:
-    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    return lines[0]
 
 
 @pytest.mark.parametrize("solver", ["contiguous", "round_robin", "eplb", "affinity", "auto"])
@@ -80,7 +75,7 @@ def test_plan_bad_inputs_leave_nothing(cli, dataset: Path, tmp_path: Path) -> No
     ]:
         code, _, stderr = cli("plan", "--trace", dataset, "--out", out, *args)
         assert code != 0
-        assert needle in _one_error(stderr)
+        assert needle in one_error_line(stderr)
         assert out.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
 
@@ -89,7 +84,7 @@ def test_plan_infeasible_balance_for_ilp(cli, dataset: Path, tmp_path: Path) -> 
     code, _, stderr = cli(
         "plan", "--trace", dataset, "--gpus", 4, "--solver", "ilp", "--balance", 0, "--out", tmp_path / "p.json"
     )
-    assert code != 0 and "--balance" in _one_error(stderr)
+    assert code != 0 and "--balance" in one_error_line(stderr)
     assert not (tmp_path / "p.json").exists()
 
 
@@ -97,13 +92,13 @@ def test_eval_bad_plans(cli, dataset: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     code, _, stderr = cli("eval", "--plan", bad, "--trace", dataset)
-    assert code != 0 and "bad.json" in _one_error(stderr)
+    assert code != 0 and "bad.json" in one_error_line(stderr)
     other = tmp_path / "other.json"
     Plan(2, 1, 16, (0, 1, 2, 3), np.tile(np.arange(16), (4, 1))).save(other)
     code, _, stderr = cli("eval", "--plan", other, "--trace", dataset)
-    assert code != 0 and "same model" in _one_error(stderr)
+    assert code != 0 and "same model" in one_error_line(stderr)
     code, _, stderr = cli("eval", "--plan", tmp_path / "missing.json", "--trace", dataset)
-    assert code != 0 and "no such plan" in _one_error(stderr)
+    assert code != 0 and "no such plan" in one_error_line(stderr)
 
 
 def test_every_command_has_help(cli) -> None:
@@ -165,7 +160,7 @@ def test_unseen_balance_refuses_what_it_cannot_reach(cli, topic_dataset: Path, t
     out.write_text("keep me")
     base = ["plan", "--trace", topic_dataset, "--gpus", 4, "--time-limit", 2, "--unseen", "--out", out, "--force"]
     code, _, stderr = cli(*base, "--balance", 0.005)
-    assert code != 0 and "unseen prompts was not reached" in _one_error(stderr)
+    assert code != 0 and "unseen prompts was not reached" in one_error_line(stderr)
     code, _, stderr = cli(*base, "--solver", "eplb")
-    assert code != 0 and "--unseen works with --solver affinity" in _one_error(stderr)
+    assert code != 0 and "--unseen works with --solver affinity" in one_error_line(stderr)
     assert out.read_text() == "keep me"

@@ -27,6 +27,7 @@ from placement.timemodel import (
 from placement.trace.dataset import open_trace, write_trace
 from placement.trace.schema import TraceMeta
 from placement.trace.synthetic import synthetic_trace
+from tests.conftest import one_error_line
 
 # round numbers: a token is 100 x 2 = 200 bytes, a token-expert pair 6 x 100 x 50 = 30 kFLOP at 0.5 TFLOP/s
 HW = HardwarePreset("test", 2, nvlink_bw=1e9, rdma_bw=0.25e9, peak_flops=1e12, gemm_efficiency=0.5)
@@ -276,12 +277,6 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _one_error(stderr: str) -> str:
-    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    return lines[0]
-
-
 def test_plan_objective_time_end_to_end(cli, dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "plan.json"
     args = ("--hidden-size", 256, "--expert-ffn-size", 128, "--tokens-per-step", 8192, "--time-limit", 3)
@@ -321,7 +316,7 @@ def test_plan_objective_time_bad_inputs(cli, dataset: Path, tmp_path: Path, extr
     extra = tuple(bad if a == "BAD" else a for a in extra)
     out = tmp_path / "plan.json"
     code, _, stderr = cli("plan", "--trace", dataset, "--gpus", 4, "--time-limit", 1, *extra, "--out", out)
-    assert code == 1 and message in _one_error(stderr)
+    assert code == 1 and message in one_error_line(stderr)
     assert not out.exists()
 
 
@@ -341,4 +336,4 @@ def test_eval_predicts_time_with_hardware(cli, dataset: Path, tmp_path: Path) ->
     code, stdout, _ = cli("eval", "--plan", out, "--trace", dataset)
     assert code == 0 and "predicted" not in stdout  # without --hardware: no time model
     code, _, stderr = cli("eval", "--plan", out, "--trace", dataset, "--tokens-per-step", 100)
-    assert code == 1 and "add --hardware" in _one_error(stderr)
+    assert code == 1 and "add --hardware" in one_error_line(stderr)
