@@ -5,7 +5,7 @@ the chosen set S_l(t) adds 1 to ``load_LE[l, e]`` for each e in S_l(t), 1 to ``t
 i in S_l(t), j in S_{l+1}(t), and 1 to ``coact_LEE[l, i, j]`` for each ordered pair i != j in S_l(t).
 Without -1 and repeated ids, per-layer load sums are T*K and transition sums T*K^2.
 
-Dimension key: T tokens, L MoE layers, K top-k, E experts.
+Dimension key: T tokens, L MoE layers, K top-k, E experts, S prompt folds, D bootstrap draws.
 """
 
 from __future__ import annotations
@@ -94,6 +94,32 @@ def fold_of_seq(seq_ids_T: np.ndarray, num_folds: int) -> np.ndarray:
     h = np.asarray(seq_ids_T).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     h ^= h >> np.uint64(29)
     return (h % np.uint64(num_folds)).astype(np.int64)
+
+
+def nonempty_folds(fold_load_SLE: np.ndarray) -> np.ndarray:
+    """float64 [S', L, E]: the prompt folds with load in every layer."""
+    f_SLE = np.asarray(fold_load_SLE, dtype=np.float64)
+    return f_SLE[(f_SLE.sum(axis=2) > 0).all(axis=1)]
+
+
+def unseen_share_draws(
+    load_LE: np.ndarray, fold_load_SLE: np.ndarray, holdout_ratio: float, draws: int, seed: int
+) -> np.ndarray | None:
+    """float64 [D, L, E]: per-layer expert shares of unseen traffic ``holdout_ratio`` times the trace's size, one
+    row per bootstrap draw of the prompt folds (the folds with load in every layer, resampled with replacement),
+    each draw's deviation from the trace's shares scaled by sqrt(1 + 1/ratio) (training error plus unseen
+    sampling error) and clipped at 0. None with fewer than 8 such folds. The one resampling behind every
+    unseen-traffic forecast (placement/solvers/robust.py, placement/timemodel.py, placement/replan/solve.py)."""
+    f_SLE = nonempty_folds(fold_load_SLE)
+    S, L, E = f_SLE.shape
+    if S < 8:
+        return None
+    load_LE = np.asarray(load_LE, dtype=np.float64)
+    share_LE = load_LE / np.maximum(load_LE.sum(axis=1, keepdims=True), 1e-12)
+    w_DS = np.random.default_rng(seed).multinomial(S, np.full(S, 1.0 / S), size=draws).astype(np.float64)
+    boot_DLE = (w_DS @ f_SLE.reshape(S, L * E)).reshape(draws, L, E)
+    boot_DLE /= np.maximum(boot_DLE.sum(axis=2, keepdims=True), 1e-12)
+    return np.maximum(share_LE + np.sqrt(1.0 + 1.0 / max(holdout_ratio, 1e-9)) * (boot_DLE - share_LE), 0.0)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from placement.graph import RoutingGraph
+from placement.graph import RoutingGraph, unseen_share_draws
 from placement.metrics import load_split
 from placement.plan import Plan
 from placement.trace.schema import TraceMeta
@@ -365,18 +365,10 @@ def bootstrap_loads(
     """float64 [D, L, E]: loads of unseen traffic ``holdout_ratio`` times the trace's size, scaled back to the
     trace's totals: the fold bootstrap of robust.py's forecast (share deviations x sqrt(1 + 1/ratio)). None with
     fewer than 8 non-empty folds."""
-    f_SLE = np.asarray(fold_load_SLE, dtype=np.float64)
-    f_SLE = f_SLE[(f_SLE.sum(axis=2) > 0).all(axis=1)]
-    S = f_SLE.shape[0]
-    if S < 8:
+    sim_DLE = unseen_share_draws(load_LE, fold_load_SLE, holdout_ratio, draws, seed)
+    if sim_DLE is None:
         return None
-    load_LE = np.asarray(load_LE, dtype=np.float64)
-    tot_L1 = np.maximum(load_LE.sum(axis=1, keepdims=True), 1e-12)
-    share_LE = load_LE / tot_L1
-    w_DS = np.random.default_rng(seed).multinomial(S, np.full(S, 1.0 / S), size=draws).astype(np.float64)
-    boot_DLE = np.einsum("ds,sle->dle", w_DS, f_SLE)
-    boot_DLE /= np.maximum(boot_DLE.sum(axis=2, keepdims=True), 1e-12)
-    sim_DLE = np.maximum(share_LE + np.sqrt(1.0 + 1.0 / max(holdout_ratio, 1e-9)) * (boot_DLE - share_LE), 0.0)
+    tot_L1 = np.maximum(np.asarray(load_LE, dtype=np.float64).sum(axis=1, keepdims=True), 1e-12)
     sim_DLE /= np.maximum(sim_DLE.sum(axis=2, keepdims=True), 1e-12)
     return np.asarray(sim_DLE * tot_L1)
 

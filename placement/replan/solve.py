@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from placement.graph import RoutingGraph
+from placement.graph import RoutingGraph, unseen_share_draws
 from placement.plan import Plan, PlanError, gpu_of_expert_to_phy2log
 from placement.replan.moves import MoveList, align_slots, count_moves, move_list, relabel_gpus
 from placement.replan.search import layer_states, robust_ratio_LG, swap_search
@@ -83,17 +83,9 @@ class Forecaster:
     def of(cls, graph: RoutingGraph, seed: int = 0, holdout_ratio: float = 1.0, draws: int = 256) -> Forecaster:
         if graph.fold_load_SLE is None:
             return cls(None)
-        f_SLE = np.asarray(graph.fold_load_SLE, dtype=np.float64)
-        f_SLE = f_SLE[(f_SLE.sum(axis=2) > 0).all(axis=1)]
-        S, L, E = f_SLE.shape
-        if S < 8:
+        sim_DLE = unseen_share_draws(graph.load_LE, graph.fold_load_SLE, holdout_ratio, draws, seed)
+        if sim_DLE is None:
             return cls(None)
-        load_LE = np.asarray(graph.load_LE, dtype=np.float64)
-        share_LE = load_LE / np.maximum(load_LE.sum(axis=1, keepdims=True), 1e-12)
-        w_DS = np.random.default_rng(seed).multinomial(S, np.full(S, 1.0 / S), size=draws).astype(np.float64)
-        boot_DLE = (w_DS @ f_SLE.reshape(S, L * E)).reshape(draws, L, E)
-        boot_DLE /= np.maximum(boot_DLE.sum(axis=2, keepdims=True), 1e-12)
-        sim_DLE = np.maximum(share_LE + np.sqrt(1.0 + 1.0 / max(holdout_ratio, 1e-9)) * (boot_DLE - share_LE), 0)
         return cls(np.ascontiguousarray(sim_DLE.transpose(1, 0, 2)))
 
     def __call__(self, plan: Plan) -> float | None:

@@ -28,14 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from placement.graph import RoutingGraph
+from placement.graph import RoutingGraph, nonempty_folds, unseen_share_draws
 from placement.plan import Plan
-
-
-def _nonempty_folds(fold_load_SLE: np.ndarray) -> np.ndarray:
-    """float64 [S', L, E]: the folds with load in every layer."""
-    f_SLE = np.asarray(fold_load_SLE, dtype=np.float64)
-    return f_SLE[(f_SLE.sum(axis=2) > 0).all(axis=1)]
 
 
 @dataclass(frozen=True)
@@ -75,7 +69,7 @@ class LoadModel:
         div_LE = div_LE / scale_L1
         share_LE = load_LE / tot_L1 / div_LE
         L, E = share_LE.shape
-        f_SLE = None if fold_load_SLE is None or kappa <= 0 else _nonempty_folds(fold_load_SLE)
+        f_SLE = None if fold_load_SLE is None or kappa <= 0 else nonempty_folds(fold_load_SLE)
         if f_SLE is None or f_SLE.shape[0] < 3:
             return cls(share_LE, np.zeros((L, E, E)), 0.0)
         S = f_SLE.shape[0]
@@ -111,16 +105,10 @@ def predict_unseen_imbalance(
 
     if fold_load_SLE is None:
         return None
-    f_SLE = _nonempty_folds(fold_load_SLE)
-    S = f_SLE.shape[0]
-    if S < 8:
+    f_SLE = nonempty_folds(fold_load_SLE)
+    sim_DLE = unseen_share_draws(load_LE, f_SLE, holdout_ratio, draws, seed)
+    if sim_DLE is None:
         return None
-    load_LE = np.asarray(load_LE, dtype=np.float64)
-    share_LE = load_LE / np.maximum(load_LE.sum(axis=1, keepdims=True), 1e-12)
-    w_DS = np.random.default_rng(seed).multinomial(S, np.full(S, 1.0 / S), size=draws).astype(np.float64)
-    boot_DLE = np.einsum("ds,sle->dle", w_DS, f_SLE)
-    boot_DLE /= np.maximum(boot_DLE.sum(axis=2, keepdims=True), 1e-12)
-    sim_DLE = np.maximum(share_LE[None] + np.sqrt(1.0 + 1.0 / max(holdout_ratio, 1e-9)) * (boot_DLE - share_LE), 0)
     gpu_DLG = np.einsum("dle,leg->dlg", sim_DLE, load_split(plan))
     imb_D = (gpu_DLG.max(axis=2) / np.maximum(gpu_DLG.mean(axis=2), 1e-12)).max(axis=1)
     q10, q50, q90 = np.quantile(imb_D, [0.1, 0.5, 0.9])
@@ -129,6 +117,6 @@ def predict_unseen_imbalance(
         "p50": round(float(q50), 4),
         "p90": round(float(q90), 4),
         "holdout_ratio": holdout_ratio,
-        "folds": S,
+        "folds": f_SLE.shape[0],
         "draws": draws,
     }
