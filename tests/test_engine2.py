@@ -80,6 +80,25 @@ def test_skewed_generator_sends_the_hot_layer_to_one_expert(skewed) -> None:
     assert (g.load_LE[[0, 1, 3, 4, 5]].max(axis=1) / g.load_LE[[0, 1, 3, 4, 5]].sum(axis=1) < 0.2).all()
 
 
+def test_chain_makes_each_token_follow_its_own_expert_chain() -> None:
+    """chain = 1 with one successor: a token's expert at layer l fixes its expert at l + 1 (per token, whatever
+    the prompt's topic); chain = 0 is the topic model alone, where it does not."""
+    _, r = synthetic_trace(4, 16, 1, 3000, chain=1.0, num_successors=1, seed=5)
+    ids_TL = r.expert_ids_TLK[:, :, 0].astype(np.int64)
+    for l in range(3):
+        pairs = np.unique(ids_TL[:, l] * 16 + ids_TL[:, l + 1])
+        assert np.unique(pairs // 16).size == pairs.size  # one next expert per expert
+    _, r0 = synthetic_trace(4, 16, 1, 3000, seed=5)
+    pairs0 = np.unique(r0.expert_ids_TLK[:, 0, 0].astype(np.int64) * 16 + r0.expert_ids_TLK[:, 1, 0])
+    assert pairs0.size > 2 * 16
+
+
+def test_chain_keeps_a_token_top_k_distinct() -> None:
+    _, r = synthetic_trace(5, 16, 4, 2000, chain=0.8, num_successors=2, seed=6)
+    srt_TLK = np.sort(r.expert_ids_TLK, axis=2)
+    assert not (srt_TLK[:, :, 1:] == srt_TLK[:, :, :-1]).any()
+
+
 def test_hot_expert_gets_one_copy_per_gpu_and_no_more(skewed) -> None:
     _, _, g = skewed
     count_LE = replica_counts(g, PlanSpec(8, 1, 8))

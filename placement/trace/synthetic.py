@@ -5,8 +5,12 @@ Model: each prompt has a latent topic (one of C). Each layer has a log-normal ex
 experts: busiest / mean about 2) and, per topic, a preferred set of ``num_preferred`` (default E/16) experts.
 A token draws each of its K experts, with probability ``follow``, from its topic's preferred set at that layer,
 otherwise from the layer's popularity; repeated ids are redrawn. Consecutive layers are thus dependent through
-the topic, as real traces are (adjacent-layer concentration about twice the independent value). Vectorised over
-tokens; loops run over layers only.
+the topic, as real traces are (adjacent-layer concentration about twice the independent value). With ``chain`` > 0
+a token also carries its own state from layer to layer, as a real token's hidden state does: with probability
+``chain`` each of its experts at layer l > 0 is one of ``num_successors`` fixed successors of its expert at l-1
+(a per-layer random map), instead of the topic or popularity draw. That dependence is per token, so co-locating
+it does not concentrate prompt-mix swings on a GPU as topic dependence does. Vectorised over tokens; loops run
+over layers only.
 
 Dimension key: T tokens, L layers, E experts, K top-k, C topics, S prompts.
 """
@@ -34,10 +38,12 @@ def synthetic_trace(
     seed: int = 0,
     model_name: str = "synthetic",
     topic_probs: np.ndarray | None = None,
+    chain: float = 0.0,
+    num_successors: int = 2,
 ) -> tuple[TraceMeta, RouteArrays]:
     """A synthetic trace: (meta, routes) with int16 expert ids [T, L, K] and prompt ids. ``topic_probs`` [C]
     (default uniform) is the prompts' topic mix; the same seed with another mix gives the same model (popularity
-    and preferred sets) under shifted traffic."""
+    and preferred sets) under shifted traffic. ``chain`` = 0 draws exactly what it drew before the option existed."""
     L, E, K, T = num_layers, num_experts, top_k, num_tokens
     M = min(num_preferred or max(1, E // 16), E)
     rng = np.random.default_rng(seed)
@@ -57,6 +63,12 @@ def synthetic_trace(
     for l in range(L):
         topical_TK = pref_LCM[l][topic_T[:, None], rng.integers(M, size=(T, K))]
         ids_TLK[:, l] = np.where(rng.random((T, K)) < follow, topical_TK, draw(l, (T, K)))
+    if chain > 0:  # drawn after the rest, so that chain = 0 leaves every earlier seeded trace as it was
+        succ_LEN = rng.integers(E, size=(L, E, num_successors))
+        for l in range(1, L):
+            chained_TK = rng.random((T, K)) < chain
+            next_TK = succ_LEN[l][ids_TLK[:, l - 1], rng.integers(num_successors, size=(T, K))]
+            ids_TLK[:, l] = np.where(chained_TK, next_TK, ids_TLK[:, l])
     for l in range(L):
         for _ in range(8):  # redraw repeated ids (rare after a few passes)
             srt_TK = np.sort(ids_TLK[:, l], axis=1)
