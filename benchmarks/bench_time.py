@@ -9,14 +9,16 @@ fitted half alone (the forecast of unseen steps from the prompt folds).
   node, R = 0 and 8 (../shared/traces, read in place).
 - dsv3: synthetic DeepSeek-V3 shape (58 x 256, top-8; hidden 7168, expert FFN 2048), 32 GPUs on 4 nodes, +32.
 Columns: held-out colocation and imbalance_max (../shared/METRICS.md), predicted per-layer mean and max and
-step total in ms (compute + all-to-all), the all-to-all part, solve seconds, and for ``--objective time`` the
-candidate it chose.
+step total in ms (compute + all-to-all), the all-to-all part, the time limit, the solver's seconds and the wall
+seconds of ``make_plan`` (the solver plus the planner's cost, bound and forecast), and for ``--objective time`` the
+candidate it chose and those it skipped or stopped (one time limit covers them all).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,9 @@ def run(
             opts = {"objective": "time", "hardware": hw.to_json(), "model_dims": dims.to_json()}
         solver = case if case in ("contiguous", "eplb") else "auto"
         spec = PlanSpec(G, N, R, time_limit=limit, seed=0, auto_balance=case != "contiguous", options=opts)
+        t0 = time.perf_counter()
         plan = make_plan(g_fit, spec, solver)
+        wall = time.perf_counter() - t0
         ev = evaluate(plan, g_test)
         t = predict_time(plan, g_test, hw, dims).summary()
         info = plan.provenance.get("info") or {}
@@ -62,8 +66,11 @@ def run(
             "test_coloc": ev["colocation"],
             "test_imb": ev["imbalance_max"],
             **t,
+            "limit_s": limit,
             "solve_s": plan.provenance["solve_seconds"],
+            "wall_s": wall,
             "chose": info.get("time_choice", ""),
+            "skipped": ", ".join(f"{k['name']} ({k['why']})" for k in info.get("time_skipped", [])),
         }
         rows.append(row)
         print_row(row)
@@ -74,7 +81,8 @@ def print_row(r: dict[str, Any]) -> None:
     print(
         f"| {r['instance']} | {r['G']} | {r['N']} | {r['R']} | {r['plan']} | {r['test_coloc']:.3f} | "
         f"{r['test_imb']:.3f} | {r['layer_mean_s'] * 1e3:.3f} | {r['layer_max_s'] * 1e3:.3f} | "
-        f"{r['step_s'] * 1e3:.2f} | {r['comm_s'] * 1e3:.2f} | {r['solve_s']:.1f} | {r['chose']} |",
+        f"{r['step_s'] * 1e3:.2f} | {r['comm_s'] * 1e3:.2f} | {r['limit_s']:.0f} | {r['solve_s']:.1f} | "
+        f"{r['wall_s']:.1f} | {r['chose']} | {r['skipped']} |",
         flush=True,
     )
 
@@ -98,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     print(
         "| instance | G | N | R | plan | test coloc | test imb | layer mean ms | layer max ms | step ms | "
-        "all-to-all ms | solve s | chose |"
+        "all-to-all ms | limit s | solve s | wall s | chose | skipped |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     if args.only in (None, "ds-v2-lite"):
         if (SHARED / "deepseek-v2-lite-chat.dev.npz").exists():
             ds_v2_lite(args.quick, args.hardware)

@@ -184,24 +184,32 @@ KNOWN_DIMS: dict[str, tuple[int, int]] = {
     "kimi-k2": (7168, 2048),
     "mixtral-8x7b": (4096, 14336),
     "mixtral-8x22b": (6144, 16384),
+    "olmoe-1b-7b": (2048, 1024),
+    "qwen1.5-moe-a2.7b": (2048, 1408),
     "qwen3-30b-a3b": (2048, 768),
     "qwen3-235b-a22b": (4096, 1536),
 }
 
 _DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float8_e4m3fn": 1, "int8": 1}
-# model_type -> key of the routed experts' intermediate size (the families whose intermediate_size is dense)
+# model_type -> key of the routed experts' intermediate size: moe_intermediate_size where intermediate_size is the
+# dense FFN (DeepSeek, Qwen-MoE), intermediate_size where every FFN is a routed expert's (Mixtral, OLMoE); other
+# families: moe_intermediate_size if the config has it, else intermediate_size
 _MOE_FFN_KEY = {"deepseek_v2": "moe_intermediate_size", "deepseek_v3": "moe_intermediate_size"}
 _MOE_FFN_KEY |= {"qwen2_moe": "moe_intermediate_size", "qwen3_moe": "moe_intermediate_size"}
-_EXPERT_COUNT_KEYS = ("n_routed_experts", "num_local_experts", "num_experts")
+_MOE_FFN_KEY |= {"mixtral": "intermediate_size", "olmoe": "intermediate_size"}
+# routed-expert count: DeepSeek n_routed_experts; Mixtral (and Qwen3-MoE as transformers 5 writes it)
+# num_local_experts; Qwen-MoE and OLMoE num_experts; ERNIE-4.5-MoE moe_num_experts
+_EXPERT_COUNT_KEYS = ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts")
 
 
 def dims_from_hf_config(
     path: str | Path, num_experts: int | None = None, fix: str = "pass --hidden-size / --expert-ffn-size"
 ) -> ModelDims:
     """hidden_size, the routed experts' intermediate size (moe_intermediate_size for DeepSeek-V2/V3 and
-    Qwen-MoE, intermediate_size for Mixtral) and torch_dtype of a config.json (or its directory); with
-    ``num_experts`` its routed-expert count must match the trace's. ``fix``: the flags that replace the config,
-    named in the error when a size is missing."""
+    Qwen2/Qwen3-MoE, intermediate_size for Mixtral and OLMoE; ``_MOE_FFN_KEY``) and torch_dtype (or dtype) of a
+    config.json (or its directory; a multimodal config's text_config counts too); with ``num_experts`` the config
+    must name a routed-expert count (``_EXPERT_COUNT_KEYS``) equal to the trace's. ``fix``: the flags that replace
+    the config, named in the error when a size is missing."""
     p = Path(path)
     p = p / "config.json" if p.is_dir() else p
     if not p.is_file():
@@ -212,7 +220,8 @@ def dims_from_hf_config(
         raise TimeModelError(f"--hf-config {p}: not JSON ({exc}); pass the model's config.json") from exc
     if not isinstance(cfg, dict):
         raise TimeModelError(f"--hf-config {p}: expected a JSON object")
-    cfg = {**cfg.get("text_config", {}), **cfg}
+    text = cfg.get("text_config")  # multimodal configs keep the language model's keys there
+    cfg = {**text, **cfg} if isinstance(text, dict) else cfg
     ffn_key = _MOE_FFN_KEY.get(str(cfg.get("model_type", "")))
     if ffn_key is None:
         ffn_key = "moe_intermediate_size" if "moe_intermediate_size" in cfg else "intermediate_size"
@@ -220,7 +229,12 @@ def dims_from_hf_config(
         if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool):
             raise TimeModelError(f"--hf-config {p}: needs an integer {key!r}; or {fix}")
     count = next((cfg[k] for k in _EXPERT_COUNT_KEYS if isinstance(cfg.get(k), int)), None)
-    if num_experts is not None and count is not None and count != num_experts:
+    if num_experts is not None and count is None:
+        raise TimeModelError(
+            f"--hf-config {p}: no routed-expert count ({', '.join(_EXPERT_COUNT_KEYS)}), so not an MoE config; "
+            f"pass the config of the traced model, or {fix} instead"
+        )
+    if num_experts is not None and count != num_experts:
         raise TimeModelError(
             f"--hf-config {p}: {count} routed experts, the trace has {num_experts}; pass the config of the traced model"
         )
@@ -357,6 +371,15 @@ def predict_time(plan: Plan, g: RoutingGraph, hw: HardwarePreset, dims: ModelDim
     M_LGE = dispatch_demand(load_split(plan), g.load_LE, g.trans_LEE, g.meta.top_k)
     compute_L, comm_L = _step_time(plan, g.load_LE.astype(np.float64), M_LGE, g.num_tokens, hw, dims)
     return StepTime(compute_L, comm_L)
+
+
+def step_time_bound(g: RoutingGraph, num_gpus: int, hw: HardwarePreset, dims: ModelDims) -> float:
+    """Seconds: a lower bound on the predicted step (``predict_time`` or ``forecast_time``, whose draws keep
+    each layer's total) of any plan on ``num_gpus`` GPUs: every GPU equally loaded and no all-to-all,
+        sum over l of (sum over e of load[l, e]) / G * s * 6 h f / (peak * eff)."""
+    s = dims.step_tokens(num_gpus) / max(g.num_tokens, 1)
+    pair_s = FLOPS_PER_PAIR * dims.hidden_size * dims.expert_ffn_size / (hw.peak_flops * hw.gemm_efficiency)
+    return float(g.load_LE.astype(np.float64).sum()) / num_gpus * s * pair_s
 
 
 def bootstrap_loads(

@@ -1,5 +1,5 @@
 """The per-layer time model (placement/timemodel.py) and ``moeplace plan --objective time``: hand-computed cases,
-a per-layer loop reference, presets and model dims as JSON, Hugging Face configs of three families, the CLI."""
+a per-layer loop reference, presets and model dims as JSON, Hugging Face configs of five families, the CLI."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from placement.timemodel import (
     load_hardware,
     predict_time,
     resolve_dims,
+    step_time_bound,
 )
 from placement.trace.dataset import open_trace, write_trace
 from placement.trace.schema import TraceMeta
@@ -63,6 +64,21 @@ def test_all_local_traffic_costs_no_time_and_compute_is_the_busiest_gpu() -> Non
     # a step twice the trace's tokens doubles every term
     t2 = predict_time(plan, g, HW, _dims(8))
     np.testing.assert_allclose(t2.layer_L, 2 * t.layer_L)
+
+
+def test_step_time_bound_is_compute_at_perfect_balance() -> None:
+    g = _graph(HAND, 4)
+    balanced = Plan(2, 1, 4, (0, 1), np.array([[0, 1, 2, 3], [0, 1, 2, 3]]))  # 2 pairs per GPU in each layer
+    assert step_time_bound(g, 2, HW, _dims()) == pytest.approx(4 * PAIR_S)  # 8 pairs over 2 GPUs, 2 layers
+    assert predict_time(balanced, g, HW, _dims()).compute_L.sum() == pytest.approx(4 * PAIR_S)
+    # one GPU: nothing to send, so the bound is exact; two GPUs: the layer-0 dispatch comes on top
+    one = Plan(1, 1, 4, (0, 1), np.array([[0, 1, 2, 3], [0, 1, 2, 3]]))
+    assert predict_time(one, g, HW, _dims()).summary()["step_s"] == pytest.approx(step_time_bound(g, 1, HW, _dims()))
+    skewed = _graph([*HAND, (0, 0), (0, 0)], 4)
+    for plan in (balanced, Plan(2, 1, 4, (0, 1), np.array([[0, 2, 1, 3], [3, 1, 2, 0]]))):
+        bound = step_time_bound(skewed, 2, HW, _dims(6))
+        assert predict_time(plan, skewed, HW, _dims(6)).summary()["step_s"] > bound
+        assert forecast_time(plan, skewed, HW, _dims(6)).summary()["step_s"] > bound
 
 
 def test_moving_one_expert_changes_time_by_the_expected_amount() -> None:
@@ -225,16 +241,33 @@ CONFIGS = {
         | {"num_experts_per_tok": 2, "torch_dtype": "float32"},
         (4096, 14336, 4),
     ),
+    # OLMoE-1B-7B: every FFN is a routed expert, so intermediate_size is the expert's
+    "olmoe": (
+        {"model_type": "olmoe", "hidden_size": 2048, "intermediate_size": 1024, "num_experts": 64}
+        | {"num_experts_per_tok": 8, "torch_dtype": "bfloat16"},
+        (2048, 1024, 2),
+    ),
+    # Qwen1.5-MoE-A2.7B: intermediate_size and shared_expert_intermediate_size are not the routed experts'
+    "qwen2-moe": (
+        {"model_type": "qwen2_moe", "hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 1408}
+        | {"shared_expert_intermediate_size": 5632, "num_experts": 60, "num_experts_per_tok": 4, "dtype": "bfloat16"},
+        (2048, 1408, 2),
+    ),
 }
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
-def test_hf_config_of_three_families(tmp_path: Path, family: str) -> None:
+def test_hf_config_of_five_families(tmp_path: Path, family: str) -> None:
     cfg, (h, f, b) = CONFIGS[family]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     d = dims_from_hf_config(tmp_path)  # the directory or the file
     assert (d.hidden_size, d.expert_ffn_size, d.bytes_per_element) == (h, f, b)
     assert dims_from_hf_config(tmp_path / "config.json", num_experts=None) == d
+    count = next(v for k, v in cfg.items() if k in ("n_routed_experts", "num_local_experts", "num_experts"))
+    assert isinstance(count, int)
+    assert dims_from_hf_config(tmp_path, num_experts=count) == d  # the trace's expert count matches
+    with pytest.raises(TimeModelError, match=f"{count} routed experts, the trace has {count + 1}; pass the config"):
+        dims_from_hf_config(tmp_path, num_experts=count + 1)
 
 
 def test_hf_config_errors(tmp_path: Path) -> None:

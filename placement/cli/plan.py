@@ -94,7 +94,12 @@ def plan_cmd(
         ),
     ] = "auto",
     time_limit: Annotated[
-        float, typer.Option("--time-limit", help="Solver time limit in seconds (affinity uses all of it).")
+        float,
+        typer.Option(
+            "--time-limit",
+            help="Solver time limit in seconds (affinity uses all of it; --objective time shares it among its "
+            "candidates).",
+        ),
     ] = 30.0,
     seed: Annotated[int, typer.Option("--seed", help="Solver random seed.")] = 0,
     backend: Annotated[str, typer.Option("--ilp-backend", help="ILP backend: cpsat, pulp (CBC) or highs.")] = "cpsat",
@@ -218,6 +223,13 @@ def plan_cmd(
                 f"  {row['name']:<24} {row['layer_mean_s'] * 1e3:8.3f} / {row['layer_max_s'] * 1e3:8.3f} ms per layer"
                 f"  {row['step_s'] * 1e3:9.3f} ms per step (compute {row['compute_s'] * 1e3:.3f}, "
                 f"all-to-all {row['comm_s'] * 1e3:.3f})"
+            )
+        for row in info.get("time_skipped", []):  # one --time-limit covers every candidate
+            typer.echo(f"  {row['name']:<24} not compared: {row['why']}")
+        if "time_bound_s" in info:
+            typer.echo(
+                f"  {'bound':<24} {info['time_bound_s'] * 1e3:9.3f} ms per step for any plan (compute at perfect "
+                f"balance, no all-to-all): no plan is more than {info['time_gap']:.1%} faster than the chosen one"
             )
     if info.get("balance"):  # the default balance (no --balance): what it aimed for and what it chose
         aim = info.get("eplb_forecast")
