@@ -325,8 +325,11 @@ def dispatch_demand(share_LEG: np.ndarray, load_LE: np.ndarray, trans_XEE: np.nd
     return M_LGE
 
 
-def dispatch_flows(plan: Plan, M_xLGE: np.ndarray) -> np.ndarray:
-    """float64 [..., L, G, G]: tokens sent g -> h (g != h) for demand M [..., L, G, E] by the replica rule."""
+def dispatch_flows(plan: Plan, M_xLGE: np.ndarray, scale_yLE: np.ndarray | None = None) -> np.ndarray:
+    """float64 [..., L, G, G]: tokens sent g -> h (g != h) for demand M [..., L, G, E] by the replica rule; with
+    ``scale_yLE`` [..., L, E] the demand for expert j at layer l is scaled by scale[..., l, j] (one flow matrix per
+    scale: the flows are linear in j's demand, so the scale goes on j's holder rows, E x G, not on M, G x E
+    per draw, and no per-draw demand array is built)."""
     H_LEG = (plan.holders_LEG > 0).astype(np.float64)
     L, E, G = H_LEG.shape
     node_G = plan.node_of_gpu_G
@@ -339,7 +342,8 @@ def dispatch_flows(plan: Plan, M_xLGE: np.ndarray) -> np.ndarray:
     same_GG = node_G[:, None] == node_G[None, :]
     A = M_xLGE * (away_LGE * node_LGE)
     B = M_xLGE * (away_LGE * any_LGE)
-    return np.asarray(np.matmul(A, H_LEG) * same_GG + np.matmul(B, H_LEG))
+    H_yLEG = H_LEG if scale_yLE is None else H_LEG * scale_yLE[..., None]
+    return np.asarray(np.matmul(A, H_yLEG) * same_GG + np.matmul(B, H_yLEG))
 
 
 def phase_seconds(plan: Plan, bytes_xLGG: np.ndarray, hw: HardwarePreset) -> np.ndarray:
@@ -353,15 +357,22 @@ def phase_seconds(plan: Plan, bytes_xLGG: np.ndarray, hw: HardwarePreset) -> np.
 
 
 def _step_time(
-    plan: Plan, load_xLE: np.ndarray, M_xLGE: np.ndarray, num_tokens: int, hw: HardwarePreset, dims: ModelDims
+    plan: Plan,
+    load_xLE: np.ndarray,
+    M_LGE: np.ndarray,
+    num_tokens: int,
+    hw: HardwarePreset,
+    dims: ModelDims,
+    scale_xLE: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(compute [..., L], comm [..., L]) seconds for loads and dispatch demand counted over ``num_tokens``."""
+    """(compute [..., L], comm [..., L]) seconds for loads and dispatch demand (its expert columns scaled by
+    ``scale_xLE``, ``dispatch_flows``) counted over ``num_tokens``."""
     s = dims.step_tokens(plan.num_gpus) / max(num_tokens, 1)
     gpu_xLG = np.matmul(load_xLE[..., :, None, :], load_split(plan))[..., 0, :]
     flops = FLOPS_PER_PAIR * dims.hidden_size * dims.expert_ffn_size
     compute = gpu_xLG.max(axis=-1) * s * flops / (hw.peak_flops * hw.gemm_efficiency)
     token_bytes = dims.hidden_size * dims.bytes_per_element
-    comm = 2.0 * phase_seconds(plan, dispatch_flows(plan, M_xLGE) * (s * token_bytes), hw)
+    comm = 2.0 * phase_seconds(plan, dispatch_flows(plan, M_LGE, scale_xLE) * (s * token_bytes), hw)
     return np.asarray(compute), np.asarray(comm)
 
 
@@ -414,7 +425,7 @@ def forecast_time(
     chunk = max(1, _CHUNK_ELEMENTS // M_LGE.size)  # draws per batch: bounded memory at DeepSeek-V3 size
     for a in range(0, sim_DLE.shape[0], chunk):
         sim_dLE, r_dLE = sim_DLE[a : a + chunk], r_DLE[a : a + chunk]
-        c_dL, m_dL = _step_time(plan, sim_dLE, M_LGE[None] * r_dLE[:, :, None, :], g.num_tokens, hw, dims)
+        c_dL, m_dL = _step_time(plan, sim_dLE, M_LGE, g.num_tokens, hw, dims, r_dLE)
         compute_L += c_dL.sum(axis=0)
         comm_L += m_dL.sum(axis=0)
     return StepTime(compute_L / sim_DLE.shape[0], comm_L / sim_DLE.shape[0])

@@ -172,6 +172,28 @@ def test_top1_dispatch_equals_the_evaluators_follow_traffic() -> None:
     assert F_LGG[1:].sum() > 0
 
 
+def test_scaled_flows_equal_the_flows_of_scaled_demand() -> None:
+    """forecast_time scales each draw's demand for expert j on j's holder rows: the same flows as scaling M."""
+    from placement.metrics import load_split
+    from placement.timemodel import dispatch_demand, dispatch_flows
+
+    meta, routes = synthetic_trace(4, 8, 2, 300, num_preferred=2, num_topics=3, seed=4)
+    g = graph_from_routes(routes.expert_ids_TLK, meta, with_coact=False)
+    rng = np.random.default_rng(1)
+    plan = Plan(
+        4,
+        2,
+        8,
+        meta.layers,
+        np.stack([np.concatenate([rng.permutation(8), [l, 7 - l, (l + 3) % 8, (l + 5) % 8]]) for l in range(4)]),
+    )
+    M_LGE = dispatch_demand(load_split(plan), g.load_LE, g.trans_LEE, 2)
+    r_DLE = rng.random((3, 4, 8)) * 2
+    want = dispatch_flows(plan, M_LGE[None] * r_DLE[:, :, None, :])
+    np.testing.assert_allclose(dispatch_flows(plan, M_LGE, r_DLE), want, rtol=1e-12)
+    assert not np.allclose(want[0], want[1])
+
+
 def test_forecast_equals_prediction_when_every_fold_looks_alike() -> None:
     g = _graph(HAND * 16, 4)
     plan = Plan(2, 1, 4, (0, 1), np.array([[0, 1, 2, 3], [0, 2, 1, 3]]))
