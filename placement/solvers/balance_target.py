@@ -9,8 +9,14 @@ layer's pace, so balance on traffic the plan has not seen comes first and coloca
 2. Candidates: the affinity plan at EPLB's own fitted balance (which affinity always reaches,
    ``never_below_eplb``), and the most co-located plan whose forecast meets the target with the fitted prompts
    held to it too (``solve_for_unseen``: regula falsi on the robustness kappa; its solves skip affinity's eplb
-   floor, ``never_below_eplb``, since step 3 keeps EPLB's plan at hand). The more co-located of those
-   that meet the target wins; if neither does, the one with the lower forecast.
+   floor, ``never_below_eplb``, since step 3 keeps EPLB's plan at hand), and, with redundant slots, the hub
+   plan (placement/solvers/hub_copies.py: extra copies make the busiest experts whole on every GPU, the rest
+   is packed by load, its worst layers polished at robustness ``HUB_KAPPA``, its GPU labels chosen along the
+   layers; seconds at DeepSeek-V3 size, a fifth of the time limit at most). The most co-located of those that
+   meet the target wins; if none does, the one with the lowest forecast. Where layers depend weakly on each
+   other (the DeepSeek-V3 shape of docs/benchmarks.md) the hub plan is the only one that meets EPLB's
+   forecast, at 1.26x its colocation; where they depend strongly (DeepSeek-V2-Lite) the search co-locates
+   far more.
 3. If that forecast is still above EPLB's own, EPLB's plan is used with its second copies on one GPU replaced
    by copies of other experts (``distinct_copies``), or, when that forecasts above EPLB's, moved to other GPUs
    (``eplb_start``), whichever forecasts lower.
@@ -40,17 +46,20 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from placement.graph import RoutingGraph
 from placement.plan import Plan, PlanError
 from placement.solvers.affinity import eplb_start, solve_fixed, solve_for_unseen
 from placement.solvers.base import PlanSpec, SolveResult
 from placement.solvers.baselines import eplb_phy2log
+from placement.solvers.hub_copies import hub_packing, polish_worst_layers, relabel_chain
 from placement.solvers.replicate import distinct_copies
-from placement.solvers.robust import predict_unseen_imbalance
+from placement.solvers.robust import LoadModel, predict_unseen_imbalance
 
 FORECAST_OPTIMISM = 0.01
 FORECAST_OPTIMISM_REDUNDANT = 0.0
+HUB_KAPPA = 2.0  # robustness of the hub plan's polish (the standard deviations its worst layers are judged by)
 
 
 def forecast_optimism(spec: PlanSpec) -> float:
@@ -83,6 +92,7 @@ def solve_auto(graph: RoutingGraph, spec: PlanSpec) -> SolveResult:
     fit_eps = max(fit_imb - 1.0, 0.0) + 1e-9
     info: dict[str, Any] = {"eplb_fit_imbalance": round(fit_imb, 4), "eplb_forecast": eplb_fc}
     fixed = replace(spec, auto_balance=False, options={**spec.options, "unseen": False, "kappa": 0.0})
+    hub = _hub_candidate(graph, spec, t0 + 0.2 * limit) if eplb_fc else None  # seconds at DeepSeek-V3 size
     # At EPLB's own fitted balance (always reached): where layers depend weakly on each other it is often
     # already as balanced on unseen prompts as EPLB, and more co-located than a robustness search.
     try:
@@ -107,11 +117,12 @@ def solve_auto(graph: RoutingGraph, spec: PlanSpec) -> SolveResult:
     else:
         found_fc = _forecast(found.phy2log_LP, graph, spec)
         info["unseen_target_missed"] = min(found_fc, best_fc) > target
-        met = found_fc <= target
-        if (met and (best_fc > target or _colocation(found, graph, spec) > _colocation(best, graph, spec))) or (
-            not met and found_fc < best_fc
-        ):
+        if _better(found, found_fc, best, best_fc, target, graph, spec):
             best, best_fc, how = found, found_fc, "unseen forecast"
+    hub_fc = float("inf") if hub is None else _forecast(hub.phy2log_LP, graph, spec)
+    if hub is not None and _better(hub, hub_fc, best, best_fc, target, graph, spec):
+        best, best_fc, how = hub, hub_fc, "hub copies"
+        info["unseen_target_missed"] = best_fc > target
     if best_fc > eplb_fc:  # keep the forecast no worse than eplb's: else eplb's own plan, copies apart
         start_LP = distinct_copies(phy_LP, graph.load_LE.astype(np.float64), spec.num_gpus)
         start_fc = _forecast(start_LP, graph, spec)
@@ -123,6 +134,38 @@ def solve_auto(graph: RoutingGraph, spec: PlanSpec) -> SolveResult:
             best, how = replace(best, phy2log_LP=start_LP), "eplb plan"
     info["balance"] = how
     return replace(best, solve_seconds=time.perf_counter() - t0, info={**best.info, **info})
+
+
+def _hub_candidate(graph: RoutingGraph, spec: PlanSpec, deadline: float) -> SolveResult | None:
+    """Hub copies packed by load, GPU labels chosen along the layers (placement/solvers/hub_copies.py); None
+    without redundant slots or where more copies are asked than fit one per GPU."""
+    G, R = spec.num_gpus, spec.num_redundant
+    if R == 0 or G == 1 or R > graph.num_experts * (G - 1):
+        return None
+    t0 = time.perf_counter()
+    packed_LP = hub_packing(graph.load_LE.astype(np.float64), G, R)
+    trans = graph.trans_LEE.astype(np.float64)
+    with threadpool_limits(limits=1, user_api="blas"):  # small products; threaded BLAS is slower on a busy machine
+        lm = LoadModel.from_graph(graph, kappa=HUB_KAPPA)
+        packed_LP = polish_worst_layers(packed_LP, lm, G, t0 + 0.5 * (deadline - t0))
+        phy_LP = relabel_chain(packed_LP, trans, G, spec.num_nodes, deadline=deadline)
+    return SolveResult(phy_LP, "affinity", "heuristic", info={"hub_copies": True})
+
+
+def _better(
+    cand: SolveResult,
+    cand_fc: float,
+    best: SolveResult,
+    best_fc: float,
+    target: float,
+    graph: RoutingGraph,
+    spec: PlanSpec,
+) -> bool:
+    """Whether a candidate beats the best so far: meeting the target, the more co-located; else the lower
+    forecast."""
+    if cand_fc <= target:
+        return best_fc > target or _colocation(cand, graph, spec) > _colocation(best, graph, spec)
+    return best_fc > target and cand_fc < best_fc
 
 
 def _colocation(res: SolveResult, graph: RoutingGraph, spec: PlanSpec) -> float:
