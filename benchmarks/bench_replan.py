@@ -5,7 +5,10 @@ the NEXT window (no peeking), moves counted between consecutive plans (../shared
     python benchmarks/bench_replan.py --v3 [--time-limit S]     # replan's wall clock at DeepSeek-V3 size
 
 Streams (../shared/traces is read in place, never copied):
-- ds-v2-lite: DeepSeek-V2-Lite-Chat dev prompts in file order, windows of 125 prompts, G = 8.
+- ds-v2-lite: DeepSeek-V2-Lite-Chat dev prompts in file order, windows of 125 prompts, G = 8 (the stream the
+  defaults were chosen on).
+- ds-v2-lite-rev, ds-v2-lite-seed1/2/3: the same prompts served in reverse order and in three seeded random
+  orders (unseen streams for the defaults: other windows of the same kind of traffic), same windows and G.
 - mixtral: Mixtral-8x7B, the prefill tokens then the decode tokens of one HumanEval problem, 4 windows of about
   55 tokens (pseudo-prompts of 8 consecutive tokens for the forecast's folds), G = 4.
 - synthetic-shift: synthetic DeepSeek-V2-Lite shape (26 x 64, top-6), 8 windows of 125 prompts whose topic mix
@@ -21,7 +24,9 @@ Policies (all start from a plan fitted on the first window, scored from the seco
   choice: EPLB's best case).
 - affinity: the affinity optimiser (robust 2) recomputed on all traffic so far, GPUs relabelled (one renaming).
 - decide: ``placement.replan.decide`` with its defaults on the traffic so far, decayed (half-life 2 windows: the
-  service's default of 25,000 tokens on DeepSeek-V2-Lite).
+  service's default of 25,000 tokens on DeepSeek-V2-Lite), its forecast margin measured online as the service
+  does (``Calibration``: each decision's forecasts scored on the window that came next).
+- decide-nomargin (only with ``--with``): the same without the margin.
 A policy is any callable ``(history, current_plan) -> Plan | tuple[Plan, ...]`` where ``history`` is the list of
 window graphs seen so far; ``replay`` is what the service's end-to-end benchmark reuses to add its own column.
 Columns: next-window imbalance_max and colocation, moves and bytes moved, decision seconds.
@@ -43,7 +48,7 @@ import numpy as np
 from placement.graph import PROMPT_FOLDS, RoutingGraph, graph_from_routes
 from placement.metrics import colocation, imbalance
 from placement.plan import Plan
-from placement.replan import count_moves, decide, relabel_gpus
+from placement.replan import Calibration, count_moves, decide, relabel_gpus
 from placement.replan.solve import target_plan
 from placement.solvers.baselines import eplb_phy2log
 from placement.trace.dataset import open_trace
@@ -60,14 +65,22 @@ EXPERT_BYTES = {
     "synthetic-shift": 3 * 2048 * 1408 * 2,
     "synthetic-drift": 3 * 2048 * 1408 * 2,
 }
+# the DeepSeek-V2-Lite streams: prompt order of each ("file", "reverse" or "seedN": a seeded random order)
+ORDERS = {"ds-v2-lite": "file", "ds-v2-lite-rev": "reverse"} | {f"ds-v2-lite-seed{i}": f"seed{i}" for i in (1, 2, 3)}
+EXPERT_BYTES |= {name: EXPERT_BYTES["ds-v2-lite"] for name in ORDERS}
 STREAMS = tuple(EXPERT_BYTES)
 
 
-def prompt_windows(routes: RouteArrays, prompts_per_window: int) -> list[RouteArrays]:
-    """Consecutive windows of whole prompts, in the order the prompts first appear."""
+def prompt_windows(routes: RouteArrays, prompts_per_window: int, how: str = "file") -> list[RouteArrays]:
+    """Consecutive windows of whole prompts, in the order the prompts first appear (``how`` = "file"), reversed
+    ("reverse"), or shuffled by a seed ("seed3")."""
     seq_T = routes.seq_ids_T
     _, first = np.unique(seq_T, return_index=True)
     order = seq_T[np.sort(first)]
+    if how == "reverse":
+        order = order[::-1]
+    elif how.startswith("seed"):
+        order = np.random.default_rng(int(how[4:])).permutation(order)
     rank = np.empty(int(order.max()) + 1, dtype=np.int64)
     rank[order] = np.arange(order.size)
     win_T = rank[seq_T] // prompts_per_window
@@ -135,17 +148,26 @@ def policies(time_limit: float) -> dict[str, Policy]:
     def affinity(history: list[RoutingGraph], cur: Plan) -> Plan:
         return relabel_gpus(cur, target_plan(cur, merged(history), 0.1, 2.0, time_limit, 0))
 
+    calib = [Calibration()]
+
     def decide_policy(history: list[RoutingGraph], cur: Plan) -> Plan:
+        calib[0] = calib[0].scored(cur, history[-1].load_LE)  # the last decision's forecasts on the window since
+        res = decide(cur, decayed(history), time_limit=time_limit, margin=calib[0].margin())
+        calib[0] = calib[0].after(res)
+        return res.plan
+
+    def no_margin(history: list[RoutingGraph], cur: Plan) -> Plan:
         return decide(cur, decayed(history), time_limit=time_limit).plan
 
-    return {"static": lambda h, cur: cur, "eplb": eplb, "affinity": affinity, "decide": decide_policy}
+    return {"static": lambda h, cur: cur, "eplb": eplb, "affinity": affinity, "decide": decide_policy,
+            "decide-nomargin": no_margin}  # fmt: skip
 
 
 def initial_plans(first: RoutingGraph, G: int, time_limit: float) -> dict[str, Plan]:
     L, E = first.load_LE.shape
     blank = Plan(G, 1, E, first.meta.layers, np.tile(np.arange(E), (L, 1)), first.meta.model_name)
     aff = target_plan(blank, first, 0.1, 2.0, time_limit, 0)
-    return {"static": aff, "eplb": eplb_plan(first, blank), "affinity": aff, "decide": aff}
+    return {"static": aff, "eplb": eplb_plan(first, blank), "affinity": aff, "decide": aff, "decide-nomargin": aff}
 
 
 def topic_stream(
@@ -174,8 +196,10 @@ def stream_routes(quick: bool) -> dict[str, tuple[TraceMeta, list[RouteArrays], 
     out: dict[str, tuple[TraceMeta, list[RouteArrays], int]] = {}
     if (SHARED / "README.md").exists():
         tr = open_trace(SHARED / "deepseek-v2-lite-chat.dev.npz")
-        wins = prompt_windows(tr.read_all(with_gates=False), 125)
-        out["ds-v2-lite"] = (tr.meta, wins[:4] if quick else wins, 8)
+        routes = tr.read_all(with_gates=False)
+        for name, how in ORDERS.items():
+            wins = prompt_windows(routes, 125, how)
+            out[name] = (tr.meta, wins[:4] if quick else wins, 8)
         parts = [open_trace(f"{SHARED / 'mixtral-8x7b-instruct.humaneval0.npz'}:{a}") for a in ("prefill", "decode")]
         ids = np.concatenate([p.read_all(with_gates=False).expert_ids_TLK for p in parts])
         T = ids.shape[0]
@@ -194,11 +218,12 @@ def stream_routes(quick: bool) -> dict[str, tuple[TraceMeta, list[RouteArrays], 
     return out
 
 
-def streams(quick: bool) -> dict[str, tuple[list[RoutingGraph], int]]:
-    """``stream_routes`` as window graphs: (graphs, G)."""
+def streams(quick: bool, only: Sequence[str] | None = None) -> dict[str, tuple[list[RoutingGraph], int]]:
+    """``stream_routes`` as window graphs: (graphs, G); ``only``: these stream names."""
     return {
         name: ([graph_from_routes(w.expert_ids_TLK, meta, False, w.seq_ids_T, PROMPT_FOLDS) for w in wins], G)
         for name, (meta, wins, G) in stream_routes(quick).items()
+        if not only or name in only
     }
 
 
@@ -258,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="CI size: 3 windows per stream, short time limits")
     ap.add_argument("--only", nargs="*", help=f"stream names to run ({', '.join(STREAMS)})")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds per plan (default 8, quick 2)")
+    ap.add_argument("--with", dest="pols", nargs="*", default=["static", "eplb", "affinity", "decide"],
+                    help="policies to run (also: decide-nomargin)")  # fmt: skip
     ap.add_argument("--json", type=Path, help="write all rows as JSON")
     ap.add_argument("--v3", action="store_true", help="time replan at DeepSeek-V3 size instead (default limit 20 s)")
     args = ap.parse_args(argv)
@@ -266,10 +293,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     tl = args.time_limit or (2.0 if args.quick else 8.0)
     everything: dict[str, Any] = {}
-    for name, (wins, G) in streams(args.quick).items():
-        if args.only and name not in args.only:
-            continue
-        rows = replay(wins, policies(tl), initial_plans(wins[0], G, tl), EXPERT_BYTES[name])
+    for name, (wins, G) in streams(args.quick, args.only).items():
+        pols = {k: v for k, v in policies(tl).items() if k in args.pols}
+        rows = replay(wins, pols, initial_plans(wins[0], G, tl), EXPERT_BYTES[name])
         print_stream(name, rows)
         everything[name] = {"rows": rows, "summary": summarise(rows)}
     if args.json:

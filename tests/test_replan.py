@@ -370,3 +370,54 @@ def test_cli_replan(cli, tmp_path: Path) -> None:
     code, _, err = cli("replan", "--current", tmp_path / "other.json", "--trace", tmp_path / "ds", "--out",
                        tmp_path / "x.json")  # fmt: skip
     assert code == 1 and len(err.strip().splitlines()) == 1 and "same model" in err
+
+
+def test_forecast_margin_is_added_on_the_layers_not_laid_out_as_eplbs(small_graph: RoutingGraph) -> None:
+    from placement.replan.solve import Forecaster, eplb_plan
+
+    fc = Forecaster.of(small_graph, seed=2)
+    blank = Plan(4, 1, 16, small_graph.meta.layers, np.tile(np.arange(16), (6, 1)), "m")
+    eplb = eplb_plan(blank, small_graph)
+    fm = fc.with_margin(0.05, eplb)
+    renamed = replace(eplb, phy2log=np.roll(eplb.phy2log, 4, axis=1))  # other GPU names, same layout
+    assert fm(renamed) == fc(renamed) == pytest.approx(fc(eplb))
+    other = Plan(4, 1, 16, small_graph.meta.layers, random_plan(np.random.default_rng(3), 6, 16, 4, 0).phy2log, "m")
+    raw, with_margin = fc(other), fm(other)
+    assert raw is not None and with_margin == pytest.approx(raw + 0.05) and fm(other, raw=True) == raw
+    one = replace(eplb, phy2log=np.vstack([other.phy2log[:1], eplb.phy2log[1:]]))  # layer 0 not EPLB's
+    raw, with_margin = fc(one), fm(one)
+    assert raw is not None and with_margin is not None and raw <= with_margin <= raw + 0.05 + 1e-12
+    assert fc.with_margin(0.0, eplb)(other) == fc(other)
+
+
+def test_calibration_scores_the_last_forecasts_on_the_traffic_after_them(small_graph: RoutingGraph) -> None:
+    from placement.replan import Calibration
+    from placement.replan.policy import MARGIN_DECISIONS
+
+    cur = Plan(4, 1, 16, small_graph.meta.layers, random_plan(np.random.default_rng(9), 6, 16, 4, 0).phy2log)
+    res = decide(cur, small_graph, time_limit=2.0, exact="off")
+    cal = Calibration().after(res)
+    assert cal.pending == (res.info["forecast_raw"], res.info["eplb_forecast_raw"]) and cal.margin() == 0.0
+    meta, r = synthetic_trace(6, 16, 2, 3000, num_topics=8, tokens_per_prompt=40, seed=11)
+    nxt = graph_from_routes(r.expert_ids_TLK, meta, False)
+    eplb_then = replace(res.plan, phy2log=res.info["eplb_phy2log"])
+    gap = (imbalance(res.plan, nxt)[1] - cal.pending[0]) - (imbalance(eplb_then, nxt)[1] - cal.pending[1])
+    scored = cal.scored(res.plan, nxt.load_LE)
+    assert scored.pending is None and scored.gaps_N.tolist() == pytest.approx([gap])
+    assert scored.margin() == pytest.approx(max(gap, 0.0))
+    back = Calibration.from_arrays(cal.arrays())
+    assert back.pending == cal.pending and back.eplb_phy2log_LP is not None
+    assert np.array_equal(back.eplb_phy2log_LP, res.info["eplb_phy2log"])
+    assert Calibration.from_arrays({}).pending is None and Calibration.from_arrays(scored.arrays()).pending is None
+    assert Calibration().scored(res.plan, nxt.load_LE).gaps_N.size == 0  # nothing pending: nothing to score
+    old = np.r_[np.full(4, 9.0), np.full(MARGIN_DECISIONS, 0.01)]
+    assert Calibration(old).margin() == pytest.approx(0.01) and Calibration(-old).margin() == 0.0
+
+
+def test_decide_with_a_large_margin_takes_eplbs_layout_when_it_fits(small_graph: RoutingGraph) -> None:
+    from placement.replan.solve import eplb_plan, same_gpu_LEF
+
+    cur = Plan(4, 1, 16, small_graph.meta.layers, random_plan(np.random.default_rng(9), 6, 16, 4, 0).phy2log)
+    res = decide(cur, small_graph, budget=10_000, margin=1.0, time_limit=2.0, exact="off")
+    assert res.changed and res.info["margin"] == 1.0 and "margin 1.000" in res.reason
+    assert np.array_equal(same_gpu_LEF(res.plan), same_gpu_LEF(eplb_plan(cur, small_graph)))

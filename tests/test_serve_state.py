@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from placement.graph import PROMPT_FOLDS, graph_from_routes
+from placement.graph import PROMPT_FOLDS, fold_of_seq, graph_from_routes
 from placement.plan import Plan
 from placement.serve.ingest import observation_counts, shard_counts
 from placement.serve.service import ReplanService, ServiceConfig
@@ -178,3 +178,52 @@ def test_generated_token_is_private_and_kept(tmp_path: Path) -> None:
     token, path = ensure_token(tmp_path / "state")
     assert len(token) >= 32 and path.stat().st_mode & 0o077 == 0
     assert ensure_token(tmp_path / "state") == (token, path)  # a restart keeps it
+
+
+def test_a_batch_of_few_prompts_is_sampled_by_token_blocks(tmp_path: Path) -> None:
+    from placement.graph import nonempty_folds
+    from placement.replan.solve import Forecaster
+    from placement.serve.window import MIN_PROMPTS, TOKEN_BLOCKS
+
+    meta, r = traffic(70_000, seed=5)  # more than one read batch of the shard
+    one = type(r)(r.expert_ids_TLK, np.zeros(r.num_tokens, np.int64), r.token_pos_T)  # one long prompt
+    c = count_routes(one, meta)
+    assert nonempty_folds(c.fold_load_SLE).shape[0] >= MIN_PROMPTS
+    np.testing.assert_allclose(c.fold_load_SLE.sum(axis=0), c.load_LE)
+    block = -(-r.num_tokens // TOKEN_BLOCKS)  # the first block's loads are all in its fold
+    first = graph_from_routes(r.expert_ids_TLK[:block], meta, with_coact=False).load_LE
+    assert (c.fold_load_SLE[fold_of_seq(np.zeros(1, np.int64), PROMPT_FOLDS)[0]] >= first).all()
+    w = DecayedWindow(meta)
+    w.add(c)
+    assert Forecaster.of(w.graph()).sim_LDE is not None  # one prompt's folds alone give no forecast
+    plan = initial_plan(tmp_path / "plan.json")
+    streamed, _ = shard_counts(write_shard(tmp_path / "ds", meta, one, "w"), plan)
+    np.testing.assert_array_equal(streamed.fold_load_SLE, c.fold_load_SLE)
+    many = count_routes(r, meta)  # thousands of prompts: folds by prompt, as before
+    ref = graph_from_routes(r.expert_ids_TLK, meta, with_coact=False, seq_ids_T=r.seq_ids_T)
+    np.testing.assert_array_equal(many.fold_load_SLE, ref.fold_load_SLE)
+
+
+def test_decisions_score_the_last_forecast_and_keep_it_across_restarts(tmp_path: Path) -> None:
+    plan = initial_plan(tmp_path / "plan.json")
+    s = ReplanService(plan, ServiceConfig(tmp_path / "state", tmp_path / "ds", half_life=5000, time_limit=1.0))
+    s.start(watch=False)
+    meta, a = traffic(3000, seed=1)
+    write_shard(tmp_path / "ds", meta, a, "w1")
+    s.ingest_pending()
+    s.decide_now()
+    assert s.calib.pending is not None and s.calib.gaps_N.size == 0 and not s.window.fresh_LE.any()
+    _, b = traffic(2000, seed=2)
+    write_shard(tmp_path / "ds", meta, type(b)(b.expert_ids_TLK, b.seq_ids_T + 10**6, b.token_pos_T), "w1")
+    s.ingest_pending()
+    fresh = s.window.fresh_LE.copy()
+    np.testing.assert_array_equal(fresh, graph_from_routes(b.expert_ids_TLK, meta, with_coact=False).load_LE)
+    pending = s.calib.pending
+    s.stop()
+    s = ReplanService(plan, ServiceConfig(tmp_path / "state", tmp_path / "ds", half_life=5000, time_limit=1.0))
+    s.start(watch=False)  # restart: the pending forecasts and the traffic since are kept
+    assert s.calib.pending == pending
+    np.testing.assert_array_equal(s.window.fresh_LE, fresh)
+    s.decide_now()
+    assert s.calib.gaps_N.size == 1 and s.calib.pending is not None
+    s.stop()

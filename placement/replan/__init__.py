@@ -8,10 +8,11 @@ fits); ``policy.decide`` is the service's policy (re-plan only when the forecast
 from __future__ import annotations
 
 from placement.replan.moves import Move, MoveList, apply_moves, count_moves, holders_LEG, move_list, relabel_gpus
-from placement.replan.policy import decide, default_budget
+from placement.replan.policy import Calibration, decide, default_budget
 from placement.replan.solve import ReplanResult, replan
 
 __all__ = [
+    "Calibration",
     "Move",
     "MoveList",
     "ReplanResult",

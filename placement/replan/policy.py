@@ -12,12 +12,23 @@ forecast: while the deployed plan forecasts no worse than EPLB's (within ``IMBAL
 (a) lowers the forecast imbalance_max on unseen prompts by at least ``min_imbalance_gain`` (the slowest GPU sets
 every layer's pace, so balance comes first), or (b) keeps the forecast within the tie and raises colocation by at
 least ``colocation_per_move`` per moved expert. Defaults come from benchmarks/bench_replan.py (docs/benchmarks.md).
+
+The forecast ranks plans fitted on the same prompt folds it resamples, so it is more optimistic about the affinity
+layouts (fitted to the folds' covariance) than about EPLB's (fitted to the mean loads alone). ``Calibration``
+measures that online: every decision leaves the deployed plan's and EPLB's plan's forecasts, and the next
+decision scores both plans on the traffic that came in between; the mean of the recent gaps (how much more the
+deployed plan's forecast was optimistic than EPLB's, at least 0) is the ``margin`` that ``decide`` adds to the
+forecast of every layer not laid out as EPLB's (placement/replan/solve.py ``Forecaster.with_margin``).
+
+Dimension key: N scored decisions, L layers, E experts, P slots.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from placement.graph import RoutingGraph
 from placement.plan import Plan
@@ -34,6 +45,65 @@ FLOOR_SHARE = 0.05
 KAPPA = 4.0
 MIN_IMBALANCE_GAIN = 0.01
 COLOCATION_PER_MOVE = 2e-5
+# the margin is the mean gap of this many most recent scored decisions
+MARGIN_DECISIONS = 8
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The forecast's measured optimism (module docstring). ``gaps_N`` float64 [N]: per scored decision, (realised
+    - forecast imbalance_max of the deployed plan) - (realised - forecast of EPLB's plan) on the traffic after it;
+    ``pending``: what the last decision forecast (deployed plan's, EPLB's; raw, without margin), scored against
+    ``eplb_phy2log_LP`` int64 [L, P] (EPLB's plan then) at the next decision."""
+
+    gaps_N: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    pending: tuple[float, float] | None = None
+    eplb_phy2log_LP: np.ndarray | None = None
+
+    def margin(self) -> float:
+        recent_N = self.gaps_N[-MARGIN_DECISIONS:]
+        return max(float(recent_N.mean()), 0.0) if recent_N.size else 0.0
+
+    def scored(self, deployed: Plan, fresh_load_LE: np.ndarray) -> Calibration:
+        """With the gap of the pending forecasts on ``fresh_load_LE`` (float [L, E]: the traffic since the last
+        decision; ``deployed``: the plan that served it), nothing pending."""
+        fresh_LE = np.asarray(fresh_load_LE, dtype=np.float64)
+        if self.pending is None or self.eplb_phy2log_LP is None or not (fresh_LE.sum(axis=1) > 0).all():
+            return Calibration(self.gaps_N)
+        eplb = replace(deployed, phy2log=self.eplb_phy2log_LP)
+        mine, theirs = load_imbalance(deployed, fresh_LE), load_imbalance(eplb, fresh_LE)
+        return Calibration(np.append(self.gaps_N, (mine - self.pending[0]) - (theirs - self.pending[1])))
+
+    def after(self, res: ReplanResult) -> Calibration:
+        """With the forecasts of decision ``res`` pending (none when it had no forecast)."""
+        mine, theirs = res.info.get("forecast_raw"), res.info.get("eplb_forecast_raw")
+        if mine is None or theirs is None:
+            return Calibration(self.gaps_N)
+        return Calibration(self.gaps_N, (float(mine), float(theirs)), res.info["eplb_phy2log"])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """For a checkpoint (``from_arrays`` reads it back)."""
+        pending = np.full(2, np.nan) if self.pending is None else np.asarray(self.pending, dtype=np.float64)
+        eplb = np.zeros((0, 0), np.int64) if self.eplb_phy2log_LP is None else self.eplb_phy2log_LP
+        return {"calib_gaps_N": self.gaps_N, "calib_pending": pending, "calib_eplb_LP": eplb}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Calibration:
+        """``arrays``' calibration; an empty one when they hold none (a checkpoint written before it existed)."""
+        if "calib_gaps_N" not in arrays:
+            return cls()
+        pending, eplb = arrays["calib_pending"], arrays["calib_eplb_LP"]
+        ok = bool(np.isfinite(pending).all()) and eplb.size > 0
+        pair = (float(pending[0]), float(pending[1])) if ok else None
+        return cls(np.asarray(arrays["calib_gaps_N"], dtype=np.float64), pair, eplb.astype(np.int64) if ok else None)
+
+
+def load_imbalance(plan: Plan, load_LE: np.ndarray) -> float:
+    """imbalance_max (../shared/METRICS.md) of ``plan`` under the loads ``load_LE`` float [L, E]."""
+    from placement.metrics import load_split
+
+    gpu_LG = np.einsum("le,leg->lg", load_LE, load_split(plan))
+    return float((gpu_LG.max(axis=1) / np.maximum(gpu_LG.mean(axis=1), 1e-12)).max())
 
 
 def default_budget(plan: Plan, share: float = BUDGET_SHARE) -> int:
@@ -41,11 +111,13 @@ def default_budget(plan: Plan, share: float = BUDGET_SHARE) -> int:
     return max(1, int(share * plan.num_layers * plan.num_slots))
 
 
-def forecast_budget(current: Plan, graph: RoutingGraph, forecast: Forecaster) -> tuple[int, str]:
+def forecast_budget(
+    current: Plan, graph: RoutingGraph, forecast: Forecaster, eplb: Plan | None = None
+) -> tuple[int, str]:
     """The per-decision budget (module docstring) and why: ``HIGH_SHARE`` of a full rebalance's moves when EPLB's
-    plan for ``graph`` forecasts a lower imbalance than the current plan beyond the tie, else ``LOW_SHARE``;
-    ``BUDGET_SHARE`` of the placements without a forecast (too few prompt folds)."""
-    eplb = eplb_plan(current, graph)
+    plan for ``graph`` (``eplb``, computed when None) forecasts a lower imbalance than the current plan beyond the
+    tie, else ``LOW_SHARE``; ``BUDGET_SHARE`` of the placements without a forecast (too few prompt folds)."""
+    eplb = eplb_plan(current, graph) if eplb is None else eplb
     mine, theirs = forecast(current), forecast(eplb)
     if mine is None or theirs is None:
         return default_budget(current), "no forecast"
@@ -69,30 +141,40 @@ def decide(
     time_limit: float = 10.0,
     seed: int = 0,
     exact: str = "auto",
+    margin: float = 0.0,
 ) -> ReplanResult:
     """Re-plan ``current`` for ``graph`` within ``budget`` moves (None: ``forecast_budget``) when it pays; the
-    result has ``changed=False`` and the current plan otherwise, with the reason either way."""
+    result has ``changed=False`` and the current plan otherwise, with the reason either way. ``margin``: the
+    forecast's measured optimism (``Calibration.margin``). ``info`` holds what ``Calibration.after`` keeps: the
+    deployed plan's and EPLB's raw forecasts (``forecast_raw``, ``eplb_forecast_raw``) and EPLB's plan."""
     t0 = time.perf_counter()
-    forecast = Forecaster.of(graph, seed)
-    k, why_k = (budget, "given") if budget is not None else forecast_budget(current, graph, forecast)
+    eplb = eplb_plan(current, graph)
+    forecast = Forecaster.of(graph, seed).with_margin(margin, eplb)
+    k, why_k = (budget, "given") if budget is not None else forecast_budget(current, graph, forecast, eplb)
+    if margin > 0:
+        why_k += f"; forecast margin {margin:.3f} on layers not laid out as EPLB's"
     left = max(time_limit - (time.perf_counter() - t0), 0.1 * time_limit)  # the whole decision keeps the limit
     res = replan(current, graph, max_moves=k, expert_bytes=expert_bytes, balance_eps=balance_eps,
                  kappa=kappa, time_limit=left, seed=seed, exact=exact, forecast=forecast)  # fmt: skip
-    res = replace(res, info={**res.info, "budget": k, "budget_reason": why_k})
+    calib = {"eplb_phy2log": eplb.phy2log, "eplb_forecast_raw": forecast(eplb, raw=True), "margin": margin}
+    res = replace(res, info={**res.info, **calib, "budget": k, "budget_reason": why_k})
     if not res.changed:
+        res = replace(res, info={**res.info, "forecast_raw": forecast(current, raw=True)})
         return replace(res, reason=f"{res.reason} [budget {k}: {why_k}]")
     b, a = res.before, res.after
     d_imb = b["forecast_imbalance"] - a["forecast_imbalance"]
     d_col = a["colocation"] - b["colocation"]
     moves = a["moves"]
+    changed = replace(res, info={**res.info, "forecast_raw": forecast(res.plan, raw=True)})
     if d_imb >= min_imbalance_gain:
-        return replace(res, reason=f"re-planned for balance: {res.reason} [{why_k}]")
+        return replace(changed, reason=f"re-planned for balance: {res.reason} [{why_k}]")
     if d_imb > -IMBALANCE_TIE and d_col >= colocation_per_move * moves:
-        return replace(res, reason=f"re-planned for colocation: {res.reason} [{why_k}]")
+        return replace(changed, reason=f"re-planned for colocation: {res.reason} [{why_k}]")
     why = (
         f"kept the current plan: forecast imbalance gain {d_imb:+.3f} (< {min_imbalance_gain:g}) and colocation "
         f"gain {d_col:+.4f} (< {colocation_per_move:g} x {moves} moves) do not pay for the migration [{why_k}]"
     )
     empty = MoveList(current.model_name, current.num_gpus, expert_bytes, (), current.layers)
     kept = {**b, "moves": 0, "bytes": 0, "time_s": a.get("time_s")}
-    return ReplanResult(current, empty, False, why, b, kept, {**res.info, "rejected": a})
+    info = {**res.info, "rejected": a, "forecast_raw": forecast(current, raw=True)}
+    return ReplanResult(current, empty, False, why, b, kept, info)

@@ -16,9 +16,13 @@
    (placement/replan/exact.py) with the best heuristic answer as its hint; its proven bound is reported.
 4. Every candidate (the current plan included) is scored by its forecast imbalance_max on unseen prompts
    (placement/solvers/robust.py) first, colocation on the recent graph second; the best one is returned, with
-   its move list. The budget is never exceeded (every candidate is checked with ``count_moves``).
+   its move list. The budget is never exceeded (every candidate is checked with ``count_moves``). When EPLB's
+   plan fits the budget, no candidate that forecasts worse than it is chosen.
+5. The forecast can carry a margin (``Forecaster.with_margin``: the optimism about the affinity layouts that the
+   service measured online, placement/replan/policy.py ``Calibration``): each layer not laid out as EPLB's lays
+   it out forecasts that much higher, and the swap search aims that much lower.
 
-Dimension key: L layers, E experts, G GPUs.
+Dimension key: L layers, E experts, F experts again, G GPUs, D bootstrap draws.
 """
 
 from __future__ import annotations
@@ -75,9 +79,17 @@ class ReplanResult:
 class Forecaster:
     """``predict_unseen_imbalance``'s forecast (placement/solvers/robust.py) for many plans of one graph: the fold
     bootstrap is drawn once and each plan costs one batched product. ``sim_LDE`` float64 [L, D, E]: simulated
-    unseen shares per bootstrap draw (None with fewer than 8 non-empty folds)."""
+    unseen shares per bootstrap draw (None with fewer than 8 non-empty folds). ``margin`` is added to the draws
+    of every layer whose experts are grouped otherwise than in the reference plan (``same_LEF`` bool [L, E, F]:
+    experts sharing a GPU there; None: no margin)."""
 
     sim_LDE: np.ndarray | None
+    margin: float = 0.0
+    same_LEF: np.ndarray | None = None
+
+    def with_margin(self, margin: float, reference: Plan) -> Forecaster:
+        """This forecast, ``margin`` higher on the layers not laid out as ``reference`` (EPLB's plan) lays them."""
+        return replace(self, margin=float(margin), same_LEF=same_gpu_LEF(reference) if margin > 0 else None)
 
     @classmethod
     def of(cls, graph: RoutingGraph, seed: int = 0, holdout_ratio: float = 1.0, draws: int = 256) -> Forecaster:
@@ -88,15 +100,25 @@ class Forecaster:
             return cls(None)
         return cls(np.ascontiguousarray(sim_DLE.transpose(1, 0, 2)))
 
-    def __call__(self, plan: Plan) -> float | None:
-        """The ``FORECAST_QUANTILE`` of the plan's imbalance_max over the draws (None without folds)."""
+    def __call__(self, plan: Plan, raw: bool = False) -> float | None:
+        """The ``FORECAST_QUANTILE`` of the plan's imbalance_max over the draws (None without folds), with the
+        margin unless ``raw``."""
         from placement.metrics import load_split
 
         if self.sim_LDE is None:
             return None
         gpu_LDG = np.matmul(self.sim_LDE, load_split(plan))
-        imb_D = (gpu_LDG.max(axis=2) / np.maximum(gpu_LDG.mean(axis=2), 1e-12)).max(axis=0)
-        return float(np.quantile(imb_D, QUANTILES[FORECAST_QUANTILE]))
+        imb_LD = gpu_LDG.max(axis=2) / np.maximum(gpu_LDG.mean(axis=2), 1e-12)
+        if self.same_LEF is not None and not raw:
+            own_L = (same_gpu_LEF(plan) != self.same_LEF).any(axis=(1, 2))
+            imb_LD = imb_LD + self.margin * own_L[:, None]
+        return float(np.quantile(imb_LD.max(axis=0), QUANTILES[FORECAST_QUANTILE]))
+
+
+def same_gpu_LEF(plan: Plan) -> np.ndarray:
+    """bool [L, E, F]: experts e and f have a replica on one GPU at layer l (the layout, whatever the GPU names)."""
+    h_LEG = (plan.holders_LEG > 0).astype(np.float32)
+    return np.asarray(np.matmul(h_LEG, h_LEG.transpose(0, 2, 1)) > 0)
 
 
 QUANTILES = {"p10": 0.1, "p50": 0.5, "p90": 0.9}
@@ -240,8 +262,8 @@ def replan(
         seed_LE = cur_LE if target is None else _gpu_of(target)  # no target: local search from the current plan
         ref_LE = seed_LE if target is not None else _gpu_of(balancer)
         limit = 1.0 + eps
-        if balance_eps is None:  # what the target (or EPLB) reaches, or the current plan where it is better balanced
-            limit = max(float(robust_ratio_LG(ref_LE, lm, G).max()), 1.0)
+        if balance_eps is None:  # what the target (or EPLB) reaches, less the measured optimism (module docstring)
+            limit = max(float(robust_ratio_LG(ref_LE, lm, G).max()) - forecast.margin, 1.0)
         mixed_LE = cur_LE
         if target is not None:
             take_L = layer_states(current.holders_LEG > 0, target.holders_LEG > 0, trans, lm, limit, K)
@@ -267,6 +289,9 @@ def replan(
         if count_moves(current, plan) > K:  # pragma: no cover - every candidate is built within the budget
             continue
         scored.append((name, plan, scores(plan, graph, seed, forecast)))
+    floor = [s["forecast_imbalance"] for n, _, s in scored if n == "eplb"]
+    if floor:  # EPLB's plan fits the budget: nothing that forecasts worse than it is chosen
+        scored = [c for c in scored if c[2]["forecast_imbalance"] <= floor[0] or c[0] == "eplb"]
     name, best, after = scored[0]
     for cand in scored[1:]:
         if better(cand[2], after):

@@ -33,7 +33,14 @@ import pyarrow.parquet as pq
 
 from placement.graph import PROMPT_FOLDS, build_graph
 from placement.plan import Plan
-from placement.serve.window import Counts, ObservationError, count_loads, graph_counts
+from placement.serve.window import (
+    Counts,
+    ObservationError,
+    block_fold_loads,
+    count_loads,
+    few_prompts,
+    graph_counts,
+)
 from placement.trace import dataset
 from placement.trace.schema import TraceError, TraceMeta
 
@@ -64,7 +71,11 @@ def shard_counts(path: Path, plan: Plan) -> tuple[Counts, int]:
     trace = dataset.open_parquet_trace(path)
     check_model(trace.meta, plan, path.name)
     g = build_graph(trace, with_coact=False, num_folds=PROMPT_FOLDS)  # streamed: memory bounded by a batch
-    return graph_counts(g), trace.meta.top_k
+    counts = graph_counts(g)
+    if few_prompts(counts):  # sampled by token blocks instead (placement/serve/window.py), a second pass
+        fold_SLE = block_fold_loads(trace.iter_batches(with_pos=False), trace.meta, g.num_tokens)
+        counts = Counts(counts.num_tokens, counts.load_LE, counts.trans_LEE, fold_SLE)
+    return counts, trace.meta.top_k
 
 
 def pending_shards(watch: Path, done: set[str]) -> list[Path]:

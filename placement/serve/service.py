@@ -3,7 +3,9 @@
 ``ReplanService`` owns one STATE_DIR (placement/serve/state.py). Its watcher thread ingests new shards of the
 watched dataset (in process, or with ``ray`` as Ray tasks: ray_jobs/ingest.py, the same counts in the same
 order), and every ``interval`` seconds (when traffic arrived since the last decision) asks the policy
-``placement.replan.decide`` whether to re-plan. ``decide_now`` (``POST /v1/replan``) asks it at once.
+``placement.replan.decide`` whether to re-plan. ``decide_now`` (``POST /v1/replan``) asks it at once. Each
+decision first scores the previous one's forecasts on the traffic that came since (``Calibration``: the
+forecast's measured optimism, its margin), checkpointed with the window.
 
 Every change of the counts is checkpointed together with the ledger that says what they contain, so a shard or
 an observation with an idempotency key is counted exactly once across restarts. Decisions and rollbacks are
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from placement.metrics import colocation, imbalance
 from placement.plan import Plan
 from placement.replan.moves import MoveList, move_list
+from placement.replan.policy import Calibration
 from placement.serve.ingest import Watcher, observation_counts, pending_shards, shard_counts
 from placement.serve.state import Ledger, PlanVersion, StateError, StateStore
 from placement.serve.window import Counts, DecayedWindow
@@ -67,6 +70,7 @@ class ReplanService:
         self.meta = TraceMeta(initial.model_name or "unnamed", initial.num_experts, 1, initial.layers, "moeplace serve")
         self.window = DecayedWindow(self.meta, config.half_life)
         self.ledger = Ledger()
+        self.calib = Calibration()
         self.current: PlanVersion | None = None
         self._lock = threading.RLock()  # window, ledger, current
         self._decide_lock = threading.Lock()  # one decision or rollback at a time
@@ -125,6 +129,7 @@ class ReplanService:
             return
         arrays, self.ledger = saved
         self.window.restore(arrays, where=str(self.store.root))
+        self.calib = Calibration.from_arrays(arrays)
         for v in versions:
             if v > self.ledger.plan_version:  # written, then the service stopped before it was recorded
                 path = self.store.version_path(v)
@@ -144,7 +149,7 @@ class ReplanService:
             self.window.meta = self.meta
 
     def _checkpoint(self) -> None:
-        self.store.save_checkpoint(self.window.arrays(), self.ledger)
+        self.store.save_checkpoint({**self.window.arrays(), **self.calib.arrays()}, self.ledger)
 
     # ------------------------------------------------------------------ ingestion
     def step(self) -> None:
@@ -233,6 +238,7 @@ class ReplanService:
                 current = self.current_plan
                 graph = self.window.graph()
                 tokens = self.window.observed_tokens
+                fresh_LE = self.window.take_fresh()
             self._last_decision = time.monotonic()
             if tokens == 0:
                 return self._decided(False, "no traffic observed yet", 0, 0, {}, {})
@@ -240,12 +246,15 @@ class ReplanService:
 
             t0 = time.perf_counter()
             cfg = self.config
-            res = decide(current, graph, budget=cfg.max_moves, expert_bytes=cfg.expert_bytes, time_limit=cfg.time_limit)
+            calib = self.calib.scored(current, fresh_LE)  # the last decision's forecasts on the traffic since
+            res = decide(current, graph, budget=cfg.max_moves, expert_bytes=cfg.expert_bytes, time_limit=cfg.time_limit,
+                         margin=calib.margin())  # fmt: skip
             wall = time.perf_counter() - t0
             reason = f"{trigger}: {res.reason}"
             after = {**res.after, "decision_seconds": round(wall, 3)}
             with self._lock:
                 self._tokens_at_decision = tokens
+                self.calib = calib.after(res)
                 self.ledger.decisions += 1
                 if res.changed:
                     self._append_version(res.plan, res.moves, reason, res.before, after)
@@ -263,6 +272,7 @@ class ReplanService:
             with self._lock:
                 moves = move_list(self.current_plan, target.plan, self.config.expert_bytes)
                 reason = f"rollback to version {version}"
+                self.calib = Calibration(self.calib.gaps_N)  # the pending forecasts were of another plan
                 self._append_version(target.plan, moves, reason, {}, {})
                 return self._decided(True, reason, len(moves.moves), moves.total_bytes, {}, {})
 
