@@ -1,9 +1,10 @@
 """Affinity-aware replication: fill redundant slots with copies that relieve load *and* co-locate traffic.
 
-Which experts get extra copies is decided by their load on unseen traffic (``replica_counts``): the next copy
-goes to the expert with the most training share plus one standard deviation of its share across prompt folds,
-per copy, so hot experts come first (in skewed top-1 models a 99.9 % expert takes a copy on every GPU) and,
-among similar ones, those whose load swings with the prompt mix. No expert gets more copies than GPUs. Where each
+Which experts get extra copies is decided by their load on unseen traffic (training share plus one standard
+deviation across prompt folds; ``replica_counts``): hot experts (over half a GPU's mean share) first, cut below
+that per copy and then spread over every GPU as copies allow (in skewed top-1 models a 99.9 % expert takes a
+copy on every GPU), then the most load per copy, so that among similar experts those whose load swings with the
+prompt mix come first. No expert gets more copies than GPUs. Where each
 extra copy goes is decided by affinity: layer by layer (so that copies at layer l count when layer l+1 is
 filled), the copies are assigned to the GPUs' redundant slots by a linear assignment maximising the transition
 traffic they newly co-locate with the experts (and copies) at layers l-1 and l+1 on that GPU, then balance is
@@ -25,28 +26,45 @@ from placement.solvers.deadline import check_deadline
 from placement.solvers.layer_assign import assign_layer, repair_balance
 from placement.solvers.robust import LoadModel
 
+REPLICA_HOT = 0.5
 
-def replica_counts(graph: RoutingGraph, spec: PlanSpec, spread_z: float = 1.0) -> np.ndarray:
+
+def replica_counts(graph: RoutingGraph, spec: PlanSpec, spread_z: float = 1.0, hot: float | None = None) -> np.ndarray:
     """int64 [L, E]: copies of each expert (>= 1, summing to E + redundant per layer).
 
-    Each extra copy goes to the expert with the highest unseen-traffic load per copy, (share + z * sd) / copies,
-    where sd is the standard deviation of the expert's share on unseen prompts as large as the fitted ones
-    (from the prompt folds, placement/solvers/robust.py; 0 without folds): hot experts first, and among similar
-    ones those whose load swings most across prompts. No expert gets more copies than GPUs (a second copy on
-    one GPU adds no capacity under ../shared/METRICS.md); slots left over then go to the next in line.
+    An expert's unseen-traffic load is its share plus z standard deviations of its share on unseen prompts as
+    large as the fitted ones (from the prompt folds, placement/solvers/robust.py; 0 without folds). Experts
+    whose load is over ``hot`` (default ``spec.options["replica_hot"]``, else REPLICA_HOT) times a GPU's mean
+    share 1/G are hot. Copies go (1) to a hot expert whose load per copy is still over that, most per copy
+    first (a lump that keeps a GPU from balancing); (2) to the hottest expert not yet on every GPU: a copy
+    co-locates traffic in proportion to its expert's share, whatever its count, and an expert on every GPU
+    gives each GPU 1/G of its load, prompt swings included, so it is both balanced and local to all its
+    transitions (skewed top-1 benchmark, docs/benchmarks.md: 1.28x eplb's colocation instead of 1.24x, at a
+    lower held-out imbalance); (3) to the most load per copy, as EPLB does (``hot`` = inf: always). No expert
+    gets more copies than GPUs (a second copy on one GPU adds no capacity under ../shared/METRICS.md); slots
+    left over then go to the next in line.
     """
     E, G, R = graph.num_experts, spec.num_gpus, spec.num_redundant
+    hot = float(spec.options.get("replica_hot", REPLICA_HOT)) if hot is None else hot
     load_LE = graph.load_LE.astype(np.float64)
     share_LE = load_LE / np.maximum(load_LE.sum(axis=1, keepdims=True), 1e-12)
     lm = LoadModel.from_graph(graph, kappa=1.0)
     sd_LE = np.sqrt(np.maximum(np.diagonal(lm.cov_LEE, axis1=1, axis2=2), 0.0))
     weight_LE = share_LE + spread_z * sd_LE
+    hot_LE = weight_LE > hot / G
     count_LE = np.ones(load_LE.shape, dtype=np.int64)
     rows_L = np.arange(load_LE.shape[0])
     for _ in range(min(R, E * (G - 1))):
-        per_copy_LE = np.where(count_LE < G, weight_LE / count_LE, -np.inf)
-        hot_L = np.argmax(per_copy_LE, axis=1)
-        count_LE[rows_L, hot_L] += 1
+        open_LE = count_LE < G
+        per_copy_LE = np.where(open_LE, weight_LE / count_LE, -np.inf)
+        lump_LE = hot_LE & (per_copy_LE > hot / G)
+        spread_LE = np.where(hot_LE & open_LE, weight_LE, -np.inf)
+        pick_L = np.where(
+            lump_LE.any(axis=1),
+            np.argmax(np.where(lump_LE, per_copy_LE, -np.inf), axis=1),
+            np.where(np.isfinite(spread_LE.max(axis=1)), np.argmax(spread_LE, axis=1), np.argmax(per_copy_LE, axis=1)),
+        )
+        count_LE[rows_L, pick_L] += 1
     return count_LE
 
 
