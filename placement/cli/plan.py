@@ -228,8 +228,8 @@ def plan_cmd(
             typer.echo(f"  {row['name']:<24} not compared: {row['why']}")
         if "time_bound_s" in info:
             typer.echo(
-                f"  {'bound':<24} {info['time_bound_s'] * 1e3:9.3f} ms per step for any plan (compute at perfect "
-                f"balance, no all-to-all): no plan is more than {info['time_gap']:.1%} faster than the chosen one"
+                f"  bound for any plan: {info['time_bound_s'] * 1e3:.3f} ms per step (compute at perfect balance, "
+                f"no all-to-all): no plan is more than {info['time_gap']:.1%} faster than the chosen one"
             )
     if info.get("balance"):  # the default balance (no --balance): what it aimed for and what it chose
         aim = info.get("eplb_forecast")
