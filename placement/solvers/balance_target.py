@@ -92,7 +92,7 @@ def solve_auto(graph: RoutingGraph, spec: PlanSpec) -> SolveResult:
     fit_eps = max(fit_imb - 1.0, 0.0) + 1e-9
     info: dict[str, Any] = {"eplb_fit_imbalance": round(fit_imb, 4), "eplb_forecast": eplb_fc}
     fixed = replace(spec, auto_balance=False, options={**spec.options, "unseen": False, "kappa": 0.0})
-    hub = _hub_candidate(graph, spec, t0 + 0.2 * limit) if eplb_fc else None  # seconds at DeepSeek-V3 size
+    hub = _hub_candidate(graph, spec, t0 + 0.3 * limit) if eplb_fc else None  # seconds at DeepSeek-V3 size
     # At EPLB's own fitted balance (always reached): where layers depend weakly on each other it is often
     # already as balanced on unseen prompts as EPLB, and more co-located than a robustness search.
     try:
@@ -147,7 +147,7 @@ def _hub_candidate(graph: RoutingGraph, spec: PlanSpec, deadline: float) -> Solv
     trans = graph.trans_LEE.astype(np.float64)
     with threadpool_limits(limits=1, user_api="blas"):  # small products; threaded BLAS is slower on a busy machine
         lm = LoadModel.from_graph(graph, kappa=HUB_KAPPA)
-        packed_LP = polish_worst_layers(packed_LP, lm, G, t0 + 0.5 * (deadline - t0))
+        packed_LP = polish_worst_layers(packed_LP, lm, G, t0 + 0.6 * (deadline - t0))
         phy_LP = relabel_chain(packed_LP, trans, G, spec.num_nodes, deadline=deadline)
     return SolveResult(phy_LP, "affinity", "heuristic", info={"hub_copies": True})
 

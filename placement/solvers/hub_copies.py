@@ -119,19 +119,19 @@ def relabel_chain(
 
 
 def polish_worst_layers(
-    phy2log_LP: np.ndarray, lm: LoadModel, num_gpus: int, deadline: float, layers: int = 12
+    phy2log_LP: np.ndarray, lm: LoadModel, num_gpus: int, deadline: float, layers: int | None = None
 ) -> np.ndarray:
-    """phy2log int64 [L, P] with the ``layers`` layers of the highest robust GPU ratio (``lm``: whole experts,
-    shares plus kappa standard deviations on unseen prompts, placement/solvers/robust.py) repaired by swaps of
-    single-copy experts until no swap lowers their worst GPU (``robust_repair``), worst layer first, until
-    ``deadline``. imbalance_max is a maximum over layers, so only the worst layers move it."""
+    """phy2log int64 [L, P] with the ``layers`` (default all) layers of the highest robust GPU ratio (``lm``:
+    whole experts, shares plus kappa standard deviations on unseen prompts, placement/solvers/robust.py) repaired
+    by swaps of single-copy experts until no swap lowers their worst GPU (``robust_repair``), worst layer first,
+    until ``deadline``. imbalance_max is a maximum over layers, so the worst layers move it first."""
     out = np.asarray(phy2log_LP, dtype=np.int64).copy()
     L = out.shape[0]
     E, G = lm.share_LE.shape[1], num_gpus
     split_LEG = load_split(Plan(G, 1, E, tuple(range(L)), out))
     var_LG = np.einsum("leg,lef,lfg->lg", split_LEG, lm.cov_LEE, split_LEG)
     ratio_LG = G * (np.einsum("le,leg->lg", lm.share_LE, split_LEG) + lm.kappa * np.sqrt(np.maximum(var_LG, 0.0)))
-    for l in np.argsort(-ratio_LG.max(axis=1))[:layers]:
+    for l in np.argsort(-ratio_LG.max(axis=1))[: L if layers is None else layers]:
         if time.perf_counter() > deadline:
             break
         one = LoadModel(lm.share_LE[l : l + 1], lm.cov_LEE[l : l + 1], lm.kappa)
