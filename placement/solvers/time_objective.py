@@ -34,6 +34,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from placement.graph import RoutingGraph
 from placement.plan import Plan, PlanError
@@ -57,7 +58,14 @@ def time_inputs(spec: PlanSpec) -> tuple[HardwarePreset, ModelDims]:
 def solve_time(graph: RoutingGraph, spec: PlanSpec) -> SolveResult:
     """The candidate plan with the lowest forecast step time, all within ``spec.time_limit``; see the module
     docstring. ``info["time"]`` lists every candidate's predicted per-layer mean and max and step total
-    (seconds) and its solve seconds, forecast included."""
+    (seconds) and its solve seconds, forecast included. BLAS runs on one thread, as in the affinity solver: the
+    forecasts' products are small (G x E), and on a busy 2-core machine threaded BLAS made a DeepSeek-V3-shape
+    forecast 3x slower (3.2 s against 1.1 s)."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _solve_time(graph, spec)
+
+
+def _solve_time(graph: RoutingGraph, spec: PlanSpec) -> SolveResult:
     from placement.solvers.affinity import solve_fixed
     from placement.solvers.balance_target import eplb_fitted_eps, solve_auto
     from placement.solvers.baselines import contiguous_phy2log, eplb_phy2log
