@@ -1,11 +1,11 @@
 """Affinity-aware replication: fill redundant slots with copies that relieve load *and* co-locate traffic.
 
 Which experts get extra copies is decided by their load on unseen traffic (training share plus one standard
-deviation across prompt folds; ``replica_counts``): hot experts (over half a GPU's mean share) first, cut below
-that per copy and then spread over every GPU as copies allow (in skewed top-1 models a 99.9 % expert takes a
-copy on every GPU), then the most load per copy, so that among similar experts those whose load swings with the
-prompt mix come first. No expert gets more copies than GPUs. Where each
-extra copy goes is decided by affinity: layer by layer (so that copies at layer l count when layer l+1 is
+deviation across prompt folds; ``replica_counts``): hot experts (over half a GPU's mean share and four times
+the layer's mean expert) first, cut below that per copy and then spread over every GPU as copies allow (in
+skewed top-1 models a 99.9 % expert takes a copy on every GPU), then the most load per copy, so that among
+similar experts those whose load swings with the prompt mix come first. No expert gets more copies than GPUs.
+Where each extra copy goes is decided by affinity: layer by layer (so that copies at layer l count when layer l+1 is
 filled), the copies are assigned to the GPUs' redundant slots by a linear assignment maximising the transition
 traffic they newly co-locate with the experts (and copies) at layers l-1 and l+1 on that GPU, then balance is
 repaired with swaps (``robust_repair`` judges primaries and copies together on unseen prompts when a robustness
@@ -27,6 +27,7 @@ from placement.solvers.layer_assign import assign_layer, repair_balance
 from placement.solvers.robust import LoadModel
 
 REPLICA_HOT = 0.5
+REPLICA_HOT_OVER_MEAN = 4.0
 
 
 def replica_counts(graph: RoutingGraph, spec: PlanSpec, spread_z: float = 1.0, hot: float | None = None) -> np.ndarray:
@@ -35,8 +36,12 @@ def replica_counts(graph: RoutingGraph, spec: PlanSpec, spread_z: float = 1.0, h
     An expert's unseen-traffic load is its share plus z standard deviations of its share on unseen prompts as
     large as the fitted ones (from the prompt folds, placement/solvers/robust.py; 0 without folds). Experts
     whose load is over ``hot`` (default ``spec.options["replica_hot"]``, else REPLICA_HOT) times a GPU's mean
-    share 1/G are hot. Copies go (1) to a hot expert whose load per copy is still over that, most per copy
-    first (a lump that keeps a GPU from balancing); (2) to the hottest expert not yet on every GPU: a copy
+    share 1/G, and over REPLICA_HOT_OVER_MEAN times the mean expert's 1/E, are hot: outliers, as a skewed
+    router makes them (on DeepSeek-V2-Lite, whose busiest expert is at most 2.6 times the mean, spreading its
+    busiest experts over 16 GPUs cost colocation and held-out balance: its packing of 4 experts per GPU needs
+    the copies to split the heaviest ones). Copies go (1) to a hot expert whose load per copy is still over the
+    first line, most per copy first (a lump that keeps a GPU from balancing); (2) to the hottest expert not yet
+    on every GPU: a copy
     co-locates traffic in proportion to its expert's share, whatever its count, and an expert on every GPU
     gives each GPU 1/G of its load, prompt swings included, so it is both balanced and local to all its
     transitions (skewed top-1 benchmark, docs/benchmarks.md: 1.28x eplb's colocation instead of 1.24x, at a
@@ -51,7 +56,7 @@ def replica_counts(graph: RoutingGraph, spec: PlanSpec, spread_z: float = 1.0, h
     lm = LoadModel.from_graph(graph, kappa=1.0)
     sd_LE = np.sqrt(np.maximum(np.diagonal(lm.cov_LEE, axis1=1, axis2=2), 0.0))
     weight_LE = share_LE + spread_z * sd_LE
-    hot_LE = weight_LE > hot / G
+    hot_LE = (weight_LE > hot / G) & (share_LE > REPLICA_HOT_OVER_MEAN / E)
     count_LE = np.ones(load_LE.shape, dtype=np.int64)
     rows_L = np.arange(load_LE.shape[0])
     for _ in range(min(R, E * (G - 1))):
