@@ -24,9 +24,10 @@ Policies (all start from a plan fitted on the first window, scored from the seco
   choice: EPLB's best case).
 - affinity: the affinity optimiser (robust 2) recomputed on all traffic so far, GPUs relabelled (one renaming).
 - decide: ``placement.replan.decide`` with its defaults on the traffic so far, decayed (half-life 2 windows: the
-  service's default of 25,000 tokens on DeepSeek-V2-Lite), its forecast margin measured online as the service
-  does (``Calibration``: each decision's forecasts scored on the window that came next).
-- decide-nomargin (only with ``--with``): the same without the margin.
+  service's default of 25,000 tokens on DeepSeek-V2-Lite).
+- decide-calibrated (only with ``--with``; an experiment, not the default): the same with the forecast's measured
+  optimism as a margin (``Calibration``: each decision's forecasts scored on the window that came next) and the
+  forecast made for the next window's size (``horizon_tokens``) instead of the window's.
 A policy is any callable ``(history, current_plan) -> Plan | tuple[Plan, ...]`` where ``history`` is the list of
 window graphs seen so far; ``replay`` is what the service's end-to-end benchmark reuses to add its own column.
 Columns: next-window imbalance_max and colocation, moves and bytes moved, decision seconds.
@@ -98,7 +99,7 @@ def merged(graphs: Sequence[RoutingGraph], weights: Sequence[float] | None = Non
     folds = [g.fold_load_SLE for g in graphs]
     fold = None if any(f is None for f in folds) else total([f for f in folds if f is not None])
     loads, trans = total([g.load_LE for g in graphs]), total([g.trans_LEE for g in graphs])
-    return RoutingGraph(graphs[0].meta, int(sum(g.num_tokens for g in graphs)), loads, trans, None, fold)
+    return RoutingGraph(graphs[0].meta, int(np.dot(w_W, [g.num_tokens for g in graphs])), loads, trans, None, fold)
 
 
 def decayed(history: Sequence[RoutingGraph], half_life: float = 2.0) -> RoutingGraph:
@@ -148,26 +149,27 @@ def policies(time_limit: float) -> dict[str, Policy]:
     def affinity(history: list[RoutingGraph], cur: Plan) -> Plan:
         return relabel_gpus(cur, target_plan(cur, merged(history), 0.1, 2.0, time_limit, 0))
 
+    def decide_policy(history: list[RoutingGraph], cur: Plan) -> Plan:
+        return decide(cur, decayed(history), time_limit=time_limit).plan
+
     calib = [Calibration()]
 
-    def decide_policy(history: list[RoutingGraph], cur: Plan) -> Plan:
+    def calibrated(history: list[RoutingGraph], cur: Plan) -> Plan:
         calib[0] = calib[0].scored(cur, history[-1].load_LE)  # the last decision's forecasts on the window since
-        res = decide(cur, decayed(history), time_limit=time_limit, margin=calib[0].margin())
+        res = decide(cur, decayed(history), time_limit=time_limit, margin=calib[0].margin(),
+                     horizon_tokens=history[-1].num_tokens)  # fmt: skip
         calib[0] = calib[0].after(res)
         return res.plan
 
-    def no_margin(history: list[RoutingGraph], cur: Plan) -> Plan:
-        return decide(cur, decayed(history), time_limit=time_limit).plan
-
     return {"static": lambda h, cur: cur, "eplb": eplb, "affinity": affinity, "decide": decide_policy,
-            "decide-nomargin": no_margin}  # fmt: skip
+            "decide-calibrated": calibrated}  # fmt: skip
 
 
 def initial_plans(first: RoutingGraph, G: int, time_limit: float) -> dict[str, Plan]:
     L, E = first.load_LE.shape
     blank = Plan(G, 1, E, first.meta.layers, np.tile(np.arange(E), (L, 1)), first.meta.model_name)
     aff = target_plan(blank, first, 0.1, 2.0, time_limit, 0)
-    return {"static": aff, "eplb": eplb_plan(first, blank), "affinity": aff, "decide": aff, "decide-nomargin": aff}
+    return {"static": aff, "eplb": eplb_plan(first, blank), "affinity": aff, "decide": aff, "decide-calibrated": aff}
 
 
 def topic_stream(
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", nargs="*", help=f"stream names to run ({', '.join(STREAMS)})")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds per plan (default 8, quick 2)")
     ap.add_argument("--with", dest="pols", nargs="*", default=["static", "eplb", "affinity", "decide"],
-                    help="policies to run (also: decide-nomargin)")  # fmt: skip
+                    help="policies to run (also: decide-calibrated)")  # fmt: skip
     ap.add_argument("--json", type=Path, help="write all rows as JSON")
     ap.add_argument("--v3", action="store_true", help="time replan at DeepSeek-V3 size instead (default limit 20 s)")
     args = ap.parse_args(argv)

@@ -9,7 +9,8 @@ shard (as `moeplace import` or a Ray job would), the script waits until GET /v1/
 window) and GETs /v1/plan, which bench_replan's ``replay`` scores on window w (no peeking). The service starts
 from the plan the other policies start from (fitted on window 0). Its half-life is given in windows and passed in
 tokens (mean window size); `--with` adds bench_replan's other policies for comparison (default: static, eplb,
-decide; affinity recompute is slow).
+decide; affinity recompute is slow). The Mixtral stream reaches the service as what it is, one prompt (one seq
+id: the service samples it by token blocks); the in-process policies keep bench_replan's 8-token pseudo-prompts.
 
 Dimension key: T tokens.
 """
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.only and name not in args.only:
             continue
         graphs = [graph_from_routes(w.expert_ids_TLK, meta, False, w.seq_ids_T, PROMPT_FOLDS) for w in windows]
+        if name == "mixtral":  # one prompt, one id
+            windows = [RouteArrays(w.expert_ids_TLK, np.zeros_like(w.seq_ids_T), w.token_pos_T) for w in windows]
         init = initial_plans(graphs[0], G, tl)
         pols = {k: v for k, v in policies(tl).items() if k in args.others}
         starts = {k: init[k] for k in pols}

@@ -224,6 +224,8 @@ def test_decisions_score_the_last_forecast_and_keep_it_across_restarts(tmp_path:
     s.start(watch=False)  # restart: the pending forecasts and the traffic since are kept
     assert s.calib.pending == pending
     np.testing.assert_array_equal(s.window.fresh_LE, fresh)
+    assert s.status()["forecast_gap"] is None  # nothing scored yet
     s.decide_now()
     assert s.calib.gaps_N.size == 1 and s.calib.pending is not None
+    assert s.status()["forecast_gap"] == pytest.approx(float(s.calib.gaps_N[0]))
     s.stop()

@@ -17,8 +17,12 @@ The forecast ranks plans fitted on the same prompt folds it resamples, so it is 
 layouts (fitted to the folds' covariance) than about EPLB's (fitted to the mean loads alone). ``Calibration``
 measures that online: every decision leaves the deployed plan's and EPLB's plan's forecasts, and the next
 decision scores both plans on the traffic that came in between; the mean of the recent gaps (how much more the
-deployed plan's forecast was optimistic than EPLB's, at least 0) is the ``margin`` that ``decide`` adds to the
-forecast of every layer not laid out as EPLB's (placement/replan/solve.py ``Forecaster.with_margin``).
+deployed plan's forecast was optimistic than EPLB's) is what the service reports (``forecast_gap``). ``decide``
+can add it, at least 0, as a ``margin`` to the forecast of every layer not laid out as EPLB's
+(placement/replan/solve.py ``Forecaster.with_margin``) and forecast for the next interval's size
+(``horizon_tokens``) instead of the window's; on five prompt orders of DeepSeek-V2-Lite neither lowered the
+next-window imbalance beyond the run-to-run spread and both moved more (docs/benchmarks.md), so they are off by
+default.
 
 Dimension key: N scored decisions, L layers, E experts, P slots.
 """
@@ -45,7 +49,7 @@ FLOOR_SHARE = 0.05
 KAPPA = 4.0
 MIN_IMBALANCE_GAIN = 0.01
 COLOCATION_PER_MOVE = 2e-5
-# the margin is the mean gap of this many most recent scored decisions
+# the calibration keeps the gaps of this many most recent scored decisions (their mean: the margin)
 MARGIN_DECISIONS = 8
 
 
@@ -60,9 +64,14 @@ class Calibration:
     pending: tuple[float, float] | None = None
     eplb_phy2log_LP: np.ndarray | None = None
 
-    def margin(self) -> float:
+    def recent_gap(self) -> float | None:
+        """The mean gap of the last ``MARGIN_DECISIONS`` scored decisions (None before the first)."""
         recent_N = self.gaps_N[-MARGIN_DECISIONS:]
-        return max(float(recent_N.mean()), 0.0) if recent_N.size else 0.0
+        return float(recent_N.mean()) if recent_N.size else None
+
+    def margin(self) -> float:
+        """``recent_gap``, at least 0 (0 before the first scored decision)."""
+        return max(self.recent_gap() or 0.0, 0.0)
 
     def scored(self, deployed: Plan, fresh_load_LE: np.ndarray) -> Calibration:
         """With the gap of the pending forecasts on ``fresh_load_LE`` (float [L, E]: the traffic since the last
@@ -72,7 +81,8 @@ class Calibration:
             return Calibration(self.gaps_N)
         eplb = replace(deployed, phy2log=self.eplb_phy2log_LP)
         mine, theirs = load_imbalance(deployed, fresh_LE), load_imbalance(eplb, fresh_LE)
-        return Calibration(np.append(self.gaps_N, (mine - self.pending[0]) - (theirs - self.pending[1])))
+        gap = (mine - self.pending[0]) - (theirs - self.pending[1])
+        return Calibration(np.append(self.gaps_N, gap)[-MARGIN_DECISIONS:])
 
     def after(self, res: ReplanResult) -> Calibration:
         """With the forecasts of decision ``res`` pending (none when it had no forecast)."""
@@ -142,14 +152,17 @@ def decide(
     seed: int = 0,
     exact: str = "auto",
     margin: float = 0.0,
+    horizon_tokens: float | None = None,
 ) -> ReplanResult:
     """Re-plan ``current`` for ``graph`` within ``budget`` moves (None: ``forecast_budget``) when it pays; the
     result has ``changed=False`` and the current plan otherwise, with the reason either way. ``margin``: the
-    forecast's measured optimism (``Calibration.margin``). ``info`` holds what ``Calibration.after`` keeps: the
-    deployed plan's and EPLB's raw forecasts (``forecast_raw``, ``eplb_forecast_raw``) and EPLB's plan."""
+    forecast's measured optimism (``Calibration.margin``); ``horizon_tokens``: the traffic the plan will serve
+    before the next decision (None: as much as the window holds). ``info`` holds what ``Calibration.after``
+    keeps: the deployed plan's and EPLB's raw forecasts (``forecast_raw``, ``eplb_forecast_raw``), EPLB's plan."""
     t0 = time.perf_counter()
     eplb = eplb_plan(current, graph)
-    forecast = Forecaster.of(graph, seed).with_margin(margin, eplb)
+    ratio = 1.0 if not horizon_tokens else horizon_tokens / max(graph.num_tokens, 1)
+    forecast = Forecaster.of(graph, seed, holdout_ratio=ratio).with_margin(margin, eplb)
     k, why_k = (budget, "given") if budget is not None else forecast_budget(current, graph, forecast, eplb)
     if margin > 0:
         why_k += f"; forecast margin {margin:.3f} on layers not laid out as EPLB's"

@@ -18,9 +18,9 @@
    (placement/solvers/robust.py) first, colocation on the recent graph second; the best one is returned, with
    its move list. The budget is never exceeded (every candidate is checked with ``count_moves``). When EPLB's
    plan fits the budget, no candidate that forecasts worse than it is chosen.
-5. The forecast can carry a margin (``Forecaster.with_margin``: the optimism about the affinity layouts that the
-   service measured online, placement/replan/policy.py ``Calibration``): each layer not laid out as EPLB's lays
-   it out forecasts that much higher, and the swap search aims that much lower.
+5. The forecast can carry a margin (``Forecaster.with_margin``: the optimism about the affinity layouts measured
+   online, placement/replan/policy.py ``Calibration``): each layer not laid out as EPLB's lays it out forecasts
+   that much higher.
 
 Dimension key: L layers, E experts, F experts again, G GPUs, D bootstrap draws.
 """
@@ -263,7 +263,7 @@ def replan(
         ref_LE = seed_LE if target is not None else _gpu_of(balancer)
         limit = 1.0 + eps
         if balance_eps is None:  # what the target (or EPLB) reaches, less the measured optimism (module docstring)
-            limit = max(float(robust_ratio_LG(ref_LE, lm, G).max()) - forecast.margin, 1.0)
+            limit = max(float(robust_ratio_LG(ref_LE, lm, G).max()), 1.0)
         mixed_LE = cur_LE
         if target is not None:
             take_L = layer_states(current.holders_LEG > 0, target.holders_LEG > 0, trans, lm, limit, K)

@@ -4,8 +4,9 @@
 watched dataset (in process, or with ``ray`` as Ray tasks: ray_jobs/ingest.py, the same counts in the same
 order), and every ``interval`` seconds (when traffic arrived since the last decision) asks the policy
 ``placement.replan.decide`` whether to re-plan. ``decide_now`` (``POST /v1/replan``) asks it at once. Each
-decision first scores the previous one's forecasts on the traffic that came since (``Calibration``: the
-forecast's measured optimism, its margin), checkpointed with the window.
+decision first scores the previous one's forecasts on the traffic that came since (``Calibration``: how much
+more optimistic the forecast was about the deployed plan than about EPLB's; ``forecast_gap`` in the status),
+checkpointed with the window.
 
 Every change of the counts is checkpointed together with the ledger that says what they contain, so a shard or
 an observation with an idempotency key is counted exactly once across restarts. Decisions and rollbacks are
@@ -247,8 +248,7 @@ class ReplanService:
             t0 = time.perf_counter()
             cfg = self.config
             calib = self.calib.scored(current, fresh_LE)  # the last decision's forecasts on the traffic since
-            res = decide(current, graph, budget=cfg.max_moves, expert_bytes=cfg.expert_bytes, time_limit=cfg.time_limit,
-                         margin=calib.margin())  # fmt: skip
+            res = decide(current, graph, budget=cfg.max_moves, expert_bytes=cfg.expert_bytes, time_limit=cfg.time_limit)
             wall = time.perf_counter() - t0
             reason = f"{trigger}: {res.reason}"
             after = {**res.after, "decision_seconds": round(wall, 3)}
@@ -335,6 +335,7 @@ class ReplanService:
             "changes": led.changes,
             "moves_total": led.moves,
             "bytes_moved_total": led.bytes_moved,
+            "forecast_gap": self.calib.recent_gap(),
         }
 
     def counters(self) -> Ledger:
