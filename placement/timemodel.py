@@ -44,7 +44,7 @@ from placement.trace.schema import TraceMeta
 
 TIME_SCHEMA_VERSION = 1
 DEFAULT_TOKENS_PER_GPU = 4096
-_CHUNK_ELEMENTS = 1 << 23  # float64 elements of a batch of draws' dispatch demand
+_CHUNK_ELEMENTS = 1 << 23  # float64 elements of a batch of draws' loads, flows and link bytes
 FLOPS_PER_PAIR = 6  # FLOPs per (token, expert) per hidden x ffn weight: 3 matrices x 2 FLOPs per MAC
 
 
@@ -325,12 +325,14 @@ def dispatch_demand(share_LEG: np.ndarray, load_LE: np.ndarray, trans_XEE: np.nd
     return M_LGE
 
 
-def dispatch_flows(plan: Plan, M_xLGE: np.ndarray, scale_yLE: np.ndarray | None = None) -> np.ndarray:
-    """float64 [..., L, G, G]: tokens sent g -> h (g != h) for demand M [..., L, G, E] by the replica rule; with
-    ``scale_yLE`` [..., L, E] the demand for expert j at layer l is scaled by scale[..., l, j] (one flow matrix per
-    scale: the flows are linear in j's demand, so the scale goes on j's holder rows, E x G, not on M, G x E
-    per draw, and no per-draw demand array is built)."""
-    H_LEG = (plan.holders_LEG > 0).astype(np.float64)
+def dispatch_flows(plan: Plan, M_LGE: np.ndarray, scale_yLE: np.ndarray | None = None) -> np.ndarray:
+    """float64 [L, G, G]: tokens sent g -> h (g != h) for demand M [L, G, E] by the replica rule; with
+    ``scale_yLE`` [..., L, E], [..., L, G, G]: one flow matrix per scale, the demand for expert j at layer l scaled
+    by scale[..., l, j] (the flows are linear in j's demand). Summed over the K = P / G slots of h (a copy doubled
+    on h counts half) rather than over all E experts, so a batch of scales costs L x G x P, not L x G x E x G, per
+    scale."""
+    cnt_LEG = plan.holders_LEG
+    H_LEG = (cnt_LEG > 0).astype(np.float64)
     L, E, G = H_LEG.shape
     node_G = plan.node_of_gpu_G
     N = plan.num_nodes
@@ -339,11 +341,23 @@ def dispatch_flows(plan: Plan, M_xLGE: np.ndarray, scale_yLE: np.ndarray | None 
     away_LGE = (1.0 - H_LEG).transpose(0, 2, 1)
     node_LGE = np.divide(1.0, cn_LEG, out=np.zeros_like(cn_LEG), where=cn_LEG > 0).transpose(0, 2, 1)
     any_LGE = np.where(cn_LEG == 0, 1.0 / cnt_LE[:, :, None], 0.0).transpose(0, 2, 1)
+    # rows 0..G-1: g's demand sent to holders on its node; rows G..2G-1: to all holders (none on g's node)
+    W_LRE = np.concatenate([away_LGE * node_LGE, away_LGE * any_LGE], axis=1) * np.concatenate([M_LGE, M_LGE], axis=1)
+    phy_LP = plan.phy2log
+    P = phy_LP.shape[1]
+    K = P // G
+    w_LP = 1.0 / cnt_LEG[np.arange(L)[:, None], phy_LP, plan.gpu_of_slot_P[None, :]]
+    W_LRP = np.take_along_axis(W_LRE, np.broadcast_to(phy_LP[:, None, :], (L, 2 * G, P)), axis=2) * w_LP[:, None, :]
+    W_LHRK = W_LRP.reshape(L, 2 * G, G, K).transpose(0, 2, 1, 3)
+    if scale_yLE is None:
+        F_xLRH = W_LHRK.sum(axis=3).transpose(0, 2, 1)
+    else:
+        s_YLE = scale_yLE.reshape(-1, L, E)
+        s_YLP = np.take_along_axis(s_YLE, np.broadcast_to(phy_LP[None], (s_YLE.shape[0], L, P)), axis=2)
+        F_LHRY = np.matmul(W_LHRK, s_YLP.reshape(-1, L, G, K).transpose(1, 2, 3, 0))
+        F_xLRH = F_LHRY.transpose(3, 0, 2, 1).reshape(*scale_yLE.shape[:-2], L, 2 * G, G)
     same_GG = node_G[:, None] == node_G[None, :]
-    A = M_xLGE * (away_LGE * node_LGE)
-    B = M_xLGE * (away_LGE * any_LGE)
-    H_yLEG = H_LEG if scale_yLE is None else H_LEG * scale_yLE[..., None]
-    return np.asarray(np.matmul(A, H_yLEG) * same_GG + np.matmul(B, H_yLEG))
+    return np.asarray(F_xLRH[..., :G, :] * same_GG + F_xLRH[..., G:, :])
 
 
 def phase_seconds(plan: Plan, bytes_xLGG: np.ndarray, hw: HardwarePreset) -> np.ndarray:
@@ -422,7 +436,8 @@ def forecast_time(
     M_LGE = dispatch_demand(load_split(plan), load_LE, g.trans_LEE, g.meta.top_k)
     r_DLE = np.divide(sim_DLE, load_LE, out=np.ones_like(sim_DLE), where=load_LE > 0)
     compute_L, comm_L = np.zeros(plan.num_layers), np.zeros(plan.num_layers)
-    chunk = max(1, _CHUNK_ELEMENTS // M_LGE.size)  # draws per batch: bounded memory at DeepSeek-V3 size
+    L, G, E = M_LGE.shape
+    chunk = max(1, _CHUNK_ELEMENTS // (L * (E + 4 * G * G)))  # draws per batch: bounded memory at any size
     for a in range(0, sim_DLE.shape[0], chunk):
         sim_dLE, r_dLE = sim_DLE[a : a + chunk], r_DLE[a : a + chunk]
         c_dL, m_dL = _step_time(plan, sim_dLE, M_LGE, g.num_tokens, hw, dims, r_dLE)

@@ -173,23 +173,21 @@ def test_top1_dispatch_equals_the_evaluators_follow_traffic() -> None:
 
 
 def test_scaled_flows_equal_the_flows_of_scaled_demand() -> None:
-    """forecast_time scales each draw's demand for expert j on j's holder rows: the same flows as scaling M."""
+    """forecast_time scales each draw's demand for expert j on j's slots, all draws at once: the same flows as
+    scaling M, one draw at a time (a copy doubled on one GPU included)."""
     from placement.metrics import load_split
     from placement.timemodel import dispatch_demand, dispatch_flows
 
     meta, routes = synthetic_trace(4, 8, 2, 300, num_preferred=2, num_topics=3, seed=4)
     g = graph_from_routes(routes.expert_ids_TLK, meta, with_coact=False)
     rng = np.random.default_rng(1)
-    plan = Plan(
-        4,
-        2,
-        8,
-        meta.layers,
-        np.stack([np.concatenate([rng.permutation(8), [l, 7 - l, (l + 3) % 8, (l + 5) % 8]]) for l in range(4)]),
-    )
+    phy_LP = np.stack([np.concatenate([rng.permutation(8), [l, 7 - l, (l + 3) % 8, (l + 5) % 8]]) for l in range(4)])
+    phy_LP[0, 10] = phy_LP[0, 11]  # layer 0: one expert twice on GPU 3
+    plan = Plan(4, 2, 8, meta.layers, phy_LP)
+    assert plan.holders_LEG.max() == 2
     M_LGE = dispatch_demand(load_split(plan), g.load_LE, g.trans_LEE, 2)
     r_DLE = rng.random((3, 4, 8)) * 2
-    want = dispatch_flows(plan, M_LGE[None] * r_DLE[:, :, None, :])
+    want = np.stack([dispatch_flows(plan, M_LGE * r_LE[:, None, :]) for r_LE in r_DLE])
     np.testing.assert_allclose(dispatch_flows(plan, M_LGE, r_DLE), want, rtol=1e-12)
     assert not np.allclose(want[0], want[1])
 
