@@ -195,7 +195,9 @@ def test_a_batch_of_few_prompts_is_sampled_by_token_blocks(tmp_path: Path) -> No
     assert (c.fold_load_SLE[fold_of_seq(np.zeros(1, np.int64), PROMPT_FOLDS)[0]] >= first).all()
     w = DecayedWindow(meta)
     w.add(c)
-    assert Forecaster.of(w.graph()).sim_LDE is not None  # one prompt's folds alone give no forecast
+    assert Forecaster.of(w.graph()).sim_LDE is not None
+    by_prompt = graph_from_routes(one.expert_ids_TLK, meta, False, one.seq_ids_T, PROMPT_FOLDS)
+    assert Forecaster.of(by_prompt).sim_LDE is None  # one prompt's fold alone gives no forecast
     plan = initial_plan(tmp_path / "plan.json")
     streamed, _ = shard_counts(write_shard(tmp_path / "ds", meta, one, "w"), plan)
     np.testing.assert_array_equal(streamed.fold_load_SLE, c.fold_load_SLE)
