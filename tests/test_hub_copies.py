@@ -98,7 +98,8 @@ def test_polish_lowers_the_worst_robust_ratio_and_leaves_other_layers_alone() ->
         mean_LG = np.einsum("le,leg->lg", lm.share_LE, split_LEG)
         return np.asarray((8 * (mean_LG + 2.0 * np.sqrt(np.maximum(var_LG, 0.0)))).max(axis=1))
 
-    polished_LP = polish_worst_layers(packed_LP, lm, 8, float("inf"), layers=2)
+    trans = g.trans_LEE.astype(np.float64)
+    polished_LP = polish_worst_layers(packed_LP, trans, lm, 8, float("inf"), layers=2)
     Plan(8, 1, 32, meta.layers, polished_LP)  # still a valid plan
     before_L, after_L = ratio_L(packed_LP), ratio_L(polished_LP)
     worst2 = np.argsort(-before_L)[:2]

@@ -31,7 +31,8 @@ from scipy.optimize import linear_sum_assignment
 from placement.metrics import load_split
 from placement.plan import Plan, PlanError
 from placement.solvers.baselines import balanced_packing
-from placement.solvers.replicate import robust_repair, separate_slots
+from placement.solvers.layer_assign import repair_balance
+from placement.solvers.replicate import separate_slots
 from placement.solvers.robust import LoadModel
 
 
@@ -119,21 +120,41 @@ def relabel_chain(
 
 
 def polish_worst_layers(
-    phy2log_LP: np.ndarray, lm: LoadModel, num_gpus: int, deadline: float, layers: int | None = None
+    phy2log_LP: np.ndarray,
+    trans_XEE: np.ndarray,
+    lm: LoadModel,
+    num_gpus: int,
+    deadline: float,
+    layers: int | None = None,
 ) -> np.ndarray:
     """phy2log int64 [L, P] with the ``layers`` (default all) layers of the highest robust GPU ratio (``lm``:
     whole experts, shares plus kappa standard deviations on unseen prompts, placement/solvers/robust.py) repaired
-    by swaps of single-copy experts until no swap lowers their worst GPU (``robust_repair``), worst layer first,
-    until ``deadline``. imbalance_max is a maximum over layers, so the worst layers move it first."""
+    by swaps of single-copy experts until no swap lowers their worst GPU, worst layer first, until ``deadline``;
+    each step takes the swap that loses the least traffic co-located with layers l-1 and l+1 per unit of ratio
+    (``repair_balance``; a copy carries 1/copies of its expert's share and deviation, as in ``robust_repair``).
+    imbalance_max is a maximum over layers, so the worst layers move it first."""
     out = np.asarray(phy2log_LP, dtype=np.int64).copy()
-    L = out.shape[0]
+    L, P = out.shape
     E, G = lm.share_LE.shape[1], num_gpus
+    gpu_P = np.arange(P) // (P // G)
     split_LEG = load_split(Plan(G, 1, E, tuple(range(L)), out))
     var_LG = np.einsum("leg,lef,lfg->lg", split_LEG, lm.cov_LEE, split_LEG)
     ratio_LG = G * (np.einsum("le,leg->lg", lm.share_LE, split_LEG) + lm.kappa * np.sqrt(np.maximum(var_LG, 0.0)))
     for l in np.argsort(-ratio_LG.max(axis=1))[: L if layers is None else layers]:
         if time.perf_counter() > deadline:
             break
-        one = LoadModel(lm.share_LE[l : l + 1], lm.cov_LEE[l : l + 1], lm.kappa)
-        out[l] = robust_repair(out[l : l + 1], np.zeros((0, E, E)), one, G, 1.0, deadline)[0]
+        e_P = out[l]
+        n_E = np.bincount(e_P, minlength=E)
+        inv_P = 1.0 / n_E[e_P]
+        cov_PP = lm.cov_LEE[l][np.ix_(e_P, e_P)] * inv_P[:, None] * inv_P[None, :]
+        slots = LoadModel((lm.share_LE[l][e_P] * inv_P)[None, :], cov_PP[None], lm.kappa)
+        w_PG = np.zeros((P, G))
+        for k in (l - 1, l + 1):
+            if 0 <= k < L:
+                held_EG = np.zeros((E, G))
+                held_EG[out[k], gpu_P] = 1.0
+                w_PG += ((trans_XEE[k].T if k < l else trans_XEE[l]) @ held_EG)[e_P]
+        allowed_PG = (n_E[e_P] == 1)[:, None] | (gpu_P[:, None] == np.arange(G)[None, :])
+        new_gpu_P = repair_balance(gpu_P, w_PG, slots, 0, 1.0, allowed_PG, None, deadline)
+        out[l] = e_P[np.argsort(new_gpu_P, kind="stable")]
     return out
