@@ -41,13 +41,12 @@ def replica_counts(graph: RoutingGraph, spec: PlanSpec, spread_z: float = 1.0, h
     busiest experts over 16 GPUs cost colocation and held-out balance: its packing of 4 experts per GPU needs
     the copies to split the heaviest ones). Copies go (1) to a hot expert whose load per copy is still over the
     first line, most per copy first (a lump that keeps a GPU from balancing); (2) to the hottest expert not yet
-    on every GPU: a copy
-    co-locates traffic in proportion to its expert's share, whatever its count, and an expert on every GPU
-    gives each GPU 1/G of its load, prompt swings included, so it is both balanced and local to all its
-    transitions (skewed top-1 benchmark, docs/benchmarks.md: 1.28x eplb's colocation instead of 1.24x, at a
-    lower held-out imbalance); (3) to the most load per copy, as EPLB does (``hot`` = inf: always). No expert
-    gets more copies than GPUs (a second copy on one GPU adds no capacity under ../shared/METRICS.md); slots
-    left over then go to the next in line.
+    on every GPU: a copy co-locates traffic in proportion to its expert's share, whatever its count, and an
+    expert on every GPU gives each GPU 1/G of its load, prompt swings included, so it is both balanced and
+    local to all its transitions (skewed top-1 benchmark, docs/benchmarks.md: the default at 1.30x eplb's
+    colocation instead of 1.25x, held-out imbalance the same within its noise); (3) to the most load per copy,
+    as EPLB does (``hot`` = inf: always). No expert gets more copies than GPUs (a second copy on one GPU adds
+    no capacity under ../shared/METRICS.md); slots left over then go to the next in line.
     """
     E, G, R = graph.num_experts, spec.num_gpus, spec.num_redundant
     hot = float(spec.options.get("replica_hot", REPLICA_HOT)) if hot is None else hot
