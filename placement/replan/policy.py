@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -122,13 +123,14 @@ def default_budget(plan: Plan, share: float = BUDGET_SHARE) -> int:
 
 
 def forecast_budget(
-    current: Plan, graph: RoutingGraph, forecast: Forecaster, eplb: Plan | None = None
+    current: Plan, graph: RoutingGraph, forecast: Forecaster, eplb: Plan | None = None, eplb_forecast: float = 0.0
 ) -> tuple[int, str]:
     """The per-decision budget (module docstring) and why: ``HIGH_SHARE`` of a full rebalance's moves when EPLB's
-    plan for ``graph`` (``eplb``, computed when None) forecasts a lower imbalance than the current plan beyond the
-    tie, else ``LOW_SHARE``; ``BUDGET_SHARE`` of the placements without a forecast (too few prompt folds)."""
+    plan for ``graph`` (``eplb``, computed when None; ``eplb_forecast``: its forecast when already made, > 0)
+    forecasts a lower imbalance than the current plan beyond the tie, else ``LOW_SHARE``; ``BUDGET_SHARE`` of the
+    placements without a forecast (too few prompt folds)."""
     eplb = eplb_plan(current, graph) if eplb is None else eplb
-    mine, theirs = forecast(current), forecast(eplb)
+    mine, theirs = forecast(current), (eplb_forecast if eplb_forecast > 0 else forecast(eplb))
     if mine is None or theirs is None:
         return default_budget(current), "no forecast"
     full = count_moves(current, relabel_gpus(current, eplb, per_layer=True))
@@ -163,22 +165,32 @@ def decide(
     eplb = eplb_plan(current, graph)
     ratio = 1.0 if not horizon_tokens else horizon_tokens / max(graph.num_tokens, 1)
     forecast = Forecaster.of(graph, seed, holdout_ratio=ratio).with_margin(margin, eplb)
-    k, why_k = (budget, "given") if budget is not None else forecast_budget(current, graph, forecast, eplb)
+    eplb_fc = forecast(eplb)  # its own layout: no margin
+    if budget is None:
+        k, why_k = forecast_budget(current, graph, forecast, eplb, eplb_fc or 0.0)
+    else:
+        k, why_k = budget, "given"
     if margin > 0:
         why_k += f"; forecast margin {margin:.3f} on layers not laid out as EPLB's"
     left = max(time_limit - (time.perf_counter() - t0), 0.1 * time_limit)  # the whole decision keeps the limit
     res = replan(current, graph, max_moves=k, expert_bytes=expert_bytes, balance_eps=balance_eps,
                  kappa=kappa, time_limit=left, seed=seed, exact=exact, forecast=forecast)  # fmt: skip
-    calib = {"eplb_phy2log": eplb.phy2log, "eplb_forecast_raw": forecast(eplb, raw=True), "margin": margin}
+    calib = {"eplb_phy2log": eplb.phy2log, "eplb_forecast_raw": eplb_fc, "margin": margin}
     res = replace(res, info={**res.info, **calib, "budget": k, "budget_reason": why_k})
+
+    def raw(plan: Plan, scored: dict[str, Any]) -> float | None:  # the replan's score when there is no margin
+        if forecast.sim_LDE is None:
+            return None
+        return float(scored["forecast_imbalance"]) if margin <= 0 else forecast(plan, raw=True)
+
     if not res.changed:
-        res = replace(res, info={**res.info, "forecast_raw": forecast(current, raw=True)})
+        res = replace(res, info={**res.info, "forecast_raw": raw(current, res.before)})
         return replace(res, reason=f"{res.reason} [budget {k}: {why_k}]")
     b, a = res.before, res.after
     d_imb = b["forecast_imbalance"] - a["forecast_imbalance"]
     d_col = a["colocation"] - b["colocation"]
     moves = a["moves"]
-    changed = replace(res, info={**res.info, "forecast_raw": forecast(res.plan, raw=True)})
+    changed = replace(res, info={**res.info, "forecast_raw": raw(res.plan, a)})
     if d_imb >= min_imbalance_gain:
         return replace(changed, reason=f"re-planned for balance: {res.reason} [{why_k}]")
     if d_imb > -IMBALANCE_TIE and d_col >= colocation_per_move * moves:
@@ -189,5 +201,5 @@ def decide(
     )
     empty = MoveList(current.model_name, current.num_gpus, expert_bytes, (), current.layers)
     kept = {**b, "moves": 0, "bytes": 0, "time_s": a.get("time_s")}
-    info = {**res.info, "rejected": a, "forecast_raw": forecast(current, raw=True)}
+    info = {**res.info, "rejected": a, "forecast_raw": raw(current, b)}
     return ReplanResult(current, empty, False, why, b, kept, info)
