@@ -38,7 +38,10 @@ from placement.solvers.robust import LoadModel
 
 def hub_counts(load_LE: np.ndarray, num_gpus: int, num_redundant: int) -> np.ndarray:
     """int64 [L, E]: copies of each expert, summing to E + ``num_redundant`` per layer: each extra copy goes to
-    the expert of the most load among those on fewer than ``num_gpus`` GPUs (module docstring)."""
+    the expert of the most load among those on fewer than ``num_gpus`` GPUs (module docstring). The affinity
+    solver's ``replica_counts`` (placement/solvers/replicate.py) fills the same way once experts too heavy for
+    one copy have theirs; this plain rule gives every layer the same number of experts on every GPU, which
+    ``hub_packing`` packs as one array."""
     load_LE = np.asarray(load_LE, dtype=np.float64)
     L, E = load_LE.shape
     G, R = num_gpus, num_redundant
