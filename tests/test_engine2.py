@@ -126,7 +126,7 @@ def _one_layer_graph(load_E: list[int]) -> RoutingGraph:
 
 
 def test_a_hot_expert_is_spread_over_every_gpu_before_cooler_ones_get_copies() -> None:
-    """Expert 0 carries 0.163 of the layer, over half a GPU's mean share (0.125 with 4 GPUs) and four times the
+    """Expert 0 carries 0.163 of the layer, over a quarter of a GPU's mean share (0.0625 with 4 GPUs) and four times the
     mean expert's (1/32): its copies go to every GPU first (balanced and local everywhere), where EPLB's rule,
     load per copy, gives experts 1 and 2 (0.071 each) copies once expert 0 is down to 0.054 per copy."""
     g = _one_layer_graph([1600] + [700] * 4 + [200] * 27)
@@ -135,7 +135,7 @@ def test_a_hot_expert_is_spread_over_every_gpu_before_cooler_ones_get_copies() -
     eplb_rule = replica_counts(g, PlanSpec(4, 1, 3), hot=float("inf"))
     assert eplb_rule.tolist()[0][:4] == [3, 2, 1, 1]
     assert (replica_counts(g, PlanSpec(4, 1, 3, options={"replica_hot": float("inf")})) == eplb_rule).all()
-    # 8 GPUs: expert 0 is first cut below half a GPU's mean share (0.0625) per copy, then spread
+    # 8 GPUs: expert 0 is first cut below a quarter of a GPU's mean share (0.031) per copy
     assert replica_counts(g, PlanSpec(8, 1, 4)).tolist()[0][:4] == [5, 1, 1, 1]
     assert replica_counts(g, PlanSpec(8, 1, 4), hot=float("inf")).tolist()[0][:4] == [3, 2, 2, 1]
 

@@ -1,9 +1,9 @@
 """Affinity-aware replication: fill redundant slots with copies that relieve load *and* co-locate traffic.
 
 Which experts get extra copies is decided by their load on unseen traffic (training share plus one standard
-deviation across prompt folds; ``replica_counts``): hot experts (over half a GPU's mean share and four times
-the layer's mean expert) first, cut below that per copy and then spread over every GPU as copies allow (in
-skewed top-1 models a 99.9 % expert takes a copy on every GPU), then the most load per copy, so that among
+deviation across prompt folds; ``replica_counts``): hot experts (over a quarter of a GPU's mean share and four
+times the layer's mean expert) first, cut below that per copy and then spread over every GPU as copies allow
+(in skewed top-1 models a 99.9 % expert takes a copy on every GPU), then the most load per copy, so that among
 similar experts those whose load swings with the prompt mix come first. No expert gets more copies than GPUs.
 Where each extra copy goes is decided by affinity: layer by layer (so that copies at layer l count when layer l+1 is
 filled), the copies are assigned to the GPUs' redundant slots by a linear assignment maximising the transition
@@ -26,7 +26,7 @@ from placement.solvers.deadline import check_deadline
 from placement.solvers.layer_assign import assign_layer, repair_balance
 from placement.solvers.robust import LoadModel
 
-REPLICA_HOT = 0.5
+REPLICA_HOT = 0.25
 REPLICA_HOT_OVER_MEAN = 4.0
 
 
@@ -44,7 +44,8 @@ def replica_counts(graph: RoutingGraph, spec: PlanSpec, spread_z: float = 1.0, h
     on every GPU: a copy co-locates traffic in proportion to its expert's share, whatever its count, and an
     expert on every GPU gives each GPU 1/G of its load, prompt swings included, so it is both balanced and
     local to all its transitions (skewed top-1 benchmark, docs/benchmarks.md: the default at 1.30x eplb's
-    colocation instead of 1.25x, held-out imbalance the same within its noise); (3) to the most load per copy,
+    colocation instead of 1.25x, held-out imbalance the same within its noise; a second skewed model whose
+    busiest experts sit at 0.2-0.44 of a GPU's share: +0.02 colocation at fixed kappa); (3) to the most load per copy,
     as EPLB does (``hot`` = inf: always). No expert gets more copies than GPUs (a second copy on one GPU adds
     no capacity under ../shared/METRICS.md); slots left over then go to the next in line.
     """
