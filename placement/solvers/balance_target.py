@@ -54,12 +54,16 @@ from placement.plan import Plan, PlanError
 from placement.solvers.affinity import eplb_start, solve_fixed, solve_for_unseen
 from placement.solvers.base import PlanSpec, SolveResult
 from placement.solvers.baselines import eplb_phy2log
+from placement.solvers.deadline import SolveTimeout, deadline_left, hard_deadline
 from placement.solvers.hub_copies import hub_packing, polish_worst_layers, relabel_chain
 from placement.solvers.replicate import distinct_copies
 from placement.solvers.robust import LoadModel, predict_unseen_imbalance
 
 FORECAST_OPTIMISM = 0.01
 FORECAST_OPTIMISM_REDUNDANT = 0.0
+# Forecasts after the solves (a candidate's, EPLB's plan's, its moved copies'), in units of EPLB's reference (one
+# packing and one forecast, timed at the start): the solves' hard deadline is that much before the limit.
+FORECASTS_AFTER = 4.0
 HUB_KAPPA = 2.0  # robustness of the hub plan's polish (the standard deviations its worst layers are judged by)
 
 
@@ -86,60 +90,138 @@ def eplb_fitted_eps(graph: RoutingGraph, spec: PlanSpec) -> float:
 
 
 def solve_auto(graph: RoutingGraph, spec: PlanSpec) -> SolveResult:
-    """Affinity placement at the default balance; see the module docstring."""
+    """Affinity placement at the default balance; see the module docstring. Everything runs within
+    ``spec.time_limit`` (or a caller's earlier hard deadline, placement/solvers/deadline.py): the solves under a
+    hard deadline that leaves ``FORECASTS_AFTER`` times what EPLB's reference took (one packing and one forecast)
+    for the forecasts and EPLB's plan after them; a solve still running then stops and is no candidate. With no
+    candidate left the result is EPLB's plan with its copies apart (``distinct_copies``) and ``info["stopped"]``
+    says why: the default never raises. ``info["unseen_imbalance"]`` is the chosen plan's forecast (the planner
+    reports it without forecasting again)."""
     t0 = time.perf_counter()
+    with threadpool_limits(limits=1, user_api="blas"):  # small products; threaded BLAS is slower on a busy machine
+        phy_LP, fit_imb, eplb_fc = eplb_reference(graph, spec)
+        end = t0 + float(spec.time_limit)
+        outer = deadline_left()  # a caller's earlier hard deadline (--objective time) holds too
+        end = end if outer is None else min(end, time.perf_counter() + outer)
+        stop = end - FORECASTS_AFTER * (time.perf_counter() - t0)
+        with hard_deadline(end):  # the solves stop at ``stop``, EPLB's plan and the forecasts at ``end``
+            return _solve_auto(graph, spec, t0, stop, phy_LP, fit_imb, eplb_fc)
+
+
+def _solve_auto(
+    graph: RoutingGraph,
+    spec: PlanSpec,
+    t0: float,
+    stop: float,
+    phy_LP: np.ndarray,
+    fit_imb: float,
+    eplb_fc: float | None,
+) -> SolveResult:
     limit = float(spec.time_limit)
-    phy_LP, fit_imb, eplb_fc = eplb_reference(graph, spec)
     fit_eps = max(fit_imb - 1.0, 0.0) + 1e-9
     info: dict[str, Any] = {"eplb_fit_imbalance": round(fit_imb, 4), "eplb_forecast": eplb_fc}
+    stopped: list[str] = []  # the steps cut at the hard deadline
     fixed = replace(spec, auto_balance=False, options={**spec.options, "unseen": False, "kappa": 0.0})
     target = None if eplb_fc is None else eplb_fc - forecast_optimism(spec)
-    hub = None if target is None else _hub_candidate(graph, spec, target, t0 + 0.3 * limit)  # seconds at V3 size
+    hub = None
+    if target is not None and time.perf_counter() < stop:  # seconds at V3 size
+        with hard_deadline(stop):
+            hub = _hub_candidate(graph, spec, target, min(t0 + 0.3 * limit, stop))
     # At EPLB's own fitted balance (always reached): where layers depend weakly on each other it is often
     # already as balanced on unseen prompts as EPLB, and more co-located than a robustness search.
+    at_eplb: SolveResult | None = None
     try:
-        at_eplb = solve_fixed(graph, replace(fixed, balance_eps=fit_eps), t0 + (0.25 if eplb_fc else 1.0) * limit)
+        with hard_deadline(stop):
+            at_deadline = min(t0 + (0.25 if eplb_fc else 1.0) * limit, stop)
+            at_eplb = solve_fixed(graph, replace(fixed, balance_eps=fit_eps), at_deadline)
+    except SolveTimeout as exc:
+        stopped.append(str(exc))
     except PlanError:  # eplb's balance rests on a doubled copy (an idle slot), which our plans never have
-        start_LP = eplb_start(phy_LP, graph, spec.num_gpus, 1.0 + fit_eps)
-        at_eplb = SolveResult(start_LP, "affinity", "heuristic", info={"from_eplb": True})
+        at_eplb = _eplb_result(_eplb_plan(phy_LP, graph, spec, fit_eps, eplb_fc, stopped)[0])
     if eplb_fc is None or target is None:
-        info["balance"] = "eplb fitted"
-        return replace(at_eplb, solve_seconds=time.perf_counter() - t0, info={**at_eplb.info, **info})
+        info["balance"] = "eplb fitted" if at_eplb is not None else "eplb plan"
+        if at_eplb is None:
+            at_eplb = _eplb_result(_eplb_plan(phy_LP, graph, spec, fit_eps, None, stopped)[0])
+        return _result(at_eplb, None, t0, info, stopped)
     info["unseen_target"] = round(target, 4)
-    best, best_fc, how = at_eplb, _forecast(at_eplb.phy2log_LP, graph, spec), "eplb fitted"
+    best: tuple[SolveResult, dict[str, Any] | None] | None = None
+    how = "eplb plan"
+    if at_eplb is not None:
+        best, how = (at_eplb, _forecast(at_eplb.phy2log_LP, graph, spec)), "eplb fitted"
     sub = replace(fixed, balance_eps=max(target - 1.0, fit_eps), options={**fixed.options, "eplb_floor": False})
     try:
         if time.perf_counter() - t0 > 0.5 * limit:  # one solve took half the limit: no time for a search
             raise PlanError("no time left for the robustness search")
-        budget = max(limit - (time.perf_counter() - t0), 0.3 * limit)
-        found = solve_for_unseen(graph, sub, target=target, budget=budget, closest=True)
-    except PlanError:
+        budget = min(max(limit - (time.perf_counter() - t0), 0.3 * limit), stop - time.perf_counter())
+        with hard_deadline(stop):
+            found = solve_for_unseen(graph, sub, target=target, budget=budget, closest=True)
+    except PlanError as exc:
         info["unseen_target_missed"] = True
+        if isinstance(exc, SolveTimeout):
+            stopped.append(str(exc))
     else:
         found_fc = _forecast(found.phy2log_LP, graph, spec)
-        info["unseen_target_missed"] = min(found_fc, best_fc) > target
-        if _better(found, found_fc, best, best_fc, target, graph, spec):
-            best, best_fc, how = found, found_fc, "unseen forecast"
-    if hub is not None and _better(*hub, best, best_fc, target, graph, spec):
-        (best, best_fc), how = hub, "hub copies"
-        info["unseen_target_missed"] = best_fc > target
-    if best_fc > eplb_fc:  # keep the forecast no worse than eplb's: else eplb's own plan, copies apart
-        start_LP = distinct_copies(phy_LP, graph.load_LE.astype(np.float64), spec.num_gpus)
-        start_fc = _forecast(start_LP, graph, spec)
-        if start_fc > eplb_fc:  # new copies for the doubled ones cost balance: try moving the doubled ones instead
-            moved_LP = eplb_start(phy_LP, graph, spec.num_gpus, 1.0 + fit_eps)
-            moved_fc = _forecast(moved_LP, graph, spec)
-            start_LP, start_fc = (moved_LP, moved_fc) if moved_fc < start_fc else (start_LP, start_fc)
-        if start_fc < best_fc:
-            best, how = replace(best, phy2log_LP=start_LP), "eplb plan"
+        if best is None or _better(found, found_fc, *best, target, graph, spec):
+            best, how = (found, found_fc), "unseen forecast"
+    if hub is not None and (best is None or _better(*hub, *best, target, graph, spec)):
+        best, how = hub, "hub copies"
+    if best is not None:
+        info["unseen_target_missed"] = _p50(best[1]) > target
+    if best is None or _p50(best[1]) > eplb_fc:  # keep the forecast no worse than eplb's: else eplb's own plan
+        start_LP, start_fc = _eplb_plan(phy_LP, graph, spec, fit_eps, eplb_fc, stopped)
+        if best is None or _p50(start_fc) < _p50(best[1]):
+            base = _eplb_result(start_LP) if best is None else best[0]
+            best, how = (replace(base, phy2log_LP=start_LP), start_fc), "eplb plan"
     info["balance"] = how
-    return replace(best, solve_seconds=time.perf_counter() - t0, info={**best.info, **info})
+    return _result(best[0], best[1], t0, info, stopped)
+
+
+def _eplb_plan(
+    phy_LP: np.ndarray,
+    graph: RoutingGraph,
+    spec: PlanSpec,
+    fit_eps: float,
+    eplb_fc: float | None,
+    stopped: list[str],
+) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """(phy2log [L, P], its forecast or None without ``eplb_fc``): EPLB's plan with its second copies on one GPU
+    replaced by copies of other experts (``distinct_copies``, milliseconds), or, when that forecasts above
+    ``eplb_fc`` (always, without a forecast), moved to other GPUs (``eplb_start``), whichever forecasts lower
+    (without a forecast: the moved one). Never raises: an ``eplb_start`` cut at the hard deadline leaves the
+    distinct copies, noted in ``stopped``."""
+    start_LP = distinct_copies(phy_LP, graph.load_LE.astype(np.float64), spec.num_gpus)
+    start_fc = None if eplb_fc is None else _forecast(start_LP, graph, spec)
+    if start_LP.shape[1] == graph.num_experts or (eplb_fc is not None and _p50(start_fc) <= eplb_fc):
+        return start_LP, start_fc
+    try:  # new copies for the doubled ones cost balance: try moving the doubled ones instead
+        moved_LP = eplb_start(phy_LP, graph, spec.num_gpus, 1.0 + fit_eps)
+    except SolveTimeout as exc:
+        stopped.append(str(exc))
+        return start_LP, start_fc
+    if eplb_fc is None:
+        return moved_LP, None
+    moved_fc = _forecast(moved_LP, graph, spec)
+    return (moved_LP, moved_fc) if _p50(moved_fc) < _p50(start_fc) else (start_LP, start_fc)
+
+
+def _eplb_result(phy2log_LP: np.ndarray) -> SolveResult:
+    return SolveResult(phy2log_LP, "affinity", "heuristic", info={"from_eplb": True})
+
+
+def _result(
+    res: SolveResult, fc: dict[str, Any] | None, t0: float, info: dict[str, Any], stopped: list[str]
+) -> SolveResult:
+    """``res`` with the default's ``info`` (and the steps cut at the hard deadline) and its forecast."""
+    extra: dict[str, Any] = {"stopped": stopped} if stopped else {}
+    if fc is not None:
+        extra["unseen_imbalance"] = fc
+    return replace(res, solve_seconds=time.perf_counter() - t0, info={**res.info, **info, **extra})
 
 
 def _hub_candidate(
     graph: RoutingGraph, spec: PlanSpec, target: float, deadline: float
-) -> tuple[SolveResult, float] | None:
-    """(plan, forecast median): hub copies packed by load, GPU labels chosen along the layers
+) -> tuple[SolveResult, dict[str, Any] | None] | None:
+    """(plan, forecast): hub copies packed by load, GPU labels chosen along the layers
     (placement/solvers/hub_copies.py); while that forecast misses ``target``, its 8, then 24, then all worst
     layers are polished at robustness ``HUB_KAPPA`` (least co-located traffic lost first) and relabelled: balance
     beyond the target is not needed, colocation is. None without redundant slots or where more copies are asked
@@ -153,32 +235,32 @@ def _hub_candidate(
     with threadpool_limits(limits=1, user_api="blas"):  # small products; threaded BLAS is slower on a busy machine
         phy_LP = relabel_chain(packed_LP, trans, G, spec.num_nodes, deadline=t0 + 0.4 * (deadline - t0))
         fc = _forecast(phy_LP, graph, spec)
-        lm = LoadModel.from_graph(graph, kappa=HUB_KAPPA) if fc > target else None
+        lm = LoadModel.from_graph(graph, kappa=HUB_KAPPA) if _p50(fc) > target else None
         for layers in (8, 24, graph.num_layers):  # a few worst layers first, more while the target is missed
-            if lm is None or fc <= target or time.perf_counter() > deadline:
+            if lm is None or _p50(fc) <= target or time.perf_counter() > deadline:
                 break
             polished_LP = polish_worst_layers(phy_LP, trans, lm, G, deadline, layers)
             polished_LP = relabel_chain(polished_LP, trans, G, spec.num_nodes, sweeps=1, deadline=deadline)
             polished_fc = _forecast(polished_LP, graph, spec)
-            if polished_fc < fc:
+            if _p50(polished_fc) < _p50(fc):
                 phy_LP, fc = polished_LP, polished_fc
     return SolveResult(phy_LP, "affinity", "heuristic", info={"hub_copies": True}), fc
 
 
 def _better(
     cand: SolveResult,
-    cand_fc: float,
+    cand_fc: dict[str, Any] | None,
     best: SolveResult,
-    best_fc: float,
+    best_fc: dict[str, Any] | None,
     target: float,
     graph: RoutingGraph,
     spec: PlanSpec,
 ) -> bool:
     """Whether a candidate beats the best so far: meeting the target, the more co-located; else the lower
     forecast."""
-    if cand_fc <= target:
-        return best_fc > target or _colocation(cand, graph, spec) > _colocation(best, graph, spec)
-    return best_fc > target and cand_fc < best_fc
+    if _p50(cand_fc) <= target:
+        return _p50(best_fc) > target or _colocation(cand, graph, spec) > _colocation(best, graph, spec)
+    return _p50(best_fc) > target and _p50(cand_fc) < _p50(best_fc)
 
 
 def _colocation(res: SolveResult, graph: RoutingGraph, spec: PlanSpec) -> float:
@@ -187,7 +269,11 @@ def _colocation(res: SolveResult, graph: RoutingGraph, spec: PlanSpec) -> float:
     return colocation(Plan(spec.num_gpus, spec.num_nodes, graph.num_experts, graph.meta.layers, res.phy2log_LP), graph)
 
 
-def _forecast(phy2log_LP: np.ndarray, graph: RoutingGraph, spec: PlanSpec) -> float:
+def _forecast(phy2log_LP: np.ndarray, graph: RoutingGraph, spec: PlanSpec) -> dict[str, Any] | None:
+    """The forecast the planner reports (``predict_unseen_imbalance``, same seed), None without prompt folds."""
     plan = Plan(spec.num_gpus, spec.num_nodes, graph.num_experts, graph.meta.layers, phy2log_LP)
-    fc = predict_unseen_imbalance(plan, graph.load_LE, graph.fold_load_SLE, seed=spec.seed)
+    return predict_unseen_imbalance(plan, graph.load_LE, graph.fold_load_SLE, seed=spec.seed)
+
+
+def _p50(fc: dict[str, Any] | None) -> float:
     return float("inf") if fc is None else float(fc["p50"])
