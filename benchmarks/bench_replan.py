@@ -17,14 +17,16 @@ Streams (../shared/traces is read in place, never copied):
   preferred experts each (more affinity), 8 windows of 100 prompts of 32 tokens whose topic mix drifts in four
   steps (topics 0-5, 3-8, 6-11, 9-11 and 0-2), G = 4.
 
-Policies (all start from a plan fitted on the first window, scored from the second window on):
-- static: the affinity plan (robust 2) of the first window, never changed.
+Policies (all start from a plan fitted on the first window, scored from the second window on; ``initial_plans``):
+- static: the default plan of the first window (``moeplace plan``'s), never changed.
 - eplb: EPLB recomputed after every window, on all traffic so far and on the last two windows; each relabelled per
   layer to minimise moves from the deployed plan, and the better balanced on the next window is taken (an oracle
   choice: EPLB's best case).
 - affinity: the affinity optimiser (robust 2) recomputed on all traffic so far, GPUs relabelled (one renaming).
-- decide: ``placement.replan.decide`` with its defaults on the traffic so far, decayed (half-life 2 windows: the
-  service's default of 25,000 tokens on DeepSeek-V2-Lite).
+- decide: the service's policy: ``placement.replan.decide`` with its defaults on one of two memories of the
+  traffic so far, decayed with half-lives of 2 windows (the service's default of 25,000 tokens on
+  DeepSeek-V2-Lite) and ``LONG_MEMORY`` times that, chosen online (placement/replan/memory.py).
+- decide-short (only with ``--with``): the earlier default, ``decide`` on the 2-window memory alone.
 - decide-calibrated (only with ``--with``; an experiment, not the default): the same with the forecast's measured
   optimism as a margin (``Calibration``: each decision's forecasts scored on the window that came next) and the
   forecast made for the next window's size (``horizon_tokens``) instead of the window's.
@@ -49,8 +51,11 @@ import numpy as np
 from placement.graph import PROMPT_FOLDS, RoutingGraph, graph_from_routes
 from placement.metrics import colocation, imbalance
 from placement.plan import Plan
+from placement.planner import make_plan
 from placement.replan import Calibration, count_moves, decide, relabel_gpus
+from placement.replan.memory import LONG_MEMORY, MemoryChoice, decide_on_memories
 from placement.replan.solve import target_plan
+from placement.solvers.base import PlanSpec
 from placement.solvers.baselines import eplb_phy2log
 from placement.trace.dataset import open_trace
 from placement.trace.schema import RouteArrays, TraceMeta
@@ -149,8 +154,17 @@ def policies(time_limit: float) -> dict[str, Policy]:
     def affinity(history: list[RoutingGraph], cur: Plan) -> Plan:
         return relabel_gpus(cur, target_plan(cur, merged(history), 0.1, 2.0, time_limit, 0))
 
-    def decide_policy(history: list[RoutingGraph], cur: Plan) -> Plan:
+    def decide_short(history: list[RoutingGraph], cur: Plan) -> Plan:
         return decide(cur, decayed(history), time_limit=time_limit).plan
+
+    memory = [MemoryChoice()]
+
+    def decide_policy(history: list[RoutingGraph], cur: Plan) -> Plan:
+        graphs = [decayed(history, h) for h in (2.0, 2.0 * LONG_MEMORY)]
+        res, memory[0] = decide_on_memories(cur, graphs, memory[0], history[-1].load_LE, time_limit=time_limit)
+        print(f"decide after window {len(history) - 1}: memory {res.info.get('memory', 0)}, probe scores "
+              f"{memory[0].recent()}", file=sys.stderr)  # fmt: skip
+        return res.plan
 
     calib = [Calibration()]
 
@@ -162,14 +176,19 @@ def policies(time_limit: float) -> dict[str, Policy]:
         return res.plan
 
     return {"static": lambda h, cur: cur, "eplb": eplb, "affinity": affinity, "decide": decide_policy,
-            "decide-calibrated": calibrated}  # fmt: skip
+            "decide-short": decide_short, "decide-calibrated": calibrated}  # fmt: skip
 
 
 def initial_plans(first: RoutingGraph, G: int, time_limit: float) -> dict[str, Plan]:
+    """The plan each policy starts from, fitted on window 0: EPLB's for ``eplb``; for the others what ``moeplace
+    plan --gpus G`` gives with its defaults (``make_plan``, the default spec: as balanced on unseen prompts as EPLB's
+    forecast, then as co-located as possible), the INIT a user starts ``moeplace serve --plan INIT`` with."""
     L, E = first.load_LE.shape
     blank = Plan(G, 1, E, first.meta.layers, np.tile(np.arange(E), (L, 1)), first.meta.model_name)
-    aff = target_plan(blank, first, 0.1, 2.0, time_limit, 0)
-    return {"static": aff, "eplb": eplb_plan(first, blank), "affinity": aff, "decide": aff, "decide-calibrated": aff}
+    spec = PlanSpec(G, time_limit=time_limit, auto_balance=True, options={"ilp_backend": "cpsat", "kappa": 0.0})
+    aff = make_plan(first, spec)
+    fitted = {name: aff for name in ("static", "affinity", "decide", "decide-short", "decide-calibrated")}
+    return {"eplb": eplb_plan(first, blank), **fitted}
 
 
 def topic_stream(
@@ -286,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", nargs="*", help=f"stream names to run ({', '.join(STREAMS)})")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds per plan (default 8, quick 2)")
     ap.add_argument("--with", dest="pols", nargs="*", default=["static", "eplb", "affinity", "decide"],
-                    help="policies to run (also: decide-calibrated)")  # fmt: skip
+                    help="policies to run (also: decide-short, decide-calibrated)")  # fmt: skip
     ap.add_argument("--json", type=Path, help="write all rows as JSON")
     ap.add_argument("--v3", action="store_true", help="time replan at DeepSeek-V3 size instead (default limit 20 s)")
     args = ap.parse_args(argv)

@@ -421,3 +421,44 @@ def test_decide_with_a_large_margin_takes_eplbs_layout_when_it_fits(small_graph:
     res = decide(cur, small_graph, budget=10_000, margin=1.0, time_limit=2.0, exact="off")
     assert res.changed and res.info["margin"] == 1.0 and "margin 1.000" in res.reason
     assert np.array_equal(same_gpu_LEF(res.plan), same_gpu_LEF(eplb_plan(cur, small_graph)))
+
+
+def topic_graph(topics: slice, seed: int) -> RoutingGraph:
+    """Routing of one synthetic model (same experts per topic) on the topics ``topics`` of 8 only."""
+    mix = np.zeros(8)
+    mix[topics] = 1.0
+    meta, r = synthetic_trace(6, 16, 2, 3000, num_topics=8, tokens_per_prompt=40, seed=3, topic_probs=mix / mix.sum())
+    r = type(r)(r.expert_ids_TLK, r.seq_ids_T + seed * 10**6, r.token_pos_T)
+    return graph_from_routes(r.expert_ids_TLK, meta, False, r.seq_ids_T, PROMPT_FOLDS)
+
+
+def test_memory_choice_follows_the_memory_whose_probe_served_the_next_traffic_better() -> None:
+    from placement.replan import MemoryChoice, decide_on_memories
+    from placement.replan.memory import MEMORY_DECISIONS
+    from placement.replan.policy import load_imbalance
+    from placement.replan.solve import eplb_plan
+
+    early, late = topic_graph(slice(0, 4), 0), topic_graph(slice(4, 8), 1)
+    cur = Plan(4, 1, 16, early.meta.layers, random_plan(np.random.default_rng(9), 6, 16, 4, 0).phy2log)
+    memories = [late, early]  # 0: a short memory (the late topics), 1: a long one that still holds the early ones
+    res, choice = decide_on_memories(cur, memories, MemoryChoice(), np.zeros((6, 16)), time_limit=1.0, exact="off")
+    assert res.info["memory"] == 0 and choice.scores_MN.size == 0  # nothing scored yet: the short memory
+    assert choice.pending_MLP is not None
+    np.testing.assert_array_equal(choice.pending_MLP[1], eplb_plan(cur, early).phy2log)
+    for fresh, want in ((topic_graph(slice(0, 4), 2), 1), (topic_graph(slice(4, 8), 3), 0)):
+        scored = choice.scored(res.plan, fresh.load_LE)
+        probes = [eplb_plan(cur, g) for g in memories]
+        expect = [load_imbalance(p, fresh.load_LE) for p in probes]
+        assert scored.scores_MN[:, -1].tolist() == pytest.approx(expect) and scored.pending_MLP is None
+        assert scored.pick() == want == int(np.argmin(expect))  # the memory that foresaw the traffic
+        again, _ = decide_on_memories(res.plan, memories, choice, fresh.load_LE, time_limit=1.0, exact="off")
+        assert again.info["memory"] == want and f"memory {want} of 2" in again.reason
+    back = MemoryChoice.from_arrays(choice.arrays())
+    assert back.pending_MLP is not None and np.array_equal(back.pending_MLP, choice.pending_MLP)
+    assert MemoryChoice.from_arrays({}).pick() == 0 and MemoryChoice(np.ones((2, 3))).pick() == 0  # a tie: short
+    long_run = MemoryChoice(np.ones((2, 0)), choice.pending_MLP)
+    for _ in range(MEMORY_DECISIONS + 2):  # the record keeps the recent decisions only
+        long_run = long_run.scored(res.plan, late.load_LE).after(probes)
+    assert long_run.scores_MN.shape == (2, MEMORY_DECISIONS)
+    one, _ = decide_on_memories(cur, [late], MemoryChoice(), late.load_LE, time_limit=1.0, exact="off")
+    assert "memory" not in one.info  # a single memory: plain decide

@@ -4,6 +4,7 @@ files, and exactly-once ingestion across restarts (the HTTP end-to-end tests are
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +232,45 @@ def test_decisions_score_the_last_forecast_and_keep_it_across_restarts(tmp_path:
     assert s.calib.gaps_N.size == 1 and s.calib.pending is not None
     assert s.status()["forecast_gap"] == pytest.approx(float(s.calib.gaps_N[0]))
     s.stop()
+
+
+def test_two_memories_survive_a_restart_and_the_choice_is_scored_on_the_traffic_since(tmp_path: Path) -> None:
+    from placement.replan.memory import LONG_MEMORY
+    from placement.replan.policy import load_imbalance
+
+    plan = initial_plan(tmp_path / "plan.json")
+    cfg = ServiceConfig(tmp_path / "state", tmp_path / "ds", half_life=2000, time_limit=1.0)
+    s = ReplanService(plan, cfg)
+    s.start(watch=False)
+    meta, a = traffic(3000, seed=1)
+    _, b = traffic(2000, seed=2)
+    b = type(b)(b.expert_ids_TLK, b.seq_ids_T + 10**6, b.token_pos_T)
+    write_shard(tmp_path / "ds", meta, a, "w1")
+    s.ingest_pending()
+    s.decide_now()
+    assert s.long_window is not None and s.long_window.half_life == LONG_MEMORY * 2000
+    write_shard(tmp_path / "ds", meta, b, "w1")
+    s.ingest_pending()
+    load_a, _ = reference_graph(a.expert_ids_TLK, E)
+    load_b, _ = reference_graph(b.expert_ids_TLK, E)
+    np.testing.assert_allclose(s.long_window.load_LE, 0.5 ** (2000 / (LONG_MEMORY * 2000)) * load_a + load_b)
+    np.testing.assert_allclose(s.window.load_LE, 0.5 * load_a + load_b)
+    long_LE, pending = s.long_window.load_LE.copy(), s.memory.pending_MLP
+    assert pending is not None and pending.shape[0] == 2 and s.status()["memory_scores"] is None
+    s.stop()
+    s = ReplanService(plan, cfg)
+    s.start(watch=False)  # restart: both memories and the pending probes are what they were
+    assert s.long_window is not None and s.memory.pending_MLP is not None
+    np.testing.assert_array_equal(s.long_window.load_LE, long_LE)
+    np.testing.assert_array_equal(s.memory.pending_MLP, pending)
+    assert s.long_window.observed_tokens == s.window.observed_tokens == 5000
+    out = s.decide_now()
+    expect = [load_imbalance(replace(plan, phy2log=p_LP), load_b.astype(float)) for p_LP in pending]
+    assert s.memory.scores_MN[:, 0].tolist() == pytest.approx(expect)  # each probe on the traffic since (b)
+    status = s.status()
+    assert status["memory_half_lives"] == [2000.0, LONG_MEMORY * 2000]
+    assert status["memory_scores"] == pytest.approx(expect, abs=1e-4)
+    assert f"memory {int(np.argmin(expect))} of 2" in out["reason"]
+    s.stop()
+    flat = ReplanService(plan, ServiceConfig(tmp_path / "flat", tmp_path / "ds"))  # no decay: one memory
+    assert flat.long_window is None

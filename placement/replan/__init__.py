@@ -7,18 +7,21 @@ fits); ``policy.decide`` is the service's policy (re-plan only when the forecast
 
 from __future__ import annotations
 
+from placement.replan.memory import MemoryChoice, decide_on_memories
 from placement.replan.moves import Move, MoveList, apply_moves, count_moves, holders_LEG, move_list, relabel_gpus
 from placement.replan.policy import Calibration, decide, default_budget
 from placement.replan.solve import ReplanResult, replan
 
 __all__ = [
     "Calibration",
+    "MemoryChoice",
     "Move",
     "MoveList",
     "ReplanResult",
     "apply_moves",
     "count_moves",
     "decide",
+    "decide_on_memories",
     "default_budget",
     "holders_LEG",
     "move_list",

@@ -6,7 +6,9 @@ order), and every ``interval`` seconds (when traffic arrived since the last deci
 ``placement.replan.decide`` whether to re-plan. ``decide_now`` (``POST /v1/replan``) asks it at once. Each
 decision first scores the previous one's forecasts on the traffic that came since (``Calibration``: how much
 more optimistic the forecast was about the deployed plan than about EPLB's; ``forecast_gap`` in the status),
-checkpointed with the window.
+checkpointed with the window. With a half-life the service keeps two memories of the traffic, the window and a
+long one (``LONG_MEMORY`` times the half-life), and each decision plans on the one whose probe (EPLB's plan fitted
+on it at the last decision) served the traffic since better (placement/replan/memory.py; ``memory_scores``).
 
 Every change of the counts is checkpointed together with the ledger that says what they contain, so a shard or
 an observation with an idempotency key is counted exactly once across restarts. Decisions and rollbacks are
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from placement.metrics import colocation, imbalance
 from placement.plan import Plan
+from placement.replan.memory import LONG_MEMORY, MemoryChoice, decide_on_memories
 from placement.replan.moves import MoveList, move_list
 from placement.replan.policy import Calibration
 from placement.serve.ingest import Watcher, observation_counts, pending_shards, shard_counts
@@ -70,8 +73,12 @@ class ReplanService:
         self.initial = initial
         self.meta = TraceMeta(initial.model_name or "unnamed", initial.num_experts, 1, initial.layers, "moeplace serve")
         self.window = DecayedWindow(self.meta, config.half_life)
+        # the long memory (placement/replan/memory.py); none without decay (it would equal the window)
+        long = DecayedWindow(self.meta, LONG_MEMORY * config.half_life) if config.half_life > 0 else None
+        self.long_window = long
         self.ledger = Ledger()
         self.calib = Calibration()
+        self.memory = MemoryChoice()
         self.current: PlanVersion | None = None
         self._lock = threading.RLock()  # window, ledger, current
         self._decide_lock = threading.Lock()  # one decision or rollback at a time
@@ -130,7 +137,11 @@ class ReplanService:
             return
         arrays, self.ledger = saved
         self.window.restore(arrays, where=str(self.store.root))
+        if self.long_window is not None:  # a checkpoint without it (written before it was kept): the window's
+            long = {k[5:]: v for k, v in arrays.items() if k.startswith("long_")} or arrays
+            self.long_window.restore(long, where=str(self.store.root))
         self.calib = Calibration.from_arrays(arrays)
+        self.memory = MemoryChoice.from_arrays(arrays)
         for v in versions:
             if v > self.ledger.plan_version:  # written, then the service stopped before it was recorded
                 path = self.store.version_path(v)
@@ -148,9 +159,14 @@ class ReplanService:
             self.ledger.top_k = top_k
             self.meta = replace(self.meta, top_k=top_k)
             self.window.meta = self.meta
+            if self.long_window is not None:
+                self.long_window.meta = self.meta
 
     def _checkpoint(self) -> None:
-        self.store.save_checkpoint({**self.window.arrays(), **self.calib.arrays()}, self.ledger)
+        arrays = {**self.window.arrays(), **self.calib.arrays(), **self.memory.arrays()}
+        if self.long_window is not None:
+            arrays |= {f"long_{k}": v for k, v in self.long_window.arrays().items()}
+        self.store.save_checkpoint(arrays, self.ledger)
 
     # ------------------------------------------------------------------ ingestion
     def step(self) -> None:
@@ -219,6 +235,8 @@ class ReplanService:
 
     def _add(self, counts: Counts, top_k: int | None) -> None:
         self.window.add(counts)
+        if self.long_window is not None:
+            self.long_window.add(counts)
         self.ledger.batches += 1
         if not self.ledger.top_k:
             self._learn_top_k(top_k)
@@ -237,24 +255,26 @@ class ReplanService:
         with self._decide_lock:
             with self._lock:
                 current = self.current_plan
-                graph = self.window.graph()
+                graphs = [w.graph() for w in (self.window, self.long_window) if w is not None]
                 tokens = self.window.observed_tokens
                 fresh_LE = self.window.take_fresh()
+                if self.long_window is not None:
+                    self.long_window.take_fresh()
             self._last_decision = time.monotonic()
             if tokens == 0:
                 return self._decided(False, "no traffic observed yet", 0, 0, {}, {})
-            from placement.replan import decide  # the policy: re-plan only when the gain outweighs the moves
-
             t0 = time.perf_counter()
             cfg = self.config
             calib = self.calib.scored(current, fresh_LE)  # the last decision's forecasts on the traffic since
-            res = decide(current, graph, budget=cfg.max_moves, expert_bytes=cfg.expert_bytes, time_limit=cfg.time_limit)
+            res, memory = decide_on_memories(current, graphs, self.memory, fresh_LE, budget=cfg.max_moves,
+                                             expert_bytes=cfg.expert_bytes, time_limit=cfg.time_limit)  # fmt: skip
             wall = time.perf_counter() - t0
             reason = f"{trigger}: {res.reason}"
             after = {**res.after, "decision_seconds": round(wall, 3)}
             with self._lock:
                 self._tokens_at_decision = tokens
                 self.calib = calib.after(res)
+                self.memory = memory
                 self.ledger.decisions += 1
                 if res.changed:
                     self._append_version(res.plan, res.moves, reason, res.before, after)
@@ -336,6 +356,8 @@ class ReplanService:
             "moves_total": led.moves,
             "bytes_moved_total": led.bytes_moved,
             "forecast_gap": self.calib.recent_gap(),
+            "memory_half_lives": [w.half_life for w in (self.window, self.long_window) if w is not None],
+            "memory_scores": self.memory.recent(),
         }
 
     def counters(self) -> Ledger:

@@ -1,0 +1,99 @@
+"""Which memory of the traffic to plan on, chosen online by how well each foresaw the traffic that came next.
+
+A short memory (the service's half-life) follows a shift of the traffic sooner; a long one (``LONG_MEMORY`` times
+the half-life) averages more prompts, so its loads are closer to the next interval's when the traffic does not
+shift (on five prompt orders of DeepSeek-V2-Lite EPLB fitted on all traffic so far beat EPLB fitted on the
+2-window decayed window on four; a 4-window half-life lowered ``decide``'s mean next-window imbalance_max on all
+five but raised it on a synthetic topic shift: docs/benchmarks.md). Neither is right for every stream, so the
+service keeps both (placement/serve/window.py) and ``decide_on_memories`` lets the traffic choose: at every
+decision each memory's probe, EPLB's plan fitted on that memory (a pure balancer of its mean loads, placement/
+replan/solve.py ``eplb_plan``), is kept, and the next decision scores every probe's imbalance_max on the traffic
+that came in between (``MemoryChoice.scored``). ``decide`` then plans on the memory whose probes scored lower over
+the last ``MEMORY_DECISIONS`` scored decisions (the short one on a tie, and before the first score).
+
+Dimension key: M memories, N scored decisions, L layers, E experts, P slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from placement.graph import RoutingGraph
+from placement.plan import Plan
+from placement.replan.policy import decide, load_imbalance
+from placement.replan.solve import ReplanResult, eplb_plan
+
+# the long memory's half-life as a multiple of the short one's; the scored decisions the choice averages
+LONG_MEMORY = 2.0
+MEMORY_DECISIONS = 4
+
+
+@dataclass(frozen=True)
+class MemoryChoice:
+    """The memories' record (module docstring). ``scores_MN`` float64 [M, N]: per memory, per scored decision, the
+    imbalance_max of its probe on the traffic after that decision; ``pending_MLP`` int64 [M, L, P]: the probes of
+    the last decision (placements of EPLB's plan fitted on each memory), scored at the next one."""
+
+    scores_MN: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    pending_MLP: np.ndarray | None = None
+
+    def pick(self) -> int:
+        """The memory to plan on: the lowest mean of the last ``MEMORY_DECISIONS`` scores (0 on a tie or none)."""
+        recent_MN = self.scores_MN[:, -MEMORY_DECISIONS:]
+        return int(np.argmin(recent_MN.mean(axis=1))) if recent_MN.size else 0
+
+    def recent(self) -> list[float] | None:
+        """Per memory, the mean of its recent scores (None before the first scored decision)."""
+        recent_MN = self.scores_MN[:, -MEMORY_DECISIONS:]
+        return [round(float(s), 4) for s in recent_MN.mean(axis=1)] if recent_MN.size else None
+
+    def scored(self, deployed: Plan, fresh_load_LE: np.ndarray) -> MemoryChoice:
+        """With every pending probe scored on ``fresh_load_LE`` (float [L, E]: the traffic since the last decision;
+        ``deployed``: the plan that served it, for its GPUs and slots), nothing pending."""
+        fresh_LE = np.asarray(fresh_load_LE, dtype=np.float64)
+        pending = self.pending_MLP
+        if pending is None or not (fresh_LE.sum(axis=1) > 0).all():
+            return MemoryChoice(self.scores_MN)
+        new_M = np.array([load_imbalance(replace(deployed, phy2log=p_LP), fresh_LE) for p_LP in pending])
+        old_MN = self.scores_MN if self.scores_MN.shape[0] == new_M.size else np.zeros((new_M.size, 0))
+        return MemoryChoice(np.column_stack([old_MN, new_M])[:, -MEMORY_DECISIONS:])
+
+    def after(self, probes: Sequence[Plan]) -> MemoryChoice:
+        """With ``probes`` (one plan per memory, EPLB's on each) pending."""
+        return MemoryChoice(self.scores_MN, np.stack([p.phy2log for p in probes]).astype(np.int64))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """For a checkpoint (``from_arrays`` reads it back)."""
+        pending = np.zeros((0, 0, 0), np.int64) if self.pending_MLP is None else self.pending_MLP
+        return {"memory_scores_MN": self.scores_MN, "memory_pending_MLP": pending}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> MemoryChoice:
+        """``arrays``' record; an empty one when they hold none (a checkpoint written before it existed)."""
+        if "memory_scores_MN" not in arrays:
+            return cls()
+        scores_MN, pending_MLP = arrays["memory_scores_MN"], arrays["memory_pending_MLP"]
+        return cls(scores_MN.astype(np.float64), pending_MLP.astype(np.int64) if pending_MLP.size else None)
+
+
+def decide_on_memories(
+    current: Plan, graphs: Sequence[RoutingGraph], choice: MemoryChoice, fresh_load_LE: np.ndarray, **kw: Any
+) -> tuple[ReplanResult, MemoryChoice]:
+    """``decide`` (``kw``: its options) on the memory ``choice`` picks once the last decision's probes are scored on
+    ``fresh_load_LE`` (float [L, E], the traffic since); ``graphs``: the memories, shortest first (one: no choice).
+    Returns the decision, its reason naming the memory, and the record with this decision's probes pending."""
+    choice = choice.scored(current, fresh_load_LE)
+    m = choice.pick() if len(graphs) > 1 else 0
+    res = decide(current, graphs[m], **kw)
+    if len(graphs) == 1:
+        return res, choice
+    probes = [replace(current, phy2log=res.info["eplb_phy2log"]) if i == m else eplb_plan(current, g)
+              for i, g in enumerate(graphs)]  # fmt: skip
+    scores = choice.recent()
+    why = f"recent probe scores {scores}" if scores else "no probe scored yet"
+    res = replace(res, reason=f"{res.reason} [memory {m} of {len(graphs)}: {why}]", info={**res.info, "memory": m})
+    return res, choice.after(probes)
