@@ -25,7 +25,7 @@ Policies (all start from a plan fitted on the first window, scored from the seco
 - affinity: the affinity optimiser (robust 2) recomputed on all traffic so far, GPUs relabelled (one renaming).
 - decide: the service's policy: ``placement.replan.decide`` with its defaults on one of two memories of the
   traffic so far, decayed with half-lives of 2 windows (the service's default of 25,000 tokens on
-  DeepSeek-V2-Lite) and ``LONG_MEMORY`` times that, chosen online (placement/replan/memory.py).
+  DeepSeek-V2-Lite) and without decay (all traffic so far), chosen online (placement/replan/memory.py).
 - decide-short (only with ``--with``): the earlier default, ``decide`` on the 2-window memory alone.
 - decide-calibrated (only with ``--with``; an experiment, not the default): the same with the forecast's measured
   optimism as a margin (``Calibration``: each decision's forecasts scored on the window that came next) and the
@@ -53,7 +53,7 @@ from placement.metrics import colocation, imbalance
 from placement.plan import Plan
 from placement.planner import make_plan
 from placement.replan import Calibration, count_moves, decide, relabel_gpus
-from placement.replan.memory import LONG_MEMORY, MemoryChoice, decide_on_memories
+from placement.replan.memory import MemoryChoice, decide_on_memories
 from placement.replan.solve import target_plan
 from placement.solvers.base import PlanSpec
 from placement.solvers.baselines import eplb_phy2log
@@ -160,7 +160,7 @@ def policies(time_limit: float) -> dict[str, Policy]:
     memory = [MemoryChoice()]
 
     def decide_policy(history: list[RoutingGraph], cur: Plan) -> Plan:
-        graphs = [decayed(history, h) for h in (2.0, 2.0 * LONG_MEMORY)]
+        graphs = [decayed(history), merged(history)]  # the service's two memories (LONG_HALF_LIFE 0)
         res, memory[0] = decide_on_memories(cur, graphs, memory[0], history[-1].load_LE, time_limit=time_limit)
         print(f"decide after window {len(history) - 1}: memory {res.info.get('memory', 0)}, probe scores "
               f"{memory[0].recent()}", file=sys.stderr)  # fmt: skip

@@ -1,15 +1,15 @@
 """Which memory of the traffic to plan on, chosen online by how well each foresaw the traffic that came next.
 
-A short memory (the service's half-life) follows a shift of the traffic sooner; a long one (``LONG_MEMORY`` times
-the half-life) averages more prompts, so its loads are closer to the next interval's when the traffic does not
-shift (on five prompt orders of DeepSeek-V2-Lite EPLB fitted on all traffic so far beat EPLB fitted on the
-2-window decayed window on four; a 4-window half-life lowered ``decide``'s mean next-window imbalance_max on all
-five but raised it on a synthetic topic shift: docs/benchmarks.md). Neither is right for every stream, so the
-service keeps both (placement/serve/window.py) and ``decide_on_memories`` lets the traffic choose: at every
-decision each memory's probe, EPLB's plan fitted on that memory (a pure balancer of its mean loads, placement/
-replan/solve.py ``eplb_plan``), is kept, and the next decision scores every probe's imbalance_max on the traffic
-that came in between (``MemoryChoice.scored``). ``decide`` then plans on the memory whose probes scored lower over
-the last ``MEMORY_DECISIONS`` scored decisions (the short one on a tie, and before the first score).
+A short memory (the service's half-life) follows a shift of the traffic sooner; the long one (all traffic so
+far, ``LONG_HALF_LIFE`` = 0: no decay) averages more prompts, so its loads are closer to the next interval's when
+the traffic does not shift (on five prompt orders of DeepSeek-V2-Lite EPLB fitted on all traffic so far beat EPLB
+fitted on the 2-window decayed window on four; on a synthetic topic shift it lost: docs/benchmarks.md). Neither
+is right for every stream, so the service keeps both (placement/serve/service.py) and ``decide_on_memories`` lets
+the traffic choose: at every decision each memory's probe, EPLB's plan fitted on that memory (a pure balancer of
+its mean loads, placement/replan/solve.py ``eplb_plan``), is kept, and the next decision scores every probe's
+imbalance_max on the traffic that came in between (``MemoryChoice.scored``). ``decide`` then plans on the memory
+whose probes scored lower over the last ``MEMORY_DECISIONS`` scored decisions (the short one on a tie, and before
+the first score).
 
 Dimension key: M memories, N scored decisions, L layers, E experts, P slots.
 """
@@ -27,8 +27,8 @@ from placement.plan import Plan
 from placement.replan.policy import decide, load_imbalance
 from placement.replan.solve import ReplanResult, eplb_plan
 
-# the long memory's half-life as a multiple of the short one's; the scored decisions the choice averages
-LONG_MEMORY = 2.0
+# the long memory's half-life in tokens (0: no decay, all traffic so far); the scored decisions the choice averages
+LONG_HALF_LIFE = 0.0
 MEMORY_DECISIONS = 4
 
 

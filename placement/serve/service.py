@@ -7,7 +7,7 @@ order), and every ``interval`` seconds (when traffic arrived since the last deci
 decision first scores the previous one's forecasts on the traffic that came since (``Calibration``: how much
 more optimistic the forecast was about the deployed plan than about EPLB's; ``forecast_gap`` in the status),
 checkpointed with the window. With a half-life the service keeps two memories of the traffic, the window and a
-long one (``LONG_MEMORY`` times the half-life), and each decision plans on the one whose probe (EPLB's plan fitted
+long one (all traffic so far), and each decision plans on the one whose probe (EPLB's plan fitted
 on it at the last decision) served the traffic since better (placement/replan/memory.py; ``memory_scores``).
 
 Every change of the counts is checkpointed together with the ledger that says what they contain, so a shard or
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from placement.metrics import colocation, imbalance
 from placement.plan import Plan
-from placement.replan.memory import LONG_MEMORY, MemoryChoice, decide_on_memories
+from placement.replan.memory import LONG_HALF_LIFE, MemoryChoice, decide_on_memories
 from placement.replan.moves import MoveList, move_list
 from placement.replan.policy import Calibration
 from placement.serve.ingest import Watcher, observation_counts, pending_shards, shard_counts
@@ -74,7 +74,7 @@ class ReplanService:
         self.meta = TraceMeta(initial.model_name or "unnamed", initial.num_experts, 1, initial.layers, "moeplace serve")
         self.window = DecayedWindow(self.meta, config.half_life)
         # the long memory (placement/replan/memory.py); none without decay (it would equal the window)
-        long = DecayedWindow(self.meta, LONG_MEMORY * config.half_life) if config.half_life > 0 else None
+        long = DecayedWindow(self.meta, LONG_HALF_LIFE) if config.half_life > 0 else None
         self.long_window = long
         self.ledger = Ledger()
         self.calib = Calibration()
