@@ -11,7 +11,7 @@ import numpy as np
 
 from placement.graph import PROMPT_FOLDS, RoutingGraph, graph_from_routes
 from placement.plan import Plan
-from placement.planner import MAX_RESERVE_SHARE, make_plan, post_solve_reserve
+from placement.planner import MAX_RESERVE_SHARE, MIN_SOLVE_SHARE, make_plan, post_solve_reserve
 from placement.solvers.balance_target import solve_auto
 from placement.solvers.base import PlanSpec
 from placement.solvers.baselines import eplb_phy2log
@@ -55,6 +55,16 @@ def test_a_deadline_already_passed_gives_eplb_plan_with_copies_apart_without_rai
     assert res.info["stopped"] and all("hard deadline" in why for why in res.info["stopped"])
     plan = Plan(spec.num_gpus, 1, g.num_experts, g.meta.layers, res.phy2log_LP)
     assert res.info["unseen_imbalance"] == predict_unseen_imbalance(plan, g.load_LE, g.fold_load_SLE)
+
+
+def test_time_spent_before_make_plan_counts_against_the_limit_down_to_the_solver_share() -> None:
+    g = _graph(8, 32, 2, 4096)
+    spec = PlanSpec(4, 1, 4, time_limit=4.0, auto_balance=True)
+    t0 = time.perf_counter()
+    plan = make_plan(g, spec, started=t0 - 3.5)  # as if reading the trace took 3.5 s of the 4
+    wall = time.perf_counter() - t0
+    assert wall <= (MIN_SOLVE_SHARE + MAX_RESERVE_SHARE) * spec.time_limit + TOLERANCE_S
+    assert plan.provenance["options"]["time_limit"] == spec.time_limit  # the user's limit is recorded
 
 
 def test_post_solve_reserve_grows_with_the_forecast_and_stays_a_share_of_the_limit() -> None:

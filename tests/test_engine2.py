@@ -184,8 +184,9 @@ def test_forecast_optimism_is_smaller_with_redundant_slots() -> None:
 
 
 def test_default_fallback_to_eplb_never_forecasts_above_eplb_with_replicas() -> None:
-    """No time for the search: the default falls back to eplb's plan. Replacing its doubled copies by copies of
-    other experts would forecast above eplb's own here, so the doubled copies move to other GPUs instead."""
+    """No time for the search: the default falls back to eplb's plan or, when its fast hub plan meets eplb's
+    forecast, takes that. Replacing eplb's doubled copies by copies of other experts would forecast above eplb's
+    own here, so in the fallback the doubled copies move to other GPUs instead."""
     meta, r = synthetic_trace(6, 16, 2, 8000, tokens_per_prompt=25, num_topics=8, num_preferred=2, seed=1)
     g = _graph(meta, r)
     spec = PlanSpec(4, 1, 4, time_limit=0.2, auto_balance=True)
@@ -195,7 +196,7 @@ def test_default_fallback_to_eplb_never_forecasts_above_eplb_with_replicas() -> 
     replaced_fc = predict_unseen_imbalance(replaced, g.load_LE, g.fold_load_SLE)
     assert replaced_fc is not None and replaced_fc["p50"] > eplb_fc  # the case at hand
     plan = make_plan(g, spec, "auto")
-    assert plan.provenance["info"]["balance"] == "eplb plan"
+    assert plan.provenance["info"]["balance"] in ("eplb plan", "hub copies")
     assert plan.provenance["unseen_imbalance"]["p50"] <= eplb_fc + 1e-9
     assert (plan.holders_LEG.max(axis=2) <= 1).all()
 
