@@ -42,7 +42,7 @@ RESERVE_S_PER_PAIR = 2e-7
 RESERVE_S_PER_DRAW = 8e-9
 FORECAST_DRAWS = 256  # predict_unseen_imbalance's default
 MAX_RESERVE_SHARE = 0.25  # of the time limit at most
-MIN_SOLVE_SHARE = 0.5  # of the time limit the solver keeps, however long the trace took to read
+MIN_SOLVE_SHARE = 0.25  # of the time limit the solver keeps, however long the trace took to read
 
 
 def get_solver(name: str) -> SolverFn:

@@ -98,8 +98,8 @@ def plan_cmd(
         float,
         typer.Option(
             "--time-limit",
-            help="Time limit in seconds for reading the trace, solving and scoring the plan (the solver gets half "
-            "of it at least; affinity uses all it gets; --objective time shares it among its candidates).",
+            help="Time limit in seconds for reading the trace, solving and scoring the plan (the solver gets a "
+            "quarter of it at least; affinity uses all it gets; --objective time shares it among its candidates).",
         ),
     ] = 30.0,
     seed: Annotated[int, typer.Option("--seed", help="Solver random seed.")] = 0,
