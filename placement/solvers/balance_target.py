@@ -24,6 +24,11 @@ layer's pace, so balance on traffic the plan has not seen comes first and coloca
    Without prompt ids there is no forecast and the plan is the one at EPLB's fitted balance. The default never
    fails on a valid trace.
 
+All of it runs within ``spec.time_limit`` (``solve_auto``): the solves of step 2 stop at one hard deadline
+(placement/solvers/deadline.py) early enough for the forecasts and step 3 after them; a solve cut there is no
+candidate, and with none left the plan is step 3's, copies apart, ``info["stopped"]`` saying why (docs/
+benchmarks.md: 19.7 s of wall for the whole ``moeplace plan`` at ``--time-limit 20`` on the DeepSeek-V3 shape).
+
 ``forecast_optimism``: a plan searched for a low variance on the folds sees its forecast too low, while EPLB,
 which never looks at the folds, does not. Measured on the DeepSeek-V2-Lite dev trace, G = 8, 5-fold over the
 prompts with 3 shuffles (15 fits on 80 % of the prompts, held-out imbalance_max on the other 20 %,
