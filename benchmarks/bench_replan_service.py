@@ -5,12 +5,13 @@ policy column of benchmarks/bench_replan.py's replay (same streams, windows, ini
 
 The service policy, after windows 0..w-1: every window not yet sent is written into the watched dataset as one
 shard (as `moeplace import` or a Ray job would), the script waits until GET /v1/status shows them in
-`observed_tokens`, POSTs /v1/replan (the service's default policy, placement.replan.decide, on its decayed
-window) and GETs /v1/plan, which bench_replan's ``replay`` scores on window w (no peeking). The service starts
-from the plan the other policies start from (fitted on window 0). Its half-life is given in windows and passed in
-tokens (mean window size); `--with` adds bench_replan's other policies for comparison (default: static, eplb,
-decide; affinity recompute is slow). The Mixtral stream reaches the service as what it is, one prompt (one seq
-id: the service samples it by token blocks); the in-process policies keep bench_replan's 8-token pseudo-prompts.
+`observed_tokens`, POSTs /v1/replan (the service's default policy, placement.replan.decide, on the memory it
+chooses: its decayed window or all traffic so far) and GETs /v1/plan, which bench_replan's ``replay`` scores on
+window w (no peeking). The service starts from the plan the other policies start from (``moeplace plan``'s
+default fitted on window 0). Its half-life is given in windows and passed in tokens (mean window size); `--with`
+adds bench_replan's other policies for comparison (default: static, eplb, decide; affinity recompute is slow).
+The Mixtral stream reaches the service as what it is, one prompt (one seq id: the service samples it by token
+blocks); the in-process policies keep bench_replan's 8-token pseudo-prompts.
 
 Dimension key: T tokens.
 """
