@@ -273,3 +273,25 @@ def test_two_memories_survive_a_restart_and_the_choice_is_scored_on_the_traffic_
     s.stop()
     flat = ReplanService(plan, ServiceConfig(tmp_path / "flat", tmp_path / "ds"))  # no decay: one memory
     assert flat.long_window is None
+
+
+def test_a_checkpoint_without_the_long_memory_restarts_with_the_window_as_it(tmp_path: Path) -> None:
+    plan = initial_plan(tmp_path / "plan.json")
+    cfg = ServiceConfig(tmp_path / "state", tmp_path / "ds", half_life=2000, time_limit=1.0)
+    s = ReplanService(plan, cfg)
+    s.start(watch=False)
+    meta, a = traffic(3000, seed=1)
+    write_shard(tmp_path / "ds", meta, a, "w1")
+    s.ingest_pending()
+    s.stop()
+    store = StateStore(tmp_path / "state")
+    saved = store.load_checkpoint()
+    assert saved is not None and "long_load_LE" in saved[0]
+    old = {k: v for k, v in saved[0].items() if not k.startswith(("long_", "memory_"))}  # an earlier service's
+    store.save_checkpoint(old, saved[1])
+    s = ReplanService(plan, cfg)
+    s.start(watch=False)
+    assert s.long_window is not None and s.memory.pending_MLP is None
+    np.testing.assert_array_equal(s.long_window.load_LE, s.window.load_LE)
+    assert s.long_window.observed_tokens == 3000
+    s.stop()
