@@ -9,7 +9,8 @@ the traffic choose: at every decision each memory's probe, EPLB's plan fitted on
 its mean loads, placement/replan/solve.py ``eplb_plan``), is kept, and the next decision scores every probe's
 imbalance_max on the traffic that came in between (``MemoryChoice.scored``). ``decide`` then plans on the memory
 whose probes scored lower over the last ``MEMORY_DECISIONS`` scored decisions (the short one on a tie, and before
-the first score).
+the first score). On a longer memory the unseen-prompt forecast is made for as much traffic as the shortest one
+holds (``horizon_tokens``): the long memory gives the mean loads, not a smaller spread of the next interval's.
 
 Dimension key: M memories, N scored decisions, L layers, E experts, P slots.
 """
@@ -88,6 +89,8 @@ def decide_on_memories(
     Returns the decision, its reason naming the memory, and the record with this decision's probes pending."""
     choice = choice.scored(current, fresh_load_LE)
     m = choice.pick() if len(graphs) > 1 else 0
+    if m > 0 and kw.get("horizon_tokens") is None:  # the forecast's noise: unseen traffic of the window's size
+        kw = {**kw, "horizon_tokens": max(graphs[0].num_tokens, 1)}
     res = decide(current, graphs[m], **kw)
     if len(graphs) == 1:
         return res, choice
