@@ -89,6 +89,17 @@ def listing(path: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
+def topic_trace_dir(factory: pytest.TempPathFactory, num_tokens: int) -> Path:
+    """A small synthetic trace dataset (4 layers x 8 experts, top-2, 4 topics of prompts of 20 tokens) on disk."""
+    from placement.trace.dataset import write_trace
+    from placement.trace.synthetic import synthetic_trace
+
+    meta, r = synthetic_trace(4, 8, 2, num_tokens, tokens_per_prompt=20, num_preferred=2, num_topics=4, seed=0)
+    out = factory.mktemp("ds") / "trace"
+    write_trace(out, meta, r)
+    return out
+
+
 def one_error_line(stderr: str) -> str:
     """The one ``error:`` line a failed command prints on stderr (asserting there is nothing else)."""
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]

@@ -11,15 +11,12 @@ import pytest
 from placement.plan import Plan
 from placement.trace.dataset import write_trace
 from placement.trace.synthetic import synthetic_trace
-from tests.conftest import one_error_line
+from tests.conftest import one_error_line, topic_trace_dir
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    meta, r = synthetic_trace(4, 8, 2, 2000, tokens_per_prompt=20, num_preferred=2, num_topics=4, seed=0)
-    out = tmp_path_factory.mktemp("ds") / "trace"
-    write_trace(out, meta, r)
-    return out
+    return topic_trace_dir(tmp_path_factory, 2000)
 
 
 @pytest.mark.parametrize("solver", ["contiguous", "round_robin", "eplb", "affinity", "auto"])

@@ -25,10 +25,10 @@ from placement.timemodel import (
     resolve_dims,
     step_time_bound,
 )
-from placement.trace.dataset import open_trace, write_trace
+from placement.trace.dataset import open_trace
 from placement.trace.schema import TraceMeta
 from placement.trace.synthetic import synthetic_trace
-from tests.conftest import one_error_line
+from tests.conftest import one_error_line, topic_trace_dir
 
 # round numbers: a token is 100 x 2 = 200 bytes, a token-expert pair 6 x 100 x 50 = 30 kFLOP at 0.5 TFLOP/s
 HW = HardwarePreset("test", 2, nvlink_bw=1e9, rdma_bw=0.25e9, peak_flops=1e12, gemm_efficiency=0.5)
@@ -324,10 +324,7 @@ def test_dims_resolution_order(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    meta, r = synthetic_trace(4, 8, 2, 3000, tokens_per_prompt=20, num_preferred=2, num_topics=4, seed=0)
-    out = tmp_path_factory.mktemp("ds") / "trace"
-    write_trace(out, meta, r)
-    return out
+    return topic_trace_dir(tmp_path_factory, 3000)
 
 
 def test_plan_objective_time_end_to_end(cli, dataset: Path, tmp_path: Path) -> None:

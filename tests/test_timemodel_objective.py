@@ -15,9 +15,8 @@ from placement.plan import Plan
 from placement.planner import make_plan
 from placement.solvers.base import PlanSpec
 from placement.timemodel import PRESETS, ModelDims, TimeModelError, dims_from_hf_config, step_time_bound
-from placement.trace.dataset import write_trace
 from placement.trace.synthetic import synthetic_trace
-from tests.conftest import one_error_line
+from tests.conftest import one_error_line, topic_trace_dir
 
 HW = PRESETS["h100-nvlink-ib400"]
 DIMS = ModelDims(2048, 1408)
@@ -128,10 +127,7 @@ def test_a_dense_config_is_refused(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    meta, r = synthetic_trace(4, 8, 2, 3000, tokens_per_prompt=20, num_preferred=2, num_topics=4, seed=0)
-    out = tmp_path_factory.mktemp("ds") / "trace"
-    write_trace(out, meta, r)
-    return out
+    return topic_trace_dir(tmp_path_factory, 3000)
 
 
 def test_plan_with_a_mixtral_config(cli, dataset: Path, tmp_path: Path) -> None:

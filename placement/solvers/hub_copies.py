@@ -31,8 +31,7 @@ from scipy.optimize import linear_sum_assignment
 from placement.metrics import load_split
 from placement.plan import Plan, PlanError
 from placement.solvers.baselines import balanced_packing
-from placement.solvers.layer_assign import repair_balance
-from placement.solvers.replicate import separate_slots
+from placement.solvers.replicate import repair_layer_slots, separate_slots
 from placement.solvers.robust import LoadModel
 
 
@@ -137,27 +136,13 @@ def polish_worst_layers(
     (``repair_balance``; a copy carries 1/copies of its expert's share and deviation, as in ``robust_repair``).
     imbalance_max is a maximum over layers, so the worst layers move it first."""
     out = np.asarray(phy2log_LP, dtype=np.int64).copy()
-    L, P = out.shape
+    L = out.shape[0]
     E, G = lm.share_LE.shape[1], num_gpus
-    gpu_P = np.arange(P) // (P // G)
     split_LEG = load_split(Plan(G, 1, E, tuple(range(L)), out))
     var_LG = np.einsum("leg,lef,lfg->lg", split_LEG, lm.cov_LEE, split_LEG)
     ratio_LG = G * (np.einsum("le,leg->lg", lm.share_LE, split_LEG) + lm.kappa * np.sqrt(np.maximum(var_LG, 0.0)))
     for l in np.argsort(-ratio_LG.max(axis=1))[: L if layers is None else layers]:
         if time.perf_counter() > deadline:
             break
-        e_P = out[l]
-        n_E = np.bincount(e_P, minlength=E)
-        inv_P = 1.0 / n_E[e_P]
-        cov_PP = lm.cov_LEE[l][np.ix_(e_P, e_P)] * inv_P[:, None] * inv_P[None, :]
-        slots = LoadModel((lm.share_LE[l][e_P] * inv_P)[None, :], cov_PP[None], lm.kappa)
-        w_PG = np.zeros((P, G))
-        for k in (l - 1, l + 1):
-            if 0 <= k < L:
-                held_EG = np.zeros((E, G))
-                held_EG[out[k], gpu_P] = 1.0
-                w_PG += ((trans_XEE[k].T if k < l else trans_XEE[l]) @ held_EG)[e_P]
-        allowed_PG = (n_E[e_P] == 1)[:, None] | (gpu_P[:, None] == np.arange(G)[None, :])
-        new_gpu_P = repair_balance(gpu_P, w_PG, slots, 0, 1.0, allowed_PG, None, deadline)
-        out[l] = e_P[np.argsort(new_gpu_P, kind="stable")]
+        out[l] = repair_layer_slots(out, l, trans_XEE, lm, num_gpus, 1.0, deadline)
     return out

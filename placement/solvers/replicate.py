@@ -227,26 +227,42 @@ def robust_repair(
     are judged together (``lm``: shares and covariance of whole experts, placement/solvers/robust.py).
     Experts with several copies stay where they are, so no GPU ever gets two copies of one expert."""
     out = np.asarray(phy2log_LP, dtype=np.int64).copy()
-    L, P = out.shape
+    for l in range(out.shape[0]):
+        check_deadline("robust replica repair")  # a caller's hard limit (placement/solvers/deadline.py)
+        out[l] = repair_layer_slots(out, l, trans_XEE, lm, num_gpus, limit, deadline)
+    return out
+
+
+def repair_layer_slots(
+    phy2log_LP: np.ndarray,
+    l: int,
+    trans_XEE: np.ndarray,
+    lm: LoadModel,
+    num_gpus: int,
+    limit: float,
+    deadline: float = float("inf"),
+) -> np.ndarray:
+    """int64 [P]: layer ``l`` of ``phy2log_LP`` with its single-copy experts swapped between GPUs until every
+    GPU's robust ratio is within ``limit`` (``repair_balance``: least traffic co-located with layers l-1 and l+1
+    lost per unit of ratio), a copy carrying 1/copies of its expert's share and deviation; multi-copy experts
+    stay on their GPUs."""
+    L, P = phy2log_LP.shape
     E, G = lm.share_LE.shape[1], num_gpus
     gpu_P = np.arange(P) // (P // G)
-    for l in range(L):
-        check_deadline("robust replica repair")  # a caller's hard limit (placement/solvers/deadline.py)
-        e_P = out[l]
-        n_E = np.bincount(e_P, minlength=E)
-        inv_P = 1.0 / n_E[e_P]
-        cov_PP = lm.cov_LEE[l][np.ix_(e_P, e_P)] * inv_P[:, None] * inv_P[None, :]
-        slots = LoadModel((lm.share_LE[l][e_P] * inv_P)[None, :], cov_PP[None], lm.kappa)
-        w_PG = np.zeros((P, G))
-        for k in (l - 1, l + 1):
-            if 0 <= k < L:
-                held_EG = np.zeros((E, G))
-                held_EG[out[k], gpu_P] = 1.0
-                w_PG += ((trans_XEE[k].T if k < l else trans_XEE[l]) @ held_EG)[e_P]
-        allowed_PG = (n_E[e_P] == 1)[:, None] | (gpu_P[:, None] == np.arange(G)[None, :])
-        new_gpu_P = repair_balance(gpu_P, w_PG, slots, 0, limit, allowed_PG, None, deadline)
-        out[l] = e_P[np.argsort(new_gpu_P, kind="stable")]
-    return out
+    e_P = phy2log_LP[l]
+    n_E = np.bincount(e_P, minlength=E)
+    inv_P = 1.0 / n_E[e_P]
+    cov_PP = lm.cov_LEE[l][np.ix_(e_P, e_P)] * inv_P[:, None] * inv_P[None, :]
+    slots = LoadModel((lm.share_LE[l][e_P] * inv_P)[None, :], cov_PP[None], lm.kappa)
+    w_PG = np.zeros((P, G))
+    for k in (l - 1, l + 1):
+        if 0 <= k < L:
+            held_EG = np.zeros((E, G))
+            held_EG[phy2log_LP[k], gpu_P] = 1.0
+            w_PG += ((trans_XEE[k].T if k < l else trans_XEE[l]) @ held_EG)[e_P]
+    allowed_PG = (n_E[e_P] == 1)[:, None] | (gpu_P[:, None] == np.arange(G)[None, :])
+    new_gpu_P = repair_balance(gpu_P, w_PG, slots, 0, limit, allowed_PG, None, deadline)
+    return e_P[np.argsort(new_gpu_P, kind="stable")]
 
 
 def separate_slots(phy2log_LP: np.ndarray, load_LE: np.ndarray, num_gpus: int) -> np.ndarray:
