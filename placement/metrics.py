@@ -63,7 +63,12 @@ def gpu_load(plan: Plan, g: RoutingGraph) -> np.ndarray:
 
 def imbalance(plan: Plan, g: RoutingGraph) -> tuple[np.ndarray, float, float]:
     """(per-layer max/mean [L], imbalance_max, imbalance_mean)."""
-    load_LG = gpu_load(plan, g)
+    return imbalance_of_loads(plan, g.load_LE)
+
+
+def imbalance_of_loads(plan: Plan, load_LE: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """``imbalance`` of ``plan`` under the expert loads ``load_LE`` float [L, E] (e.g. traffic since a decision)."""
+    load_LG = np.einsum("le,leg->lg", np.asarray(load_LE, dtype=np.float64), load_split(plan))
     mean_L = load_LG.mean(axis=1)
     imb_L = np.divide(load_LG.max(axis=1), mean_L, out=np.ones_like(mean_L), where=mean_L > 0)
     return imb_L, float(imb_L.max()), float(imb_L.mean())

@@ -433,9 +433,9 @@ def topic_graph(topics: slice, seed: int) -> RoutingGraph:
 
 
 def test_memory_choice_follows_the_memory_whose_probe_served_the_next_traffic_better() -> None:
+    from placement.metrics import imbalance_of_loads
     from placement.replan import MemoryChoice, decide_on_memories
     from placement.replan.memory import MEMORY_DECISIONS
-    from placement.replan.policy import load_imbalance
     from placement.replan.solve import eplb_plan
 
     early, late = topic_graph(slice(0, 4), 0), topic_graph(slice(4, 8), 1)
@@ -448,7 +448,7 @@ def test_memory_choice_follows_the_memory_whose_probe_served_the_next_traffic_be
     for fresh, want in ((topic_graph(slice(0, 4), 2), 1), (topic_graph(slice(4, 8), 3), 0)):
         scored = choice.scored(res.plan, fresh.load_LE)
         probes = [eplb_plan(cur, g) for g in memories]
-        expect = [load_imbalance(p, fresh.load_LE) for p in probes]
+        expect = [imbalance_of_loads(p, fresh.load_LE)[1] for p in probes]
         assert scored.scores_MN[:, -1].tolist() == pytest.approx(expect) and scored.pending_MLP is None
         assert scored.pick() == want == int(np.argmin(expect))  # the memory that foresaw the traffic
         again, _ = decide_on_memories(res.plan, memories, choice, fresh.load_LE, time_limit=1.0, exact="off")

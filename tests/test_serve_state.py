@@ -235,7 +235,7 @@ def test_decisions_score_the_last_forecast_and_keep_it_across_restarts(tmp_path:
 
 
 def test_two_memories_survive_a_restart_and_the_choice_is_scored_on_the_traffic_since(tmp_path: Path) -> None:
-    from placement.replan.policy import load_imbalance
+    from placement.metrics import imbalance_of_loads
 
     plan = initial_plan(tmp_path / "plan.json")
     cfg = ServiceConfig(tmp_path / "state", tmp_path / "ds", half_life=2000, time_limit=1.0)
@@ -264,7 +264,7 @@ def test_two_memories_survive_a_restart_and_the_choice_is_scored_on_the_traffic_
     np.testing.assert_array_equal(s.memory.pending_MLP, pending)
     assert s.long_window.observed_tokens == s.window.observed_tokens == 5000
     out = s.decide_now()
-    expect = [load_imbalance(replace(plan, phy2log=p_LP), load_b.astype(float)) for p_LP in pending]
+    expect = [imbalance_of_loads(replace(plan, phy2log=p_LP), load_b.astype(float))[1] for p_LP in pending]
     assert s.memory.scores_MN[:, 0].tolist() == pytest.approx(expect)  # each probe on the traffic since (b)
     status = s.status()
     assert status["memory_half_lives"] == [2000.0, 0.0]

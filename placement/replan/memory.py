@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from placement.graph import RoutingGraph
+from placement.metrics import imbalance_of_loads
 from placement.plan import Plan
-from placement.replan.policy import decide, load_imbalance
+from placement.replan.policy import decide
 from placement.replan.solve import ReplanResult, eplb_plan
 
 # the long memory's half-life in tokens (0: no decay, all traffic so far); the scored decisions the choice averages
@@ -59,7 +60,7 @@ class MemoryChoice:
         pending = self.pending_MLP
         if pending is None or not (fresh_LE.sum(axis=1) > 0).all():
             return MemoryChoice(self.scores_MN)
-        new_M = np.array([load_imbalance(replace(deployed, phy2log=p_LP), fresh_LE) for p_LP in pending])
+        new_M = np.array([imbalance_of_loads(replace(deployed, phy2log=p_LP), fresh_LE)[1] for p_LP in pending])
         old_MN = self.scores_MN if self.scores_MN.shape[0] == new_M.size else np.zeros((new_M.size, 0))
         return MemoryChoice(np.column_stack([old_MN, new_M])[:, -MEMORY_DECISIONS:])
 

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from placement.graph import RoutingGraph
+from placement.metrics import imbalance_of_loads
 from placement.plan import Plan
 from placement.replan.moves import MoveList, count_moves, relabel_gpus
 from placement.replan.solve import IMBALANCE_TIE, Forecaster, ReplanResult, eplb_plan, replan
@@ -81,7 +82,7 @@ class Calibration:
         if self.pending is None or self.eplb_phy2log_LP is None or not (fresh_LE.sum(axis=1) > 0).all():
             return Calibration(self.gaps_N)
         eplb = replace(deployed, phy2log=self.eplb_phy2log_LP)
-        mine, theirs = load_imbalance(deployed, fresh_LE), load_imbalance(eplb, fresh_LE)
+        mine, theirs = (imbalance_of_loads(p, fresh_LE)[1] for p in (deployed, eplb))
         gap = (mine - self.pending[0]) - (theirs - self.pending[1])
         return Calibration(np.append(self.gaps_N, gap)[-MARGIN_DECISIONS:])
 
@@ -107,14 +108,6 @@ class Calibration:
         ok = bool(np.isfinite(pending).all()) and eplb.size > 0
         pair = (float(pending[0]), float(pending[1])) if ok else None
         return cls(np.asarray(arrays["calib_gaps_N"], dtype=np.float64), pair, eplb.astype(np.int64) if ok else None)
-
-
-def load_imbalance(plan: Plan, load_LE: np.ndarray) -> float:
-    """imbalance_max (../shared/METRICS.md) of ``plan`` under the loads ``load_LE`` float [L, E]."""
-    from placement.metrics import load_split
-
-    gpu_LG = np.einsum("le,leg->lg", load_LE, load_split(plan))
-    return float((gpu_LG.max(axis=1) / np.maximum(gpu_LG.mean(axis=1), 1e-12)).max())
 
 
 def default_budget(plan: Plan, share: float = BUDGET_SHARE) -> int:
