@@ -102,6 +102,17 @@ def nonempty_folds(fold_load_SLE: np.ndarray) -> np.ndarray:
     return f_SLE[(f_SLE.sum(axis=2) > 0).all(axis=1)]
 
 
+def effective_prompts(fold_load_SLE: np.ndarray | None) -> float:
+    """Kish effective number of the prompt folds by token mass, (sum_s n_s)^2 / sum_s n_s^2 with n_s a fold's load
+    at the first layer: S for folds of equal size, far fewer where a few long prompts carry most tokens (the
+    DeepSeek-V2-Lite dev file: 90 from 252 folds of 999 prompts; a window of 125 of its prompts: 10-24). 0.0
+    without folds."""
+    if fold_load_SLE is None:
+        return 0.0
+    n_S = nonempty_folds(fold_load_SLE)[:, 0].sum(axis=1)
+    return float(n_S.sum() ** 2 / max(float((n_S**2).sum()), 1e-12))
+
+
 def unseen_share_draws(
     load_LE: np.ndarray, fold_load_SLE: np.ndarray, holdout_ratio: float, draws: int, seed: int
 ) -> np.ndarray | None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from placement.graph import PROMPT_FOLDS, RoutingGraph, graph_from_routes
+from placement.graph import PROMPT_FOLDS, RoutingGraph, effective_prompts, graph_from_routes
 from placement.metrics import colocation, imbalance
 from placement.plan import Plan, PlanError
 from placement.planner import make_plan
@@ -159,28 +159,58 @@ def test_default_on_a_skewed_top1_model_succeeds_and_beats_eplb(skewed) -> None:
     assert colocation(aff, g) > colocation(ep, g)
 
 
-@pytest.mark.parametrize("redundant", [0, 4])
-def test_default_targets_eplb_forecast_less_the_optimism(redundant: int) -> None:
+@pytest.mark.parametrize(("redundant", "tokens"), [(0, 8000), (4, 8000), (0, 1000)])
+def test_default_targets_eplb_forecast_less_the_optimism(redundant: int, tokens: int) -> None:
     """The target is eplb's forecast less the optimism measured for searched plans: 0.01 without redundant slots,
-    none with them (their searched plans' forecasts were not measurably optimistic)."""
-    meta, r = synthetic_trace(6, 16, 2, 8000, tokens_per_prompt=25, num_topics=8, num_preferred=2, seed=1)
+    none with them (their searched plans' forecasts were not measurably optimistic), more on a trace of few
+    prompts (1000 tokens: 40 prompts of 25)."""
+    meta, r = synthetic_trace(6, 16, 2, tokens, tokens_per_prompt=25, num_topics=8, num_preferred=2, seed=1)
     g = _graph(meta, r)
     spec = PlanSpec(4, 1, redundant, time_limit=4.0, auto_balance=True)
-    assert forecast_optimism(spec) == (FORECAST_OPTIMISM_REDUNDANT if redundant else FORECAST_OPTIMISM)
+    base = FORECAST_OPTIMISM_REDUNDANT if redundant else FORECAST_OPTIMISM
+    optimism = forecast_optimism(spec, g)
+    assert optimism == base if tokens == 8000 else optimism > base + 0.01
     plan = make_plan(g, spec, "auto")
     eplb_fc = eplb_reference(g, spec)[2]
     info = plan.provenance["info"]
     assert eplb_fc is not None and info["eplb_forecast"] == pytest.approx(eplb_fc)
-    assert info["unseen_target"] == pytest.approx(eplb_fc - forecast_optimism(spec), abs=1e-4)
+    assert info["unseen_target"] == pytest.approx(eplb_fc - optimism, abs=1e-4)
     if info.get("unseen_target_missed"):  # the lowest forecast found, never above eplb's (R = 0: eplb's plan)
         assert plan.provenance["unseen_imbalance"]["p50"] <= eplb_fc + 1e-9
     else:
-        assert plan.provenance["unseen_imbalance"]["p50"] <= eplb_fc - forecast_optimism(spec) + 1e-9
-    assert colocation(plan, g) > colocation(make_plan(g, spec, "eplb"), g)
+        assert plan.provenance["unseen_imbalance"]["p50"] <= eplb_fc - optimism + 1e-9
+    assert colocation(plan, g) >= colocation(make_plan(g, spec, "eplb"), g)
 
 
 def test_forecast_optimism_is_smaller_with_redundant_slots() -> None:
     assert forecast_optimism(PlanSpec(8, 1, 8)) < forecast_optimism(PlanSpec(8)) == FORECAST_OPTIMISM
+
+
+def _folds_graph(tokens_S: np.ndarray) -> RoutingGraph:
+    """A graph whose S prompt folds carry ``tokens_S`` tokens each, spread evenly over 4 experts, 2 layers."""
+    meta, _ = synthetic_trace(2, 4, 1, 64, seed=0)
+    fold_SLE = np.repeat(np.asarray(tokens_S, dtype=np.int64)[:, None, None], 2, axis=1) * np.ones((1, 1, 4), np.int64)
+    return RoutingGraph(meta, int(np.sum(tokens_S)) * 4, fold_SLE.sum(axis=0), np.zeros((1, 4, 4), np.int64), None,
+                        fold_SLE)  # fmt: skip
+
+
+def test_effective_prompts_counts_folds_by_token_mass() -> None:
+    assert effective_prompts(None) == 0.0
+    assert effective_prompts(_folds_graph(np.full(40, 10)).fold_load_SLE) == pytest.approx(40.0)
+    heavy = np.r_[np.full(39, 10), 1000]  # one long prompt carries most of the tokens
+    assert 1.0 < effective_prompts(_folds_graph(heavy).fold_load_SLE) < 2.0
+
+
+def test_forecast_optimism_grows_as_the_trace_has_fewer_effective_prompts() -> None:
+    """Below the size the optimism was measured at (REFERENCE_PROMPTS effective prompts) a searched plan's forecast
+    is more optimistic (a window of 125 DeepSeek-V2-Lite prompts: 10-24 effective); at or above it, the base."""
+    spec = PlanSpec(8)
+    sizes = [400, 75, 40, 20, 10]
+    opt = [forecast_optimism(spec, _folds_graph(np.full(n, 10))) for n in sizes]
+    assert opt[0] == opt[1] == FORECAST_OPTIMISM
+    assert opt[1] < opt[2] < opt[3] < opt[4]
+    heavy = forecast_optimism(spec, _folds_graph(np.r_[np.full(39, 10), 1000]))
+    assert heavy > forecast_optimism(spec, _folds_graph(np.full(40, 10)))
 
 
 def test_default_fallback_to_eplb_never_forecasts_above_eplb_with_replicas() -> None:

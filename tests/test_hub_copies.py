@@ -77,7 +77,7 @@ def test_default_is_at_least_as_co_located_as_the_hub_plan_within_eplbs_forecast
     spec = PlanSpec(8, 2, 8, time_limit=4.0, auto_balance=True)
     eplb_fc = eplb_reference(g, spec)[2]
     assert eplb_fc is not None
-    target = eplb_fc - forecast_optimism(spec)
+    target = eplb_fc - forecast_optimism(spec, g)
     hub = _hub_candidate(g, spec, target, time.perf_counter() + 60.0)
     assert hub is not None and hub[0].info["hub_copies"] is True
     hub_plan = Plan(8, 2, 32, meta.layers, hub[0].phy2log_LP)

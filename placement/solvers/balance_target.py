@@ -42,6 +42,17 @@ colocation 0.262 (with 0: +0.015 at 0.276); less ``FORECAST_OPTIMISM_REDUNDANT``
 (with 0.005: -0.007 at 0.276). The default itself, on those folds: +0.010 at 0.262 (R = 0), -0.002 at 0.299
 (R = 8); off the tuned instance, 10 folds each: G = 4, R = 8 -0.003 and G = 16, R = 16 -0.019.
 
+Those fits had about 75 effective prompts (``REFERENCE_PROMPTS``; graph.effective_prompts, the folds counted by
+token mass). On fewer the optimism grows: the fold covariance the search drives down is estimated from fewer
+prompts, so the search finds more directions whose variance it underestimates. Fitted on one window of 125
+DeepSeek-V2-Lite prompts (10-24 effective), G = 8, and tested on the next 7 windows of the five prompt orders of
+benchmarks/bench_replan.py, the default at a flat 0.01 ran 0.005-0.065 above EPLB's plan of the same window
+(mean +0.046); the offset at which it matched EPLB grew about as 1 / effective prompts (0.038 at 24, 0.058 at
+15). So the optimism is ``FORECAST_OPTIMISM`` (or the redundant one) plus ``SMALL_TRACE_OPTIMISM`` * (1 / n_eff
+- 1 / ``REFERENCE_PROMPTS``) below the reference size: with 1.5 the same windows ran -0.077 to +0.006 against
+EPLB's (mean -0.041) at 1.4-2.0x its colocation on the next window (1.0: mean -0.008, two orders above).
+Traces of ``REFERENCE_PROMPTS`` effective prompts or more (the whole dev file: 90) keep the measured values.
+
 Dimension key: L layers, E experts, P slots, G GPUs.
 """
 
@@ -54,7 +65,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from placement.graph import RoutingGraph
+from placement.graph import RoutingGraph, effective_prompts
 from placement.plan import Plan, PlanError
 from placement.solvers.affinity import eplb_start, solve_fixed, solve_for_unseen
 from placement.solvers.base import PlanSpec, SolveResult
@@ -66,15 +77,23 @@ from placement.solvers.robust import LoadModel, predict_unseen_imbalance
 
 FORECAST_OPTIMISM = 0.01
 FORECAST_OPTIMISM_REDUNDANT = 0.0
+# Small traces: the optimism grows as 1 / (effective prompts) below the size it was measured at (module docstring).
+SMALL_TRACE_OPTIMISM = 1.5
+REFERENCE_PROMPTS = 75.0  # effective prompts (graph.effective_prompts) of the k-fold fits the optimism is from
 # Forecasts after the solves (a candidate's, EPLB's plan's, its moved copies'), in units of EPLB's reference (one
 # packing and one forecast, timed at the start): the solves' hard deadline is that much before the limit.
 FORECASTS_AFTER = 4.0
 HUB_KAPPA = 2.0  # robustness of the hub plan's polish (the standard deviations its worst layers are judged by)
 
 
-def forecast_optimism(spec: PlanSpec) -> float:
-    """How far below EPLB's forecast the default aims (module docstring): less with redundant slots."""
-    return FORECAST_OPTIMISM_REDUNDANT if spec.num_redundant else FORECAST_OPTIMISM
+def forecast_optimism(spec: PlanSpec, graph: RoutingGraph | None = None) -> float:
+    """How far below EPLB's forecast the default aims (module docstring): less with redundant slots, more on a
+    trace of fewer effective prompts than ``REFERENCE_PROMPTS`` (``graph``'s folds; None: the reference size)."""
+    base = FORECAST_OPTIMISM_REDUNDANT if spec.num_redundant else FORECAST_OPTIMISM
+    n_eff = REFERENCE_PROMPTS if graph is None else effective_prompts(graph.fold_load_SLE)
+    if n_eff <= 0.0:
+        return base
+    return base + SMALL_TRACE_OPTIMISM * max(1.0 / n_eff - 1.0 / REFERENCE_PROMPTS, 0.0)
 
 
 def eplb_reference(graph: RoutingGraph, spec: PlanSpec) -> tuple[np.ndarray, float, float | None]:
@@ -127,7 +146,7 @@ def _solve_auto(
     info: dict[str, Any] = {"eplb_fit_imbalance": round(fit_imb, 4), "eplb_forecast": eplb_fc}
     stopped: list[str] = []  # the steps cut at the hard deadline
     fixed = replace(spec, auto_balance=False, options={**spec.options, "unseen": False, "kappa": 0.0})
-    target = None if eplb_fc is None else eplb_fc - forecast_optimism(spec)
+    target = None if eplb_fc is None else eplb_fc - forecast_optimism(spec, graph)
     hub = None
     if target is not None and time.perf_counter() < stop:  # seconds at V3 size
         with hard_deadline(stop):
