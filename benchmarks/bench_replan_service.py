@@ -9,7 +9,8 @@ shard (as `moeplace import` or a Ray job would), the script waits until GET /v1/
 chooses: its decayed window or all traffic so far) and GETs /v1/plan, which bench_replan's ``replay`` scores on
 window w (no peeking). The service starts from the plan the other policies start from (``moeplace plan``'s
 default fitted on window 0). Its half-life is given in windows and passed in tokens (mean window size); `--with`
-adds bench_replan's other policies for comparison (default: static, eplb, decide; affinity recompute is slow).
+adds bench_replan's other policies for comparison (default: static, eplb, eplb-all, eplb-last2, decide; affinity
+recompute is slow).
 The Mixtral stream reaches the service as what it is, one prompt (one seq id: the service samples it by token
 blocks); the in-process policies keep bench_replan's 8-token pseudo-prompts.
 
@@ -159,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", nargs="*", help=f"stream names to run ({', '.join(STREAMS)})")
     ap.add_argument("--half-life", type=float, nargs="+", default=[2.0], help="service half-life in windows")
     ap.add_argument("--max-moves", type=int, default=None, help="service --max-moves (default: the policy's)")
-    ap.add_argument("--with", dest="others", nargs="*", default=["static", "eplb", "decide"], help="other policies")
+    ap.add_argument("--with", dest="others", nargs="*", default=["static", "eplb", "eplb-all", "eplb-last2", "decide"],
+                    help="other policies")  # fmt: skip
     ap.add_argument("--time-limit", type=float, default=None, help="seconds per plan (default 8, quick 2)")
     ap.add_argument("--json", type=Path, help="write all rows as JSON")
     ap.add_argument("--ingest", action="store_true", help="measure the service's ingestion speed instead")
