@@ -168,11 +168,36 @@ def test_serve_cli_errors_are_one_line(cli, tmp_path: Path) -> None:
         ([*base, "--watch", tmp_path / "plan.json"], "not a directory"),
         ([*base, "--expert-bytes", "10", "--hf-config", tmp_path], "pass one of them"),
         ([*base, "--token-file", tmp_path / "nope"], "not both"),
+        ([*base, "--half-life", "20000", "--long-half-life", "10000"], "longer than --half-life"),
+        ([*base, "--one-memory", "--long-half-life", "90000"], "drop --long-half-life"),
     ]
     for args, msg in cases:
         code, _, err = cli(*args)
         assert code == 1 and err.startswith("error: ") and msg in err and err.count("\n") == 1, err
     held.close()
+
+
+def test_the_second_memory_follows_its_options(tmp_path: Path) -> None:
+    """Two memories by default (the window and all traffic so far), a decayed second one with
+    ``long_half_life``, one with ``one_memory``; the second decays at its own half-life."""
+    plan = initial_plan(tmp_path / "plan.json")
+    meta, a = traffic(1200, seed=1)
+    _, b = traffic(800, seed=2)
+    write_shard(tmp_path / "ds", meta, a, "w1")
+    write_shard(tmp_path / "ds", meta, b, "w2")
+    lives = {}
+    for name, kw in {"default": {}, "decayed": {"long_half_life": 20000.0}, "one": {"one_memory": True}}.items():
+        s = ReplanService(plan, ServiceConfig(tmp_path / name, tmp_path / "ds", half_life=1000, **kw))
+        s.start(watch=False)
+        s.ingest_pending()
+        lives[name] = s.status()["memory_half_lives"]
+        if s.long_window is not None:  # less old traffic forgotten than in the window; none at all by default
+            assert s.window.weight < s.long_window.weight <= s.window.observed_tokens + 1e-6
+            assert (s.long_window.weight == s.window.observed_tokens) == (name == "default")
+        s.stop()
+    assert lives == {"default": [1000.0, 0.0], "decayed": [1000.0, 20000.0], "one": [1000.0]}
+    with pytest.raises(ValueError, match="longer than --half-life"):
+        ReplanService(plan, ServiceConfig(tmp_path / "bad", tmp_path / "ds", half_life=1000, long_half_life=500))
 
 
 def test_generated_token_is_private_and_kept(tmp_path: Path) -> None:

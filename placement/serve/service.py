@@ -34,7 +34,7 @@ from placement.replan.moves import MoveList, move_list
 from placement.replan.policy import Calibration
 from placement.serve.ingest import Watcher, observation_counts, pending_shards, shard_counts
 from placement.serve.state import Ledger, PlanVersion, StateError, StateStore
-from placement.serve.window import Counts, DecayedWindow
+from placement.serve.window import Counts, DecayedWindow, ObservationError
 from placement.trace.schema import TraceError, TraceMeta
 
 if TYPE_CHECKING:
@@ -58,6 +58,8 @@ class ServiceConfig:
     poll: float = 1.0
     time_limit: float = 10.0
     seed: int = 0
+    long_half_life: float = LONG_HALF_LIFE  # the second memory (placement/replan/memory.py); 0: all traffic so far
+    one_memory: bool = False  # plan on the decayed window alone
     ray: bool = False
     ray_address: str | None = None
     ray_cpus: int = 2
@@ -73,8 +75,14 @@ class ReplanService:
         self.initial = initial
         self.meta = TraceMeta(initial.model_name or "unnamed", initial.num_experts, 1, initial.layers, "moeplace serve")
         self.window = DecayedWindow(self.meta, config.half_life)
-        # the long memory (placement/replan/memory.py); none without decay (it would equal the window)
-        long = DecayedWindow(self.meta, LONG_HALF_LIFE) if config.half_life > 0 else None
+        # the long memory (placement/replan/memory.py); none without decay (it would equal the window) or asked not to
+        if config.half_life > 0 and 0 < config.long_half_life <= config.half_life:
+            raise ObservationError(
+                f"--long-half-life {config.long_half_life:g}: must be 0 (all traffic so far) or longer than "
+                f"--half-life {config.half_life:g}"
+            )
+        keep_long = config.half_life > 0 and not config.one_memory
+        long = DecayedWindow(self.meta, config.long_half_life) if keep_long else None
         self.long_window = long
         self.ledger = Ledger()
         self.calib = Calibration()
