@@ -179,7 +179,11 @@ def test_default_targets_eplb_forecast_less_the_optimism(redundant: int, tokens:
         assert plan.provenance["unseen_imbalance"]["p50"] <= eplb_fc + 1e-9
     else:
         assert plan.provenance["unseen_imbalance"]["p50"] <= eplb_fc - optimism + 1e-9
-    assert colocation(plan, g) >= colocation(make_plan(g, spec, "eplb"), g)
+    eplb_col = colocation(make_plan(g, spec, "eplb"), g)
+    if tokens == 8000:
+        assert colocation(plan, g) > eplb_col
+    else:  # few prompts: the target may leave only eplb's own plan
+        assert colocation(plan, g) >= eplb_col
 
 
 def test_forecast_optimism_is_smaller_with_redundant_slots() -> None:

@@ -123,13 +123,6 @@ def serve_cmd(
             raise UserError("--ray-address, --ray-cpus and --ray-workers need --ray")
         if ray and watch is None:
             raise UserError("--ray counts the shards of --watch; pass --watch DATASET or drop --ray")
-        if one_memory and long_half_life:
-            raise UserError("--one-memory plans on the --half-life window alone; drop --long-half-life")
-        if half_life and 0 < long_half_life <= half_life:
-            raise UserError(
-                f"--long-half-life {long_half_life:g}: must be 0 (all traffic so far) or longer than --half-life "
-                f"{half_life:g}"
-            )
         if expert_bytes and hf_config is not None:
             raise UserError("--expert-bytes and --hf-config both give the expert size; pass one of them")
         if hf_config is not None:
@@ -137,11 +130,11 @@ def serve_cmd(
 
             expert_bytes = expert_bytes_from_hf_config(hf_config)
         initial = Plan.load(plan)
+        cfg = ServiceConfig(state, watch, half_life, max_moves, expert_bytes, interval, poll, time_limit,
+                            long_half_life=long_half_life, one_memory=one_memory)  # fmt: skip
+        cfg = replace(cfg, ray=ray, ray_address=ray_address, ray_cpus=ray_cpus, ray_workers=ray_workers)
         check_output(state, kind="dataset", flag="--state")  # a state directory: created (parent must exist) or resumed
         secret = _token(token, token_file, state)
-        cfg = ServiceConfig(state, watch, half_life, max_moves, expert_bytes, interval, poll, time_limit)
-        cfg = replace(cfg, ray=ray, ray_address=ray_address, ray_cpus=ray_cpus, ray_workers=ray_workers,
-                      long_half_life=long_half_life, one_memory=one_memory)  # fmt: skip
         service = ReplanService(initial, cfg)
         try:
             service.start()

@@ -116,14 +116,18 @@ def default_budget(plan: Plan, share: float = BUDGET_SHARE) -> int:
 
 
 def forecast_budget(
-    current: Plan, graph: RoutingGraph, forecast: Forecaster, eplb: Plan | None = None, eplb_forecast: float = 0.0
+    current: Plan,
+    graph: RoutingGraph,
+    forecast: Forecaster,
+    eplb: Plan | None = None,
+    eplb_forecast: float | None = None,
 ) -> tuple[int, str]:
     """The per-decision budget (module docstring) and why: ``HIGH_SHARE`` of a full rebalance's moves when EPLB's
-    plan for ``graph`` (``eplb``, computed when None; ``eplb_forecast``: its forecast when already made, > 0)
+    plan for ``graph`` (``eplb``, computed when None; ``eplb_forecast``: its forecast when already made)
     forecasts a lower imbalance than the current plan beyond the tie, else ``LOW_SHARE``; ``BUDGET_SHARE`` of the
     placements without a forecast (too few prompt folds)."""
     eplb = eplb_plan(current, graph) if eplb is None else eplb
-    mine, theirs = forecast(current), (eplb_forecast if eplb_forecast > 0 else forecast(eplb))
+    mine, theirs = forecast(current), (forecast(eplb) if eplb_forecast is None else eplb_forecast)
     if mine is None or theirs is None:
         return default_budget(current), "no forecast"
     full = count_moves(current, relabel_gpus(current, eplb, per_layer=True))
@@ -160,7 +164,7 @@ def decide(
     forecast = Forecaster.of(graph, seed, holdout_ratio=ratio).with_margin(margin, eplb)
     eplb_fc = forecast(eplb)  # its own layout: no margin
     if budget is None:
-        k, why_k = forecast_budget(current, graph, forecast, eplb, eplb_fc or 0.0)
+        k, why_k = forecast_budget(current, graph, forecast, eplb, eplb_fc)
     else:
         k, why_k = budget, "given"
     if margin > 0:

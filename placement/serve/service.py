@@ -65,6 +65,16 @@ class ServiceConfig:
     ray_cpus: int = 2
     ray_workers: int = 2
 
+    def __post_init__(self) -> None:
+        """The memories' options (``moeplace serve`` builds the config before it touches ``--state``)."""
+        if self.one_memory and self.long_half_life:
+            raise ObservationError("--one-memory plans on the --half-life window alone; drop --long-half-life")
+        if self.half_life > 0 and 0 < self.long_half_life <= self.half_life:
+            raise ObservationError(
+                f"--long-half-life {self.long_half_life:g}: must be 0 (all traffic so far) or longer than "
+                f"--half-life {self.half_life:g}"
+            )
+
 
 class ReplanService:
     """Routing in, plan versions out; thread-safe. ``start`` before use, ``stop`` to flush and release."""
@@ -76,11 +86,6 @@ class ReplanService:
         self.meta = TraceMeta(initial.model_name or "unnamed", initial.num_experts, 1, initial.layers, "moeplace serve")
         self.window = DecayedWindow(self.meta, config.half_life)
         # the long memory (placement/replan/memory.py); none without decay (it would equal the window) or asked not to
-        if config.half_life > 0 and 0 < config.long_half_life <= config.half_life:
-            raise ObservationError(
-                f"--long-half-life {config.long_half_life:g}: must be 0 (all traffic so far) or longer than "
-                f"--half-life {config.half_life:g}"
-            )
         keep_long = config.half_life > 0 and not config.one_memory
         long = DecayedWindow(self.meta, config.long_half_life) if keep_long else None
         self.long_window = long
