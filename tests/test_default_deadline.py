@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from placement.graph import PROMPT_FOLDS, RoutingGraph, graph_from_routes
+from placement.metrics import colocation
 from placement.plan import Plan
 from placement.planner import MAX_RESERVE_SHARE, MIN_SOLVE_SHARE, make_plan, post_solve_reserve
 from placement.solvers.balance_target import solve_auto
@@ -50,11 +51,22 @@ def test_a_deadline_already_passed_gives_eplb_plan_with_copies_apart_without_rai
         res = solve_auto(g, spec)
     load_LE = g.load_LE.astype(np.float64)
     eplb_LP = eplb_phy2log(load_LE, g.num_experts + spec.num_redundant, spec.num_gpus, spec.num_nodes)
-    assert np.array_equal(res.phy2log_LP, distinct_copies(eplb_LP, load_LE, spec.num_gpus))
+    apart_LP = distinct_copies(eplb_LP, load_LE, spec.num_gpus)
+    # the same packs (experts per GPU, per layer), under GPU labels chosen along the layers: more co-located
+    assert _packs(res.phy2log_LP, spec.num_gpus) == _packs(apart_LP, spec.num_gpus)
+    plan = Plan(spec.num_gpus, 1, g.num_experts, g.meta.layers, res.phy2log_LP)
+    apart = Plan(spec.num_gpus, 1, g.num_experts, g.meta.layers, apart_LP)
+    assert colocation(plan, g) > colocation(apart, g) + 0.01
     assert res.info["balance"] == "eplb plan"
     assert res.info["stopped"] and all("hard deadline" in why for why in res.info["stopped"])
-    plan = Plan(spec.num_gpus, 1, g.num_experts, g.meta.layers, res.phy2log_LP)
     assert res.info["unseen_imbalance"] == predict_unseen_imbalance(plan, g.load_LE, g.fold_load_SLE)
+    assert res.info["unseen_imbalance"] == predict_unseen_imbalance(apart, g.load_LE, g.fold_load_SLE)
+
+
+def _packs(phy2log_LP: np.ndarray, num_gpus: int) -> list[set[frozenset[int]]]:
+    """Per layer, the sets of experts the GPUs hold, whatever their labels."""
+    L, P = phy2log_LP.shape
+    return [{frozenset(g.tolist()) for g in phy2log_LP[l].reshape(num_gpus, P // num_gpus)} for l in range(L)]
 
 
 def test_time_spent_before_make_plan_counts_against_the_limit_down_to_the_solver_share() -> None:

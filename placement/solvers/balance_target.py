@@ -20,7 +20,7 @@ layer's pace, so balance on traffic the plan has not seen comes first and coloca
    far more.
 3. If that forecast is still above EPLB's own, EPLB's plan is used with its second copies on one GPU replaced
    by copies of other experts (``distinct_copies``), or, when that forecasts above EPLB's, moved to other GPUs
-   (``eplb_start``), whichever forecasts lower.
+   (``eplb_start``), whichever forecasts lower, its GPU labels chosen along the layers (free colocation).
    Without prompt ids there is no forecast and the plan is the one at EPLB's fitted balance. The default never
    fails on a valid trace.
 
@@ -201,6 +201,24 @@ def _solve_auto(
 
 
 def _eplb_plan(
+    phy_LP: np.ndarray,
+    graph: RoutingGraph,
+    spec: PlanSpec,
+    fit_eps: float,
+    eplb_fc: float | None,
+    stopped: list[str],
+) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """(phy2log [L, P], its forecast or None without ``eplb_fc``): ``_eplb_layout`` with its GPU labels chosen
+    along the layers (``relabel_chain``: EPLB numbers its packs by load, which co-locates nothing; labels change
+    no GPU's load, so the forecast stands, and colocation rises for free, e.g. 0.124 -> 0.145 on a window of 125
+    DeepSeek-V2-Lite prompts, G = 8)."""
+    start_LP, start_fc = _eplb_layout(phy_LP, graph, spec, fit_eps, eplb_fc, stopped)
+    with threadpool_limits(limits=1, user_api="blas"):
+        chained_LP = relabel_chain(start_LP, graph.trans_LEE.astype(np.float64), spec.num_gpus, spec.num_nodes)
+    return chained_LP, start_fc
+
+
+def _eplb_layout(
     phy_LP: np.ndarray,
     graph: RoutingGraph,
     spec: PlanSpec,
