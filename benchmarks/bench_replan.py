@@ -9,6 +9,8 @@ Streams (../shared/traces is read in place, never copied):
   defaults were chosen on).
 - ds-v2-lite-rev, ds-v2-lite-seed1/2/3: the same prompts served in reverse order and in three seeded random
   orders (unseen streams for the defaults: other windows of the same kind of traffic), same windows and G.
+  ds-v2-lite-seed4/5: two more, held out until the small-trace optimism's coefficient was chosen on the others
+  (docs/benchmarks.md).
 - mixtral: Mixtral-8x7B, the prefill tokens then the decode tokens of one HumanEval problem, 4 windows of about
   55 tokens (pseudo-prompts of 8 consecutive tokens for the forecast's folds), G = 4.
 - synthetic-shift: synthetic DeepSeek-V2-Lite shape (26 x 64, top-6), 8 windows of 125 prompts whose topic mix
@@ -73,7 +75,7 @@ EXPERT_BYTES = {
     "synthetic-drift": 3 * 2048 * 1408 * 2,
 }
 # the DeepSeek-V2-Lite streams: prompt order of each ("file", "reverse" or "seedN": a seeded random order)
-ORDERS = {"ds-v2-lite": "file", "ds-v2-lite-rev": "reverse"} | {f"ds-v2-lite-seed{i}": f"seed{i}" for i in (1, 2, 3)}
+ORDERS = {"ds-v2-lite": "file", "ds-v2-lite-rev": "reverse"} | {f"ds-v2-lite-seed{i}": f"seed{i}" for i in range(1, 6)}
 EXPERT_BYTES |= {name: EXPERT_BYTES["ds-v2-lite"] for name in ORDERS}
 STREAMS = tuple(EXPERT_BYTES)
 
