@@ -152,7 +152,8 @@ def test_serve_ray_options_are_checked_before_ray_starts(cli: Any, tmp_path: Pat
     initial_plan(tmp_path / "plan.json")
     base = ["serve", "--plan", tmp_path / "plan.json", "--state", tmp_path / "state", "--token", "t0ken"]
     cases = [
-        ([*base, "--watch", tmp_path, "--ray-cpus", "4"], "need --ray"),
+        ([*base, "--watch", tmp_path, "--ray-cpus", "4"], "need --ray or --ray-serve"),
+        ([*base, "--ray-serve", "--ray-workers", "3"], "--ray-workers needs --ray"),
         ([*base, "--ray"], "pass --watch"),
         ([*base, "--watch", tmp_path, "--ray", "--ray-address", "127.0.0.1:9"], "unreachable"),
     ]

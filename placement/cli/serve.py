@@ -95,6 +95,14 @@ def serve_cmd(
     ray_workers: Annotated[
         int, typer.Option("--ray-workers", min=1, help="With --ray: shard-counting tasks running at once.")
     ] = 2,
+    ray_serve: Annotated[
+        bool,
+        typer.Option(
+            "--ray-serve",
+            help="Run the same API as a Ray Serve application (one replica; Ray Serve's proxy binds --host/--port; "
+            "the cluster: --ray-address or an embedded local Ray of --ray-cpus CPUs).",
+        ),
+    ] = False,
 ) -> None:
     """Serve plans over HTTP, follow live routing and re-plan with few expert moves (docs/service.md).
 
@@ -102,6 +110,7 @@ def serve_cmd(
     --interval seconds (or on POST /v1/replan) whether re-planning pays for its moves, and keeps every plan
     version with its move list in --state. SIGTERM or Ctrl-C stops it after the shard in progress.
     """
+    import functools
     import logging
     from dataclasses import replace
 
@@ -119,8 +128,10 @@ def serve_cmd(
             raise UserError(f"--log-level {log_level!r}: use debug, info, warning or error")
         if watch is not None and watch.exists() and not watch.is_dir():
             raise UserError(f"--watch {watch}: not a directory; pass the dataset directory")
-        if not ray and (ray_address is not None or ray_cpus != 2 or ray_workers != 2):
-            raise UserError("--ray-address, --ray-cpus and --ray-workers need --ray")
+        if not ray and ray_workers != 2:
+            raise UserError("--ray-workers needs --ray")
+        if not (ray or ray_serve) and (ray_address is not None or ray_cpus != 2):
+            raise UserError("--ray-address and --ray-cpus need --ray or --ray-serve")
         if ray and watch is None:
             raise UserError("--ray counts the shards of --watch; pass --watch DATASET or drop --ray")
         if expert_bytes and hf_config is not None:
@@ -135,6 +146,17 @@ def serve_cmd(
         cfg = replace(cfg, ray=ray, ray_address=ray_address, ray_cpus=ray_cpus, ray_workers=ray_workers)
         check_output(state, kind="dataset", flag="--state")  # a state directory: created (parent must exist) or resumed
         secret = _token(token, token_file, state)
+        if ray_serve:
+            from ray_jobs.serve_app import run
+
+            try:
+                limit = int(max_body_mb * (1 << 20))
+                echo = functools.partial(typer.echo, err=True)
+                run(plan, cfg, secret, max_body=limit, host=host, port=port, address=ray_address, num_cpus=ray_cpus,
+                    on_ready=echo)  # fmt: skip
+            except RayJobError as exc:
+                raise UserError(str(exc)) from None
+            return
         service = ReplanService(initial, cfg)
         try:
             service.start()

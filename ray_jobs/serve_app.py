@@ -1,0 +1,93 @@
+"""``moeplace serve --ray-serve``: the re-planning service as a Ray Serve application, a thin shell.
+
+The application is the very API ``moeplace serve`` runs under uvicorn (placement/serve/app.py ``create_app``),
+built inside the deployment's one replica (``serve.ingress`` with a builder): the service, its watcher thread and
+its state directory live in that replica's process, and Ray Serve's HTTP proxy serves it at ``--host``/``--port``.
+One replica only: a state directory has one writer (its lock), and every decision reads the one routing window.
+The cluster is the one ``ray_jobs.driver.connect`` gives (an embedded local Ray by default, or ``--ray-address``);
+``run`` blocks until SIGTERM or SIGINT, then deletes the application (the replica stops its service: the shard
+in progress is finished and the checkpoint written) and shuts Serve down.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ray_jobs.driver import JobConfig, RayJobError, connect
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from placement.serve.service import ServiceConfig
+
+APP_NAME = "moeplace"
+READY_LINE = "moeplace serve on Ray Serve: listening on"
+
+
+def build_api(plan_path: str, config: ServiceConfig, token: str, max_body: int) -> FastAPI:
+    """In the replica: start the service from the initial plan and return its API."""
+    from placement.plan import Plan
+    from placement.serve.app import create_app
+    from placement.serve.service import ReplanService
+
+    service = ReplanService(Plan.load(Path(plan_path)), config)
+    service.start()
+    return create_app(service, token, max_body=max_body)
+
+
+def application(plan_path: Path, config: ServiceConfig, token: str, max_body: int, num_cpus: float = 1.0) -> Any:
+    """The Ray Serve application (one replica of ``build_api``'s app), not yet running."""
+    from ray import serve
+
+    def builder() -> FastAPI:  # a plain function (Ray Serve calls it in the replica); a partial would be an app
+        return build_api(str(plan_path), config, token, max_body)
+
+    options = serve.deployment(name="replan", num_replicas=1, ray_actor_options={"num_cpus": num_cpus})
+    return options(serve.ingress(builder)()).bind()
+
+
+def run(
+    plan_path: Path,
+    config: ServiceConfig,
+    token: str,
+    *,
+    max_body: int,
+    host: str,
+    port: int,
+    address: str | None,
+    num_cpus: int,
+    on_ready: Any = print,
+) -> None:
+    """Serve the application on Ray Serve until SIGTERM or SIGINT (module docstring)."""
+    import ray
+    from ray import serve
+
+    stop = threading.Event()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    where = connect(JobConfig(out=Path("."), address=address, num_cpus=num_cpus))
+    for s in previous:  # ray.init makes SIGTERM exit at once; stop cleanly instead
+        signal.signal(s, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        try:
+            serve.run(application(plan_path, config, token, max_body), name=APP_NAME, route_prefix="/")
+        except RuntimeError as exc:  # the replica could not start: its service's own error, one line
+            raise RayJobError(f"the service did not start on Ray Serve: {_first_line(exc)}") from None
+        on_ready(f"{READY_LINE} http://{host}:{port} ({where})")
+        while not stop.wait(0.5):
+            pass
+        serve.delete(APP_NAME)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error:" in ln]
+    return (errors[-1] if errors else lines[0] if lines else type(exc).__name__)[:400]
