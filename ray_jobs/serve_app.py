@@ -5,12 +5,15 @@ built inside the deployment's one replica (``serve.ingress`` with a builder): th
 its state directory live in that replica's process, and Ray Serve's HTTP proxy serves it at ``--host``/``--port``.
 One replica only: a state directory has one writer (its lock), and every decision reads the one routing window.
 The cluster is the one ``ray_jobs.driver.connect`` gives (an embedded local Ray by default, or ``--ray-address``);
-``run`` blocks until SIGTERM or SIGINT, then deletes the application (the replica stops its service: the shard
-in progress is finished and the checkpoint written) and shuts Serve down.
+``run`` blocks until SIGTERM or SIGINT, then deletes the application and shuts Serve down. The service checkpoints
+every shard's counts with its ledger entry as it ingests it, so the state directory is whole whenever the replica
+stops: a plain ``moeplace serve`` resumes it exactly (tests/test_serve_rayserve.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
 from pathlib import Path
@@ -67,6 +70,7 @@ def run(
 
     stop = threading.Event()
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    own_cluster = address is None and not os.environ.get("RAY_ADDRESS")  # as connect() decides
     where = connect(JobConfig(out=Path("."), address=address, num_cpus=num_cpus))
     for s in previous:  # ray.init makes SIGTERM exit at once; stop cleanly instead
         signal.signal(s, lambda *_: stop.set())
@@ -79,10 +83,12 @@ def run(
         on_ready(f"{READY_LINE} http://{host}:{port} ({where})")
         while not stop.wait(0.5):
             pass
-        serve.delete(APP_NAME)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        with contextlib.suppress(Exception):  # nothing to delete when it never started
+            serve.delete(APP_NAME)
+        if own_cluster:  # Serve on a cluster someone else runs keeps its other applications
+            serve.shutdown()
+        ray.shutdown()  # the embedded Ray stops; a connection to a cluster is closed
         for s, handler in previous.items():
             signal.signal(s, handler)
 

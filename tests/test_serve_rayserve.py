@@ -1,7 +1,7 @@
 """``moeplace serve --ray-serve``: the same API as a Ray Serve application (ray_jobs/serve_app.py), started for
 real (the CLI in a subprocess, an embedded local Ray, Ray Serve's HTTP proxy on a free port, real HTTP): token
-checks, ingestion of the watched dataset, a decision, a clean stop on SIGTERM, and a state directory that the
-plain server resumes exactly (the replica ran the same service)."""
+checks, ingestion of the watched dataset, a decision, the state directory's lock held by the replica, a clean stop
+on SIGTERM, and a state directory that the plain server resumes exactly (the replica ran the same service)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tests.serve_support import Server, initial_plan, traffic, write_shard
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_serve_app_serves_ingests_decides_and_its_state_resumes(tmp_path: Path) -> None:
+def test_ray_serve_app_serves_ingests_decides_and_its_state_resumes(cli: Any, tmp_path: Path) -> None:
     plan = tmp_path / "plan.json"
     initial = initial_plan(plan)
     watch, state = tmp_path / "ds", tmp_path / "state"
@@ -32,6 +32,10 @@ def test_ray_serve_app_serves_ingests_decides_and_its_state_resumes(tmp_path: Pa
         served = srv.get("/v1/plan").json()
         assert served["num_gpus"] == initial.num_gpus and served["phy2log"] is not None
         before: dict[str, Any] = srv.status()
+        # the replica holds the state directory's lock: a second service on it is one error line, before Ray starts
+        args = ["serve", "--plan", plan, "--state", state, "--token", "t", "--ray-serve"]
+        code, _, err = cli(*args)
+        assert code == 1 and "another moeplace serve uses this --state" in err and err.count("\n") == 1, err
     finally:
         code = srv.stop()
     assert code == 0, srv.log.read_text()[-2000:]
