@@ -267,6 +267,32 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# issue 13's bar against EPLB recompute: colocation at least this multiple of its, moves at most this share of its
+BAR_COLOCATION, BAR_MOVES = 1.6, 0.3
+
+
+def bar_check(summ: list[dict[str, Any]]) -> dict[str, dict[str, bool]]:
+    """Per policy other than EPLB's (``summarise`` rows): does it meet issue 13's bar? ``imbalance``: mean
+    imbalance_max <= EPLB recompute's better policy over the stream (eplb-all or eplb-last2: per stream);
+    ``imbalance_oracle``: <= the per-window oracle (eplb); ``colocation``: >= BAR_COLOCATION x eplb's;
+    ``moves``: <= BAR_MOVES x eplb's. Empty without the three EPLB rows."""
+    by = {s["policy"]: s for s in summ}
+    if not {"eplb", "eplb-all", "eplb-last2"} <= by.keys():
+        return {}
+    oracle = by["eplb"]
+    per_stream = min(by["eplb-all"]["imbalance_max"], by["eplb-last2"]["imbalance_max"])
+    return {
+        s["policy"]: {
+            "imbalance": s["imbalance_max"] <= per_stream,
+            "imbalance_oracle": s["imbalance_max"] <= oracle["imbalance_max"],
+            "colocation": s["colocation"] >= BAR_COLOCATION * oracle["colocation"],
+            "moves": s["moves"] <= BAR_MOVES * oracle["moves"],
+        }
+        for s in summ
+        if not s["policy"].startswith("eplb") and s["policy"] != "static"
+    }
+
+
 def print_stream(name: str, rows: list[dict[str, Any]]) -> None:
     print(f"\n== {name}: per window (scored on the next window)")
     print(f"{'policy':<10} {'win':>3} {'imb_max':>8} {'coloc':>7} {'moves':>6} {'GB moved':>9} {'dec s':>6}")
@@ -289,6 +315,10 @@ def print_stream(name: str, rows: list[dict[str, Any]]) -> None:
             rel = f"  coloc x{ratio:.2f} vs eplb, moves {share:.0%} of eplb's"
         print(f"{s['policy']:<10} {s['imbalance_max']:>8.4f} {s['colocation']:>7.4f} {s['moves']:>6} "
               f"{s['bytes'] / 1e9:>9.2f} {s['seconds']:>6.2f}{rel}")  # fmt: skip
+    for policy, ok in bar_check(summ).items():
+        marks = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in ok.items())
+        verdict = "met" if ok["imbalance"] and ok["colocation"] and ok["moves"] else "not met"
+        print(f"-- {name}: issue 13's bar for {policy} (per stream): {verdict} [{marks}]")
 
 
 def bench_v3(time_limit: float, max_moves: int = 800) -> None:
