@@ -1,4 +1,4 @@
-"""``moeplace serve --ray-serve``: the same API as a Ray Serve application (ray_jobs/serve_app.py), started for
+"""``moeplace serve --ray-serve``: the same API as a Ray Serve application (placement/serve/rayserve.py), started for
 real (the CLI in a subprocess, an embedded local Ray, Ray Serve's HTTP proxy on a free port, real HTTP): token
 checks, ingestion of the watched dataset, a decision, the state directory's lock held by the replica, a clean stop
 on SIGTERM, and a state directory that the plain server resumes exactly (the replica ran the same service)."""

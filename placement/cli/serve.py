@@ -147,8 +147,8 @@ def serve_cmd(
         check_output(state, kind="dataset", flag="--state")  # a state directory: created (parent must exist) or resumed
         secret = _token(token, token_file, state)
         if ray_serve:
+            from placement.serve.rayserve import run
             from placement.serve.state import StateStore
-            from ray_jobs.serve_app import run
 
             probe = StateStore(state)  # a --state in use fails here, in one line, not inside the replica
             probe.open()

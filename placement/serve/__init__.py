@@ -2,5 +2,6 @@
 
 state (STATE_DIR files: plan versions, ledger, checkpoint) -> window (decayed routing counts) -> ingest (watched
 dataset shards, posted observations) -> service (``ReplanService``: decisions through placement.replan) ->
-prom (Prometheus metrics) -> app (the FastAPI routes). Nothing starts at import; ``create_app`` builds the app.
+prom (Prometheus metrics) -> app (the FastAPI routes) -> rayserve (the same app as a Ray Serve application).
+Nothing starts at import; ``create_app`` builds the app.
 """
