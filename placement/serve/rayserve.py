@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,10 @@ def run(
     import ray
     from ray import serve
 
+    # the replica's working directory is Ray's, not this process's: it gets absolute paths
+    plan_path = Path(plan_path).resolve()
+    watch = None if config.watch_dir is None else Path(config.watch_dir).resolve()
+    config = replace(config, state_dir=Path(config.state_dir).resolve(), watch_dir=watch)
     stop = threading.Event()
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     own_cluster = address is None and not os.environ.get("RAY_ADDRESS")  # as connect() decides
