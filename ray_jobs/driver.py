@@ -134,7 +134,8 @@ def _probe(address: str, timeout_s: float = 5.0) -> None:
         ) from exc
 
 
-def _address(cfg: JobConfig) -> str | None:
+def cluster_address(cfg: JobConfig) -> str | None:
+    """The cluster ``connect`` joins: ``cfg.address``, else ``RAY_ADDRESS``; None: it starts an embedded Ray."""
     return cfg.address or os.environ.get("RAY_ADDRESS") or None
 
 
@@ -147,7 +148,7 @@ def connect(cfg: JobConfig) -> str:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = _address(cfg)
+    address = cluster_address(cfg)
     if address is None:  # "local": always a new cluster, never one that another user started on this machine
         _quiet_token_auth()
         ray.init(
@@ -230,7 +231,7 @@ def run_job(cfg: JobConfig, on_progress: ProgressFn | None = None, on_pids: Pids
     from ray.util.placement_group import remove_placement_group
 
     t0 = time.perf_counter()
-    address = _address(cfg)
+    address = cluster_address(cfg)
     if address is not None:
         _probe(address)  # fail fast even when a connection is reused
     owns = not ray.is_initialized()

@@ -13,14 +13,13 @@ stops: a plain ``moeplace serve`` resumes it exactly (tests/test_serve_rayserve.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ray_jobs.driver import JobConfig, RayJobError, connect
+from ray_jobs.driver import JobConfig, RayJobError, cluster_address, connect, raise_one_line
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -75,8 +74,9 @@ def run(
     config = replace(config, state_dir=Path(config.state_dir).resolve(), watch_dir=watch)
     stop = threading.Event()
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    own_cluster = address is None and not os.environ.get("RAY_ADDRESS")  # as connect() decides
-    where = connect(JobConfig(out=Path("."), address=address, num_cpus=num_cpus))
+    job = JobConfig(out=Path("."), address=address, num_cpus=num_cpus)
+    own_cluster = cluster_address(job) is None
+    where = connect(job)
     for s in previous:  # ray.init makes SIGTERM exit at once; stop cleanly instead
         signal.signal(s, lambda *_: stop.set())
     try:
@@ -84,7 +84,7 @@ def run(
         try:
             serve.run(application(plan_path, config, token, max_body), name=APP_NAME, route_prefix="/")
         except RuntimeError as exc:  # the replica could not start: its service's own error, one line
-            raise RayJobError(f"the service did not start on Ray Serve: {_first_line(exc)}") from None
+            raise RayJobError(f"the service did not start on Ray Serve: {raise_one_line(exc)}") from None
         on_ready(f"{READY_LINE} http://{host}:{port} ({where})")
         while not stop.wait(0.5):
             pass
@@ -96,9 +96,3 @@ def run(
         ray.shutdown()  # the embedded Ray stops; a connection to a cluster is closed
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "Error:" in ln]
-    return (errors[-1] if errors else lines[0] if lines else type(exc).__name__)[:400]

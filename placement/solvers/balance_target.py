@@ -49,14 +49,14 @@ DeepSeek-V2-Lite prompts (10-24 effective), G = 8, and tested on the next 7 wind
 benchmarks/bench_replan.py, the default at a flat 0.01 ran 0.005-0.065 above EPLB's plan of the same window
 (mean +0.046); the offset at which it matched EPLB grew about as 1 / effective prompts (0.038 at 24, 0.058 at
 15). So the optimism is ``FORECAST_OPTIMISM`` (or the redundant one) plus ``SMALL_TRACE_OPTIMISM`` * (1 / n_eff
-- 1 / ``REFERENCE_PROMPTS``) below the reference size. With 1.0 the same windows ran at EPLB's balance on the
-mean (-0.008, two orders above); with 1.5 below it (-0.041) at 1.4-2.0x its colocation; 1.25 is between (two
-runs: -0.041 and -0.028, 1.4-2.1x). 1.25 is kept because the plan it gives is where a re-planning service starts
-(``moeplace serve --plan``): later decisions correct balance on the traffic they see, while the starting plan's
-colocation stays: on the replay of benchmarks/bench_replan.py (five prompt orders, two paired runs) the service's
-policy after a 1.25 INIT kept the next-window imbalance within EPLB recompute's on all ten at 1.45-1.78x its
-colocation (after 1.5: 1.29-1.68x); through the real service the issue's bar held on 3-4 of 7 orders per run
-either way (docs/benchmarks.md, "INIT coefficient 1.25").
+- 1 / ``REFERENCE_PROMPTS``) below the reference size. With 1.0 the same windows ran at EPLB's balance on the mean
+(-0.008, two orders above); with 1.5 below it (-0.041, a rerun -0.045) at 1.4-2.0x its colocation; 1.25 is between
+(-0.028 in the run of the rerun, 1.4-2.1x). 1.25 is kept because the plan it gives is where a re-planning service
+starts (``moeplace serve --plan``): later decisions correct balance on the traffic they see, while the starting
+plan's colocation stays: on the replay of benchmarks/bench_replan.py (five prompt orders, two paired runs) the
+service's policy after a 1.25 INIT kept the next-window imbalance within EPLB recompute's on all ten at 1.45-1.78x
+its colocation (after 1.5: 1.29-1.68x); through the real service the issue's bar held on 3-5 of 7 orders per run
+with 1.25 (three runs), on 3 with 1.5 (one run) (docs/benchmarks.md, "INIT coefficient 1.25").
 Traces of ``REFERENCE_PROMPTS`` effective prompts or more (the whole dev file: 90) keep the measured values.
 
 Dimension key: L layers, E experts, P slots, G GPUs.
