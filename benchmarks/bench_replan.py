@@ -58,6 +58,7 @@ from placement.planner import make_plan
 from placement.replan import Calibration, count_moves, decide, relabel_gpus
 from placement.replan.memory import MemoryChoice, decide_on_memories
 from placement.replan.solve import target_plan
+from placement.solvers.affinity import work_budget
 from placement.solvers.base import PlanSpec
 from placement.solvers.baselines import eplb_phy2log
 from placement.trace.dataset import open_trace
@@ -78,6 +79,10 @@ EXPERT_BYTES = {
 ORDERS = {"ds-v2-lite": "file", "ds-v2-lite-rev": "reverse"} | {f"ds-v2-lite-seed{i}": f"seed{i}" for i in range(1, 6)}
 EXPERT_BYTES |= {name: EXPERT_BYTES["ds-v2-lite"] for name in ORDERS}
 STREAMS = tuple(EXPERT_BYTES)
+# the INIT's work budget (annealing moves per solve, placement/solvers/affinity.py) and the time limit it fits
+# in on the shared 2-core machine with room to spare (7.5-9 s measured on one 125-prompt window): runs repeat
+INIT_WORK = 4_000_000
+INIT_TIME_LIMIT = 20.0
 
 
 def prompt_windows(routes: RouteArrays, prompts_per_window: int, how: str = "file") -> list[RouteArrays]:
@@ -188,11 +193,13 @@ def policies(time_limit: float) -> dict[str, Policy]:
 
 def initial_plans(first: RoutingGraph, G: int, time_limit: float) -> dict[str, Plan]:
     """The plan each policy starts from, fitted on window 0: EPLB's for ``eplb``; for the others what ``moeplace
-    plan --gpus G`` gives with its defaults (``make_plan``, the default spec: as balanced on unseen prompts as EPLB's
+    plan --gpus G --work INIT_WORK --time-limit INIT_TIME_LIMIT`` gives (so every run starts from the same plan)
+    with its defaults (``make_plan``, the default spec: as balanced on unseen prompts as EPLB's
     forecast, then as co-located as possible), the INIT a user starts ``moeplace serve --plan INIT`` with."""
     L, E = first.load_LE.shape
     blank = Plan(G, 1, E, first.meta.layers, np.tile(np.arange(E), (L, 1)), first.meta.model_name)
-    spec = PlanSpec(G, time_limit=time_limit, auto_balance=True, options={"ilp_backend": "cpsat", "kappa": 0.0})
+    options = {"ilp_backend": "cpsat", "kappa": 0.0, **work_budget(INIT_WORK)}
+    spec = PlanSpec(G, time_limit=max(time_limit, INIT_TIME_LIMIT), auto_balance=True, options=options)
     aff = make_plan(first, spec)
     fitted = {name: aff for name in ("static", "affinity", "decide", "decide-short", "decide-calibrated")}
     return {name: eplb_plan(first, blank) for name in ("eplb", "eplb-all", "eplb-last2")} | fitted

@@ -103,6 +103,16 @@ def plan_cmd(
         ),
     ] = 30.0,
     seed: Annotated[int, typer.Option("--seed", help="Solver random seed.")] = 0,
+    work: Annotated[
+        int,
+        typer.Option(
+            "--work",
+            min=0,
+            help="affinity: a fixed work budget per solve (this many annealing moves, one restart) instead of all "
+            "the time it gets: the same plan for the same trace and --seed on any machine that finishes it within "
+            "--time-limit. 0: use the time.",
+        ),
+    ] = 0,
     backend: Annotated[str, typer.Option("--ilp-backend", help="ILP backend: cpsat, pulp (CBC) or highs.")] = "cpsat",
     robust: Annotated[
         float, typer.Option("--robust", help="affinity: kappa, std-devs of unseen-prompt load kept within --balance.")
@@ -153,6 +163,7 @@ def plan_cmd(
     from placement.graph import PROMPT_FOLDS
     from placement.plan import PlanError
     from placement.planner import SOLVER_NAMES, make_plan
+    from placement.solvers.affinity import work_budget
     from placement.solvers.base import PlanSpec
 
     with user_errors():
@@ -178,7 +189,7 @@ def plan_cmd(
             time_limit=time_limit,
             seed=seed,
             inter_node_cost=inter_node_cost,
-            options={"ilp_backend": backend, "kappa": robust, "unseen": unseen},
+            options={"ilp_backend": backend, "kappa": robust, "unseen": unseen, **work_budget(work)},
         )
         from placement.trace.dataset import open_trace
 

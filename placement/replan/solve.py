@@ -4,7 +4,9 @@
    same GPUs, nodes and redundant slots as the current plan; its GPUs renamed to minimise moves (one renaming
    for all layers, so its metrics are kept; placement/replan/moves.py). It runs under a hard deadline
    (``TARGET_SHARE`` of the time limit plus its slack, placement/solvers/deadline.py); a target not ready by
-   then is dropped and the re-plan goes on from the current plan, so ``replan`` keeps its time limit.
+   then is dropped and the re-plan goes on from the current plan, so ``replan`` keeps its time limit. Its search
+   has a work budget (``TARGET_ANNEAL_MOVES``, placement/solvers/affinity.py), not the time left: the same
+   traffic gives the same decision on any machine that does that work in time (the rest is deterministic).
 2. If the target fits the budget it is a candidate as it is. Otherwise (one replica per expert) the best mix of
    current and target layers (exact dynamic programme over the layer chain), then swap search under the budget
    (placement/replan/search.py; without a target, swap search from the current plan); with replicas, the layer
@@ -48,6 +50,9 @@ FORECAST_QUANTILE = "p90"
 # share of the time limit for the affinity target, and the hard deadline's slack beyond it; the hard deadline
 # also leaves RESERVE_SCORES times one plan's scoring (measured on the current plan) for the candidates
 TARGET_SHARE = 0.45
+# the target's work budget (placement/solvers/affinity.py): the same decision for the same traffic on any machine
+# that does this work within the target's share of the time limit
+TARGET_ANNEAL_MOVES = 4_000_000
 TARGET_SLACK = 0.1
 RESERVE_SCORES = 8.0
 # the exact model runs only with at least EXACT_MIN_S plus its build time (variables / EXACT_VARS_PER_S) left:
@@ -151,12 +156,13 @@ def target_plan(current: Plan, graph: RoutingGraph, eps: float, kappa: float, ti
     raised to what EPLB (a pure balancer) reaches on the graph when ``eps`` is below it."""
     from placement.metrics import imbalance
     from placement.planner import make_plan
+    from placement.solvers.affinity import work_budget
     from placement.solvers.base import PlanSpec
 
     G, N, P = current.num_gpus, current.num_nodes, current.num_slots
     reach = imbalance(eplb_plan(current, graph), graph)[1] - 1.0 + 1e-6
     spec = PlanSpec(G, N, P - current.num_experts, max(eps, reach), max(time_limit, 0.05), seed,
-                    options={"kappa": kappa})  # fmt: skip
+                    options={"kappa": kappa, **work_budget(TARGET_ANNEAL_MOVES)})  # fmt: skip
     return make_plan(graph, spec, "affinity")
 
 
@@ -195,6 +201,7 @@ def _target_in_time(
     except SolveTimeout as e:
         info["target"] = f"not ready in {time.perf_counter() - t0:.1f} s ({e}); re-planned from the current plan"
         return None
+    info["target_anneal_moves"] = target.provenance.get("info", {}).get("anneal_iters")  # the work it did
     return relabel_gpus(current, target)
 
 

@@ -13,6 +13,13 @@ Method:
 2. Swap annealing over all GPUs (placement/solvers/anneal.py), O(1) per move, under the same balance rule.
 3. Redundant slots take affinity-aware replicas (placement/solvers/replicate.py).
 
+Steps 1 and 2 run until the deadline by default: as many restarts as fit (at most ``MAX_RESTARTS``), annealing
+as long as the time left allows, so the plan depends on the machine's speed. A work budget in the spec's options
+(``restarts``, fewer than ``MAX_RESTARTS``; ``anneal_moves``: that many moves on a fixed cooling schedule in
+``FIXED_CHUNKS`` chunks) makes the same inputs and seed give the same plan on any machine that finishes the work
+before the deadline (the deadline still stops it: a valid plan, then of less work). The re-planner's target uses
+one (placement/replan/solve.py ``TARGET_ANNEAL_MOVES``), so the service's decisions repeat.
+
 Dimension key: L layers, X layer pairs (L-1), E experts, B bins (GPUs or nodes), G GPUs, N nodes, P slots.
 """
 
@@ -33,6 +40,17 @@ from placement.solvers.deadline import check_deadline
 from placement.solvers.layer_assign import assign_layer
 from placement.solvers.replicate import add_replicas, replica_counts, robust_repair
 from placement.solvers.robust import LoadModel, predict_unseen_imbalance
+
+MAX_RESTARTS = 32  # chain-descent restarts at most, when the deadline alone stops them
+FIXED_CHUNKS = 8  # a fixed annealing budget runs in this many chunks, the deadline checked between them
+
+
+def work_budget(anneal_moves: int, restarts: int = 1) -> dict[str, int]:
+    """Spec options of a work budget (module docstring): ``restarts`` chain descents, ``anneal_moves`` moves;
+    {} (run until the deadline) for 0 moves."""
+    if anneal_moves < 0 or not 1 <= restarts < MAX_RESTARTS:
+        raise PlanError(f"work budget: moves {anneal_moves} must be >= 0, restarts {restarts} in 1..{MAX_RESTARTS - 1}")
+    return {"restarts": restarts, "anneal_moves": anneal_moves} if anneal_moves else {}
 
 
 def neighbour_score(l: int, bin_LE: np.ndarray, trans_XEE: np.ndarray, num_bins: int, only: str = "both") -> np.ndarray:
@@ -120,7 +138,11 @@ def _best_of_restarts(
     allowed: np.ndarray | None,
     info: dict[str, Any],
     level: str,
+    max_restarts: int = MAX_RESTARTS,
 ) -> np.ndarray:
+    """The most co-located of ``chain_descent`` restarts: as many as fit before ``deadline`` (at most
+    ``MAX_RESTARTS``), or exactly ``max_restarts`` when fewer are asked for (the work budget, module
+    docstring), unless the deadline passes first."""
     best_LE, best = None, -1.0
     durations: list[float] = []
     while True:
@@ -129,7 +151,11 @@ def _best_of_restarts(
         durations.append(time.perf_counter() - t0)
         if score > best:
             best_LE, best = bin_LE, score
-        if time.perf_counter() + 1.2 * max(durations) > deadline or len(durations) >= 32:
+        if len(durations) >= max_restarts:
+            break
+        if max_restarts == MAX_RESTARTS and time.perf_counter() + 1.2 * max(durations) > deadline:
+            break
+        if time.perf_counter() > deadline:  # a fixed number of restarts still stops at the deadline
             break
     info[f"{level}_restarts"] = len(durations)
     if best_LE is None:  # pragma: no cover - the loop runs at least once
@@ -148,14 +174,18 @@ def place_gpus(
     limit = 1.0 + spec.balance_eps * (float(spec.options.get("primary_margin", 0.7)) if spec.num_redundant else 1.0)
     trans = smoothed_transitions(graph.trans_LEE, float(spec.options.get("smooth", 0.0)))
     rng = np.random.default_rng(spec.seed)
+    restarts = int(spec.options.get("restarts", MAX_RESTARTS))
+    timed = restarts >= MAX_RESTARTS
     info: dict[str, Any] = {"kappa": lm.kappa}
     allowed = None
     if N > 1:
         # Nodes get half the tolerance, so that their GPUs can still be balanced within the full one.
         node_limit = 1.0 + 0.5 * (limit - 1.0)
-        node_LE = _best_of_restarts(trans, lm, N, node_limit, t0 + (deadline - t0) * 0.25, rng, None, info, "node")
+        node_end = t0 + (deadline - t0) * 0.25 if timed else deadline
+        node_LE = _best_of_restarts(trans, lm, N, node_limit, node_end, rng, None, info, "node", restarts)
         allowed = (np.arange(G)[None, None, :] // (G // N)) == node_LE[:, :, None]
-    gpu_LE = _best_of_restarts(trans, lm, G, limit, t0 + (deadline - t0) * 0.6, rng, allowed, info, "gpu")
+    gpu_end = t0 + (deadline - t0) * 0.6 if timed else deadline  # a work budget's restarts are not cut early
+    gpu_LE = _best_of_restarts(trans, lm, G, limit, gpu_end, rng, allowed, info, "gpu", restarts)
     info["bcd_colocated"] = colocated(gpu_LE, trans) / max(float(trans.sum()), 1.0)
     # Annealing over all GPUs (crossing nodes), topology-weighted: a pair on one GPU is worth
     # inter_node_cost, on one node inter_node_cost - 1 (the cost saved against a cross-node pair).
@@ -183,6 +213,19 @@ def anneal_until(
     node pair value) in place until ``deadline``, cooling geometrically from temp0 to temp0 / 1000.
     Runs in chunks: after each one the move rate is measured and the remaining moves re-planned, so a slow or
     busy machine ends the schedule early instead of overrunning the wall clock. Returns the moves tried."""
+    share_LE, cov_LEE, kappa, limit, node_G, node_w = model
+    args = (share_LE, cov_LEE, kappa, limit, node_G, 1.0, node_w)
+    fixed = int(spec.options.get("anneal_moves", 0))
+    if fixed > 0:  # the work budget: the same moves and schedule on any machine, unless the deadline passes first
+        done, temp = 0, temp0
+        for chunk in range(FIXED_CHUNKS):
+            if time.perf_counter() > deadline:
+                break
+            n = fixed // FIXED_CHUNKS + (fixed % FIXED_CHUNKS if chunk == FIXED_CHUNKS - 1 else 0)
+            end = temp0 * 1e-3 ** ((chunk + 1) / FIXED_CHUNKS)
+            anneal(bin_LE, W_LEG, trans_XEE, *args, n, temp, end, seed + chunk)
+            temp, done = end, done + n
+        return done
     rate = float(spec.options.get("anneal_rate", 2e6))  # moves per second, first guess
     temp, temp1, done = temp0, 1e-3 * temp0, 0
     for chunk in range(64):
@@ -193,10 +236,7 @@ def anneal_until(
         n = max(min(planned // max(8 - chunk, 2), 200_000 if chunk == 0 else planned), 1000)  # 1st: calibration
         end = temp * (temp1 / temp) ** (n / planned)
         t0 = time.perf_counter()
-        share_LE, cov_LEE, kappa, limit, node_G, node_w = model
-        anneal(
-            bin_LE, W_LEG, trans_XEE, share_LE, cov_LEE, kappa, limit, node_G, 1.0, node_w, n, temp, end, seed + chunk
-        )
+        anneal(bin_LE, W_LEG, trans_XEE, *args, n, temp, end, seed + chunk)
         rate = n / max(time.perf_counter() - t0, 1e-6)
         temp, done = end, done + n
     return done
