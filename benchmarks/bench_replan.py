@@ -10,7 +10,8 @@ Streams (../shared/traces is read in place, never copied):
 - ds-v2-lite-rev, ds-v2-lite-seed1/2/3: the same prompts served in reverse order and in three seeded random
   orders (unseen streams for the defaults: other windows of the same kind of traffic), same windows and G.
   ds-v2-lite-seed4/5: two more, held out until the small-trace optimism's coefficient was chosen on the others
-  (docs/benchmarks.md).
+  (docs/benchmarks.md); ds-v2-lite-seed6 to 10: five more, first run after the work budgets made runs repeat
+  (session 8), at the final defaults.
 - mixtral: Mixtral-8x7B, the prefill tokens then the decode tokens of one HumanEval problem, 4 windows of about
   55 tokens (pseudo-prompts of 8 consecutive tokens for the forecast's folds), G = 4.
 - synthetic-shift: synthetic DeepSeek-V2-Lite shape (26 x 64, top-6), 8 windows of 125 prompts whose topic mix
@@ -76,7 +77,7 @@ EXPERT_BYTES = {
     "synthetic-drift": 3 * 2048 * 1408 * 2,
 }
 # the DeepSeek-V2-Lite streams: prompt order of each ("file", "reverse" or "seedN": a seeded random order)
-ORDERS = {"ds-v2-lite": "file", "ds-v2-lite-rev": "reverse"} | {f"ds-v2-lite-seed{i}": f"seed{i}" for i in range(1, 6)}
+ORDERS = {"ds-v2-lite": "file", "ds-v2-lite-rev": "reverse"} | {f"ds-v2-lite-seed{i}": f"seed{i}" for i in range(1, 11)}
 EXPERT_BYTES |= {name: EXPERT_BYTES["ds-v2-lite"] for name in ORDERS}
 STREAMS = tuple(EXPERT_BYTES)
 # the INIT's work budget (annealing moves per solve, placement/solvers/affinity.py) and the time limit it fits
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="CI size: 3 windows per stream, short time limits")
     ap.add_argument("--only", nargs="*", help=f"stream names to run ({', '.join(STREAMS)})")
-    ap.add_argument("--time-limit", type=float, default=None, help="seconds per plan (default 8, quick 2)")
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds per plan (default 10, quick 2)")
     ap.add_argument("--with", dest="pols", nargs="*",
                     default=["static", "eplb", "eplb-all", "eplb-last2", "affinity", "decide"],
                     help="policies to run (also: decide-short, decide-calibrated)")  # fmt: skip
@@ -369,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.v3:
         bench_v3(args.time_limit or 20.0)
         return
-    tl = args.time_limit or (2.0 if args.quick else 8.0)
+    tl = args.time_limit or (2.0 if args.quick else 10.0)
     everything: dict[str, Any] = {}
     for name, (wins, G) in streams(args.quick, args.only).items():
         pols = {k: v for k, v in policies(tl).items() if k in args.pols}

@@ -49,6 +49,7 @@ from bench_replan import (
 
 from placement.graph import PROMPT_FOLDS, RoutingGraph, graph_from_routes
 from placement.plan import Plan
+from placement.replan.solve import TARGET_ANNEAL_MOVES
 from placement.trace.dataset import TraceWriter
 from placement.trace.schema import RouteArrays, TraceMeta
 from placement.trace.synthetic import synthetic_trace
@@ -162,14 +163,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-moves", type=int, default=None, help="service --max-moves (default: the policy's)")
     ap.add_argument("--with", dest="others", nargs="*", default=["static", "eplb", "eplb-all", "eplb-last2", "decide"],
                     help="other policies")  # fmt: skip
-    ap.add_argument("--time-limit", type=float, default=None, help="seconds per plan (default 8, quick 2)")
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds per plan (default 10, quick 2)")
     ap.add_argument("--json", type=Path, help="write all rows as JSON")
     ap.add_argument("--ingest", action="store_true", help="measure the service's ingestion speed instead")
     args = ap.parse_args(argv)
     if args.ingest:
         bench_ingest()
         return
-    tl = args.time_limit or (2.0 if args.quick else 8.0)
+    tl = args.time_limit or (2.0 if args.quick else 10.0)
     everything: dict[str, Any] = {}
     for name, (meta, windows, G) in stream_routes(args.quick).items():
         if args.only and name not in args.only:
@@ -205,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
         print_stream(name, rows)
         for col, log in logs.items():
             print(f"{col}: POST /v1/replan seconds {[r['post_s'] for r in log]}, changed {[r['changed'] for r in log]}")
+            work = [r["after"].get("target_anneal_moves") for r in log]
+            print(f"{col}: the target's annealing moves per decision {work} ({TARGET_ANNEAL_MOVES}: its whole "
+                  "budget, the decision repeats; less: cut at its deadline; None: no target)")  # fmt: skip
         everything[name] = {"rows": rows, "summary": summarise(rows), "service_decisions": logs}
     if args.json:
         args.json.write_text(json.dumps(everything, indent=1))

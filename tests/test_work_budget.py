@@ -79,6 +79,7 @@ def test_decide_repeats_on_the_same_traffic(graph: RoutingGraph) -> None:
     current = Plan(4, 1, E, graph.meta.layers, np.stack([rng.permutation(E) for _ in range(L)]))
     a, b = (decide(current, graph, time_limit=20.0, budget=40) for _ in range(2))
     assert a.info["target_anneal_moves"] == TARGET_ANNEAL_MOVES  # the target's work: its budget, not the time
+    assert a.after["target_anneal_moves"] == TARGET_ANNEAL_MOVES  # reported with the decision
     assert a.changed and a.reason == b.reason
     assert np.array_equal(a.plan.phy2log, b.plan.phy2log)
 

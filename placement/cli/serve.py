@@ -143,7 +143,7 @@ def serve_cmd(
         initial = Plan.load(plan)
         cfg = ServiceConfig(state, watch, half_life, max_moves, expert_bytes, interval, poll, time_limit,
                             long_half_life=long_half_life, one_memory=one_memory)  # fmt: skip
-        cfg = replace(cfg, ray=ray, ray_address=ray_address, ray_cpus=ray_cpus, ray_workers=ray_workers)
+        cfg = replace(cfg, ray=ray, ray_address=ray_address, ray_cpus=ray_cpus, ray_workers=ray_workers, warm_up=True)
         check_output(state, kind="dataset", flag="--state")  # a state directory: created (parent must exist) or resumed
         secret = _token(token, token_file, state)
         if ray_serve:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from placement.replan.memory import MemoryChoice, decide_on_memories
 from placement.replan.moves import Move, MoveList, apply_moves, count_moves, holders_LEG, move_list, relabel_gpus
 from placement.replan.policy import Calibration, decide, default_budget
-from placement.replan.solve import ReplanResult, replan
+from placement.replan.solve import ReplanResult, replan, warm_up
 
 __all__ = [
     "Calibration",
@@ -27,4 +27,5 @@ __all__ = [
     "move_list",
     "relabel_gpus",
     "replan",
+    "warm_up",
 ]

@@ -308,12 +308,27 @@ def replan(
         best, name = current, "current"
     moves = move_list(current, best, expert_bytes) if changed else empty
     after = {**after, "moves": len(moves.moves), "bytes": moves.total_bytes, "time_s": time.perf_counter() - t0}
+    # the target's work (TARGET_ANNEAL_MOVES when it finished its budget: the decision repeats; None: no target)
+    after["target_anneal_moves"] = info.get("target_anneal_moves")
     if "exact" in info:
         after.update({k: info["exact"].get(k) for k in ("status", "gap", "bound")})
     reason = _reason(name, before, after, max_moves)
     prov = {**best.provenance, "replan": {"chosen": name, "max_moves": max_moves, "reason": reason}}
     best = replace(best, provenance=prov) if changed else best
     return ReplanResult(best, moves, changed, reason, before, after, info)
+
+
+def warm_up() -> None:
+    """A throwaway ``replan`` of a tiny synthetic trace: loads the compiled kernels and the solvers' lazy imports
+    once, so that a process's first decision does not spend its time limit on them (its target's work budget
+    would be cut at the deadline and the decision would not repeat). About a second."""
+    from placement.graph import PROMPT_FOLDS, graph_from_routes
+    from placement.trace.synthetic import synthetic_trace
+
+    meta, r = synthetic_trace(3, 8, 2, 800, tokens_per_prompt=10, seed=0)
+    graph = graph_from_routes(r.expert_ids_TLK, meta, False, r.seq_ids_T, PROMPT_FOLDS)
+    current = Plan(2, 1, 8, meta.layers, np.tile(np.arange(8), (3, 1)))
+    replan(current, graph, max_moves=4, time_limit=1.0)
 
 
 def _plan_of(current: Plan, gpu_LE: np.ndarray, solver: str) -> Plan:

@@ -32,6 +32,7 @@ from placement.plan import Plan
 from placement.replan.memory import LONG_HALF_LIFE, MemoryChoice, decide_on_memories
 from placement.replan.moves import MoveList, move_list
 from placement.replan.policy import Calibration
+from placement.replan.solve import warm_up
 from placement.serve.ingest import Watcher, observation_counts, pending_shards, shard_counts
 from placement.serve.state import Ledger, PlanVersion, StateError, StateStore
 from placement.serve.window import Counts, DecayedWindow, ObservationError
@@ -64,6 +65,7 @@ class ServiceConfig:
     ray_address: str | None = None
     ray_cpus: int = 2
     ray_workers: int = 2
+    warm_up: bool = False  # run a tiny decision at start (``placement.replan.warm_up``): the server does
 
     def __post_init__(self) -> None:
         """The memories' options (``moeplace serve`` builds the config before it touches ``--state``)."""
@@ -107,6 +109,8 @@ class ReplanService:
         self.store.open()
         try:
             self._restore()
+            if self.config.warm_up:
+                warm_up()
             if self.config.ray:
                 from ray_jobs.ingest import ShardCounter
 
