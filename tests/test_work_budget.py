@@ -99,3 +99,12 @@ def test_plan_with_work_writes_the_same_plan_twice(cli: Any, tmp_path: Path) -> 
     assert outs[0] == outs[1]
     code, _, err = cli("plan", "--trace", tmp_path / "trace", "--gpus", 4, "--work", -1, "--out", tmp_path / "x.json")
     assert code != 0 and "--work" in err and not (tmp_path / "x.json").exists()
+
+
+def test_a_decision_that_keeps_the_plan_still_reports_its_targets_work(graph: RoutingGraph) -> None:
+    L, E = graph.load_LE.shape
+    rng = np.random.default_rng(2)
+    current = Plan(4, 1, E, graph.meta.layers, np.stack([rng.permutation(E) for _ in range(L)]))
+    res = decide(current, graph, time_limit=20.0, budget=40, min_imbalance_gain=9.0, colocation_per_move=9.0)
+    assert not res.changed and res.reason.startswith("kept the current plan")
+    assert res.after["target_anneal_moves"] == TARGET_ANNEAL_MOVES

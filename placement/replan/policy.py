@@ -197,6 +197,6 @@ def decide(
         f"gain {d_col:+.4f} (< {colocation_per_move:g} x {moves} moves) do not pay for the migration [{why_k}]"
     )
     empty = MoveList(current.model_name, current.num_gpus, expert_bytes, (), current.layers)
-    kept = {**b, "moves": 0, "bytes": 0, "time_s": a.get("time_s")}
+    kept = {**b, "moves": 0, "bytes": 0, "time_s": a.get("time_s"), "target_anneal_moves": a.get("target_anneal_moves")}
     info = {**res.info, "rejected": a, "forecast_raw": raw(current, b)}
     return ReplanResult(current, empty, False, why, b, kept, info)
