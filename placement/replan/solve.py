@@ -321,7 +321,7 @@ def replan(
 def warm_up() -> None:
     """A throwaway ``replan`` of a tiny synthetic trace: loads the compiled kernels and the solvers' lazy imports
     once, so that a process's first decision does not spend its time limit on them (its target's work budget
-    would be cut at the deadline and the decision would not repeat). About a second."""
+    would be cut at the deadline and the decision would not repeat). About 2 s in a fresh process."""
     from placement.graph import PROMPT_FOLDS, graph_from_routes
     from placement.trace.synthetic import synthetic_trace
 

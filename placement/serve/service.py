@@ -65,7 +65,7 @@ class ServiceConfig:
     ray_address: str | None = None
     ray_cpus: int = 2
     ray_workers: int = 2
-    warm_up: bool = False  # run a tiny decision at start (``placement.replan.warm_up``): the server does
+    warm_up: bool = False  # one tiny decision at start (placement.replan.warm_up); `moeplace serve` sets it
 
     def __post_init__(self) -> None:
         """The memories' options (``moeplace serve`` builds the config before it touches ``--state``)."""
