@@ -11,7 +11,8 @@ Streams (../shared/traces is read in place, never copied):
   orders (unseen streams for the defaults: other windows of the same kind of traffic), same windows and G.
   ds-v2-lite-seed4/5: two more, held out until the small-trace optimism's coefficient was chosen on the others
   (docs/benchmarks.md); ds-v2-lite-seed6 to 10: five more, first run after the work budgets made runs repeat
-  (session 8), at the final defaults.
+  (session 8), at the final defaults; ds-v2-lite-seed11 to 15: five more, first run in the sweep of decide's
+  robustness kappa (session 8, in process).
 - mixtral: Mixtral-8x7B, the prefill tokens then the decode tokens of one HumanEval problem, 4 windows of about
   55 tokens (pseudo-prompts of 8 consecutive tokens for the forecast's folds), G = 4.
 - synthetic-shift: synthetic DeepSeek-V2-Lite shape (26 x 64, top-6), 8 windows of 125 prompts whose topic mix
@@ -77,7 +78,7 @@ EXPERT_BYTES = {
     "synthetic-drift": 3 * 2048 * 1408 * 2,
 }
 # the DeepSeek-V2-Lite streams: prompt order of each ("file", "reverse" or "seedN": a seeded random order)
-ORDERS = {"ds-v2-lite": "file", "ds-v2-lite-rev": "reverse"} | {f"ds-v2-lite-seed{i}": f"seed{i}" for i in range(1, 11)}
+ORDERS = {"ds-v2-lite": "file", "ds-v2-lite-rev": "reverse"} | {f"ds-v2-lite-seed{i}": f"seed{i}" for i in range(1, 16)}
 EXPERT_BYTES |= {name: EXPERT_BYTES["ds-v2-lite"] for name in ORDERS}
 STREAMS = tuple(EXPERT_BYTES)
 # the INIT's work budget (annealing moves per solve, placement/solvers/affinity.py) and the time limit it fits
