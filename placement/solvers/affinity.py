@@ -174,8 +174,8 @@ def place_gpus(
     limit = 1.0 + spec.balance_eps * (float(spec.options.get("primary_margin", 0.7)) if spec.num_redundant else 1.0)
     trans = smoothed_transitions(graph.trans_LEE, float(spec.options.get("smooth", 0.0)))
     rng = np.random.default_rng(spec.seed)
-    restarts = int(spec.options.get("restarts", MAX_RESTARTS))
-    timed = restarts >= MAX_RESTARTS
+    restarts = min(int(spec.options.get("restarts", MAX_RESTARTS)), MAX_RESTARTS)
+    timed = restarts == MAX_RESTARTS  # no work budget: the restarts stop when the next one would not fit
     info: dict[str, Any] = {"kappa": lm.kappa}
     allowed = None
     if N > 1:
