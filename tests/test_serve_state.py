@@ -12,6 +12,8 @@ import pytest
 
 from placement.graph import PROMPT_FOLDS, fold_of_seq, graph_from_routes
 from placement.plan import Plan
+from placement.replan.memory import LOW_KAPPA, SLACK_THRESHOLD
+from placement.replan.policy import KAPPA
 from placement.serve.ingest import observation_counts, shard_counts
 from placement.serve.service import ReplanService, ServiceConfig
 from placement.serve.state import Ledger, PlanVersion, StateError, StateStore, ensure_token
@@ -279,8 +281,9 @@ def test_two_memories_survive_a_restart_and_the_choice_is_scored_on_the_traffic_
     load_b, _ = reference_graph(b.expert_ids_TLK, E)
     np.testing.assert_allclose(s.long_window.load_LE, load_a + load_b)
     np.testing.assert_allclose(s.window.load_LE, 0.5 * load_a + load_b)
-    long_LE, pending = s.long_window.load_LE.copy(), s.memory.pending_MLP
+    long_LE, pending, deployed = s.long_window.load_LE.copy(), s.memory.pending_MLP, s.current_plan
     assert pending is not None and pending.shape[0] == 2 and s.status()["memory_scores"] is None
+    assert s.status()["balance_slack"] is None and s.status()["kappa"] == KAPPA  # nothing scored yet
     s.stop()
     s = ReplanService(plan, cfg)
     s.start(watch=False)  # restart: both memories and the pending probes are what they were
@@ -295,6 +298,14 @@ def test_two_memories_survive_a_restart_and_the_choice_is_scored_on_the_traffic_
     assert status["memory_half_lives"] == [2000.0, 0.0]
     assert status["memory_scores"] == pytest.approx(expect, abs=1e-4)
     assert f"memory {int(np.argmin(expect))} of 2" in out["reason"]
+    slack = expect[1] - imbalance_of_loads(deployed, load_b.astype(float))[1]  # all traffic's probe vs the plan
+    assert status["balance_slack"] == pytest.approx(slack)
+    assert status["kappa"] == (LOW_KAPPA if slack > SLACK_THRESHOLD else KAPPA)
+    assert f"[kappa {status['kappa']:g}: balance slack" in out["reason"]
+    s.stop()
+    s = ReplanService(plan, cfg)
+    s.start(watch=False)  # the slack survives a restart
+    assert s.status()["balance_slack"] == pytest.approx(slack)
     s.stop()
     flat = ReplanService(plan, ServiceConfig(tmp_path / "flat", tmp_path / "ds"))  # no decay: one memory
     assert flat.long_window is None

@@ -172,7 +172,7 @@ def decide(
     left = max(time_limit - (time.perf_counter() - t0), 0.1 * time_limit)  # the whole decision keeps the limit
     res = replan(current, graph, max_moves=k, expert_bytes=expert_bytes, balance_eps=balance_eps,
                  kappa=kappa, time_limit=left, seed=seed, exact=exact, forecast=forecast)  # fmt: skip
-    calib = {"eplb_phy2log": eplb.phy2log, "eplb_forecast_raw": eplb_fc, "margin": margin}
+    calib = {"eplb_phy2log": eplb.phy2log, "eplb_forecast_raw": eplb_fc, "margin": margin, "kappa": kappa}
     res = replace(res, info={**res.info, **calib, "budget": k, "budget_reason": why_k})
 
     def raw(plan: Plan, scored: dict[str, Any]) -> float | None:  # the replan's score when there is no margin

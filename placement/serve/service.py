@@ -8,7 +8,9 @@ decision first scores the previous one's forecasts on the traffic that came sinc
 more optimistic the forecast was about the deployed plan than about EPLB's; ``forecast_gap`` in the status),
 checkpointed with the window. With a half-life the service keeps two memories of the traffic, the window and a
 long one (all traffic so far), and each decision plans on the one whose probe (EPLB's plan fitted
-on it at the last decision) served the traffic since better (placement/replan/memory.py; ``memory_scores``).
+on it at the last decision) served the traffic since better (placement/replan/memory.py; ``memory_scores``), at a
+robustness kappa set by how much better balanced the deployed plan was than EPLB's probe (``balance_slack``,
+``kappa``: the last decision's).
 
 Every change of the counts is checkpointed together with the ledger that says what they contain, so a shard or
 an observation with an idempotency key is counted exactly once across restarts. Decisions and rollbacks are
@@ -375,6 +377,8 @@ class ReplanService:
             "forecast_gap": self.calib.recent_gap(),
             "memory_half_lives": [w.half_life for w in (self.window, self.long_window) if w is not None],
             "memory_scores": self.memory.recent(),
+            "balance_slack": self.memory.slack(),
+            "kappa": self.memory.kappa(),
         }
 
     def counters(self) -> Ledger:
