@@ -1,7 +1,7 @@
 """How the service spends balance it does not need on colocation: the robustness kappa set online from the balance
 slack (placement/replan/memory.py: what the record measures, the kappa it sets, that decide plans at it, that a
 checkpoint keeps it), and ``verdict`` (placement/replan/policy.py: no balance re-plan that separates partners while
-the plan already forecasts within EPLB's)."""
+the plan is already as balanced as EPLB's)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from placement.metrics import imbalance_of_loads
 from placement.plan import Plan
 from placement.replan import MemoryChoice, decide_on_memories
 from placement.replan.memory import LOW_KAPPA, SLACK_DECISIONS, SLACK_THRESHOLD
-from placement.replan.policy import KAPPA, MIN_IMBALANCE_GAIN, verdict
+from placement.replan.policy import GATE_MIN_SLACK, KAPPA, MIN_IMBALANCE_GAIN, verdict
 from placement.replan.solve import IMBALANCE_TIE, eplb_plan
 from placement.trace.synthetic import synthetic_trace
 
@@ -94,7 +94,10 @@ def test_a_balance_gain_that_costs_colocation_pays_only_while_the_plan_is_behind
     assert verdict(before, worse_col, behind)[0] == "balance"
     assert verdict(before, worse_col, None)[0] == "balance"  # no forecast of EPLB's: balance first, as before
     kept, why = verdict(before, worse_col, ahead)
-    assert kept is None and "would cost colocation -0.0100" in why and "within EPLB's" in why
+    assert kept is None and "would cost colocation -0.0100" in why and "as balanced as EPLB's" in why
+    assert verdict(before, worse_col, ahead, balance_slack=GATE_MIN_SLACK)[0] is None  # measured: as balanced
+    # the traffic says the plan was less balanced than EPLB's, whatever the forecast: balance first
+    assert verdict(before, worse_col, ahead, balance_slack=GATE_MIN_SLACK - 0.001)[0] == "balance"
     assert verdict(before, better_col, ahead)[0] == "balance"  # a balance gain that keeps partners still pays
     small = scores(1.20 - MIN_IMBALANCE_GAIN / 2, 0.20 + 0.001, 10)  # too small for balance, pays for colocation
     assert verdict(before, small, ahead)[0] == "colocation"

@@ -10,11 +10,12 @@ forecast: while the deployed plan forecasts no worse than EPLB's (within ``IMBAL
 
 ``decide`` runs ``replan`` under that budget and keeps the current plan unless the new one (``verdict``)
 (a) lowers the forecast imbalance_max on unseen prompts by at least ``min_imbalance_gain`` (the slowest GPU sets
-every layer's pace, so balance comes first), without losing colocation while the current plan already forecasts
-no worse than EPLB's (within ``IMBALANCE_TIE``: balance beyond what EPLB recompute would serve is not worth the
-partners it separates; with it, colocation over 22 prompt orders of DeepSeek-V2-Lite rose from 1.61x to 1.65x
-EPLB's with fewer moves, docs/benchmarks.md), or (b) keeps the forecast within the tie and raises colocation by at
-least ``colocation_per_move`` per moved expert. Defaults come from benchmarks/bench_replan.py (docs/benchmarks.md).
+every layer's pace, so balance comes first), without losing colocation while the current plan is already at
+least as balanced as EPLB's: forecast within ``IMBALANCE_TIE`` of EPLB's and, once measured, a balance slack of at
+least ``GATE_MIN_SLACK`` on the recent traffic (placement/replan/memory.py; balance beyond what EPLB recompute
+would serve is not worth the partners it separates; the measured slack guards against the forecast's optimism,
+docs/benchmarks.md), or (b) keeps the forecast within the tie and raises colocation by at least
+``colocation_per_move`` per moved expert. Defaults come from benchmarks/bench_replan.py (docs/benchmarks.md).
 
 The forecast ranks plans fitted on the same prompt folds it resamples, so it is more optimistic about the affinity
 layouts (fitted to the folds' covariance) than about EPLB's (fitted to the mean loads alone). ``Calibration``
@@ -54,6 +55,9 @@ FLOOR_SHARE = 0.05
 KAPPA = 4.0
 MIN_IMBALANCE_GAIN = 0.01
 COLOCATION_PER_MOVE = 2e-5
+# a balance re-plan that lowers colocation is skipped while the plan forecasts within EPLB's and its measured
+# balance slack is at least this (or not measured yet)
+GATE_MIN_SLACK = 0.0
 # the calibration keeps the gaps of this many most recent scored decisions (their mean: the margin)
 MARGIN_DECISIONS = 8
 
@@ -144,16 +148,20 @@ def verdict(
     before: dict[str, Any],
     after: dict[str, Any],
     eplb_forecast: float | None,
+    balance_slack: float | None = None,
     min_imbalance_gain: float = MIN_IMBALANCE_GAIN,
     colocation_per_move: float = COLOCATION_PER_MOVE,
 ) -> tuple[str | None, str]:
     """Whether a re-plan pays (module docstring): ``("balance" | "colocation" | None, why)`` for the current plan's
     scores ``before`` and the new plan's ``after`` (``forecast_imbalance``, ``colocation``, ``moves``);
-    ``eplb_forecast``: EPLB's plan's forecast for the same traffic (None: unknown, balance gains always count)."""
+    ``eplb_forecast``: EPLB's plan's forecast for the same traffic (None: unknown, balance gains always count);
+    ``balance_slack``: how much better balanced the deployed plan was than EPLB's on the recent traffic
+    (placement/replan/memory.py; None: not measured)."""
     d_imb = before["forecast_imbalance"] - after["forecast_imbalance"]
     d_col = after["colocation"] - before["colocation"]
     moves = after["moves"]
     ahead = eplb_forecast is not None and before["forecast_imbalance"] <= eplb_forecast + IMBALANCE_TIE
+    ahead = ahead and (balance_slack is None or balance_slack >= GATE_MIN_SLACK)
     if d_imb >= min_imbalance_gain and not (ahead and d_col < 0):
         return "balance", ""
     if d_imb > -IMBALANCE_TIE and d_col >= colocation_per_move * moves:
@@ -161,7 +169,9 @@ def verdict(
     if d_imb >= min_imbalance_gain:
         return None, (
             f"kept the current plan: forecast imbalance gain {d_imb:+.3f} would cost colocation {d_col:+.4f} while "
-            f"the plan already forecasts within EPLB's ({before['forecast_imbalance']:.3f} vs {eplb_forecast:.3f})"
+            f"the plan is as balanced as EPLB's (forecast {before['forecast_imbalance']:.3f} vs {eplb_forecast:.3f}"
+            + ("" if balance_slack is None else f", measured slack {balance_slack:+.4f}")
+            + ")"
         )
     return None, (
         f"kept the current plan: forecast imbalance gain {d_imb:+.3f} (< {min_imbalance_gain:g}) and colocation "
@@ -184,9 +194,11 @@ def decide(
     exact: str = "auto",
     margin: float = 0.0,
     horizon_tokens: float | None = None,
+    balance_slack: float | None = None,
 ) -> ReplanResult:
     """Re-plan ``current`` for ``graph`` within ``budget`` moves (None: ``forecast_budget``) when it pays; the
-    result has ``changed=False`` and the current plan otherwise, with the reason either way. ``margin``: the
+    result has ``changed=False`` and the current plan otherwise, with the reason either way. ``balance_slack``:
+    the measured slack ``verdict`` reads (placement/replan/memory.py; None: not measured). ``margin``: the
     forecast's measured optimism (``Calibration.margin``); ``horizon_tokens``: the traffic the plan will serve
     before the next decision (None: as much as the window holds). ``info`` holds what ``Calibration.after``
     keeps: the deployed plan's and EPLB's raw forecasts (``forecast_raw``, ``eplb_forecast_raw``), EPLB's plan."""
@@ -216,7 +228,7 @@ def decide(
         res = replace(res, info={**res.info, "forecast_raw": raw(current, res.before)})
         return replace(res, reason=f"{res.reason} [budget {k}: {why_k}]")
     b, a = res.before, res.after
-    gain, why = verdict(b, a, eplb_fc, min_imbalance_gain, colocation_per_move)
+    gain, why = verdict(b, a, eplb_fc, balance_slack, min_imbalance_gain, colocation_per_move)
     if gain is not None:
         changed = replace(res, info={**res.info, "forecast_raw": raw(res.plan, a)})
         return replace(changed, reason=f"re-planned for {gain}: {res.reason} [{why_k}]")
