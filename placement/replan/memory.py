@@ -130,7 +130,7 @@ def decide_on_memories(
     if m > 0 and kw.get("horizon_tokens") is None:  # the forecast's noise: unseen traffic of the window's size
         kw = {**kw, "horizon_tokens": max(graphs[0].num_tokens, 1)}
     slack = choice.slack()
-    kw = {"kappa": choice.kappa(), "balance_slack": slack, **kw}
+    kw = {"kappa": choice.kappa(), **kw}
     res = decide(current, graphs[m], **kw)
     probes = [replace(current, phy2log=res.info["eplb_phy2log"]) if i == m else eplb_plan(current, g)
               for i, g in enumerate(graphs)]  # fmt: skip

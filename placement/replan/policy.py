@@ -8,14 +8,10 @@ forecast: while the deployed plan forecasts no worse than EPLB's (within ``IMBAL
 ``HIGH_SHARE`` of the experts a full rebalance would, or ``FLOOR_SHARE`` of all placements where that is more
 (a plan close to EPLB's can still gain colocation).
 
-``decide`` runs ``replan`` under that budget and keeps the current plan unless the new one (``verdict``)
+``decide`` runs ``replan`` under that budget and keeps the current plan unless the new one
 (a) lowers the forecast imbalance_max on unseen prompts by at least ``min_imbalance_gain`` (the slowest GPU sets
-every layer's pace, so balance comes first), without losing colocation while the current plan is already at
-least as balanced as EPLB's: forecast within ``IMBALANCE_TIE`` of EPLB's and, once measured, a balance slack of at
-least ``GATE_MIN_SLACK`` on the recent traffic (placement/replan/memory.py; balance beyond what EPLB recompute
-would serve is not worth the partners it separates; the measured slack guards against the forecast's optimism,
-docs/benchmarks.md), or (b) keeps the forecast within the tie and raises colocation by at least
-``colocation_per_move`` per moved expert. Defaults come from benchmarks/bench_replan.py (docs/benchmarks.md).
+every layer's pace, so balance comes first), or (b) keeps the forecast within the tie and raises colocation by at
+least ``colocation_per_move`` per moved expert. Defaults come from benchmarks/bench_replan.py (docs/benchmarks.md).
 
 The forecast ranks plans fitted on the same prompt folds it resamples, so it is more optimistic about the affinity
 layouts (fitted to the folds' covariance) than about EPLB's (fitted to the mean loads alone). ``Calibration``
@@ -55,9 +51,6 @@ FLOOR_SHARE = 0.05
 KAPPA = 4.0
 MIN_IMBALANCE_GAIN = 0.01
 COLOCATION_PER_MOVE = 2e-5
-# a balance re-plan that lowers colocation is skipped while the plan forecasts within EPLB's and its measured
-# balance slack is at least this (or not measured yet)
-GATE_MIN_SLACK = 0.0
 # the calibration keeps the gaps of this many most recent scored decisions (their mean: the margin)
 MARGIN_DECISIONS = 8
 
@@ -144,41 +137,6 @@ def forecast_budget(
     return k, f"forecast {mine:.3f} {how} EPLB's {theirs:.3f}: budget {k} (a full rebalance moves {full})"
 
 
-def verdict(
-    before: dict[str, Any],
-    after: dict[str, Any],
-    eplb_forecast: float | None,
-    balance_slack: float | None = None,
-    min_imbalance_gain: float = MIN_IMBALANCE_GAIN,
-    colocation_per_move: float = COLOCATION_PER_MOVE,
-) -> tuple[str | None, str]:
-    """Whether a re-plan pays (module docstring): ``("balance" | "colocation" | None, why)`` for the current plan's
-    scores ``before`` and the new plan's ``after`` (``forecast_imbalance``, ``colocation``, ``moves``);
-    ``eplb_forecast``: EPLB's plan's forecast for the same traffic (None: unknown, balance gains always count);
-    ``balance_slack``: how much better balanced the deployed plan was than EPLB's on the recent traffic
-    (placement/replan/memory.py; None: not measured)."""
-    d_imb = before["forecast_imbalance"] - after["forecast_imbalance"]
-    d_col = after["colocation"] - before["colocation"]
-    moves = after["moves"]
-    ahead = eplb_forecast is not None and before["forecast_imbalance"] <= eplb_forecast + IMBALANCE_TIE
-    ahead = ahead and (balance_slack is None or balance_slack >= GATE_MIN_SLACK)
-    if d_imb >= min_imbalance_gain and not (ahead and d_col < 0):
-        return "balance", ""
-    if d_imb > -IMBALANCE_TIE and d_col >= colocation_per_move * moves:
-        return "colocation", ""
-    if d_imb >= min_imbalance_gain:
-        return None, (
-            f"kept the current plan: forecast imbalance gain {d_imb:+.3f} would cost colocation {d_col:+.4f} while "
-            f"the plan is as balanced as EPLB's (forecast {before['forecast_imbalance']:.3f} vs {eplb_forecast:.3f}"
-            + ("" if balance_slack is None else f", measured slack {balance_slack:+.4f}")
-            + ")"
-        )
-    return None, (
-        f"kept the current plan: forecast imbalance gain {d_imb:+.3f} (< {min_imbalance_gain:g}) and colocation "
-        f"gain {d_col:+.4f} (< {colocation_per_move:g} x {moves} moves) do not pay for the migration"
-    )
-
-
 def decide(
     current: Plan,
     graph: RoutingGraph,
@@ -194,11 +152,9 @@ def decide(
     exact: str = "auto",
     margin: float = 0.0,
     horizon_tokens: float | None = None,
-    balance_slack: float | None = None,
 ) -> ReplanResult:
     """Re-plan ``current`` for ``graph`` within ``budget`` moves (None: ``forecast_budget``) when it pays; the
-    result has ``changed=False`` and the current plan otherwise, with the reason either way. ``balance_slack``:
-    the measured slack ``verdict`` reads (placement/replan/memory.py; None: not measured). ``margin``: the
+    result has ``changed=False`` and the current plan otherwise, with the reason either way. ``margin``: the
     forecast's measured optimism (``Calibration.margin``); ``horizon_tokens``: the traffic the plan will serve
     before the next decision (None: as much as the window holds). ``info`` holds what ``Calibration.after``
     keeps: the deployed plan's and EPLB's raw forecasts (``forecast_raw``, ``eplb_forecast_raw``), EPLB's plan."""
@@ -228,11 +184,18 @@ def decide(
         res = replace(res, info={**res.info, "forecast_raw": raw(current, res.before)})
         return replace(res, reason=f"{res.reason} [budget {k}: {why_k}]")
     b, a = res.before, res.after
-    gain, why = verdict(b, a, eplb_fc, balance_slack, min_imbalance_gain, colocation_per_move)
-    if gain is not None:
-        changed = replace(res, info={**res.info, "forecast_raw": raw(res.plan, a)})
-        return replace(changed, reason=f"re-planned for {gain}: {res.reason} [{why_k}]")
-    why = f"{why} [{why_k}]"
+    d_imb = b["forecast_imbalance"] - a["forecast_imbalance"]
+    d_col = a["colocation"] - b["colocation"]
+    moves = a["moves"]
+    changed = replace(res, info={**res.info, "forecast_raw": raw(res.plan, a)})
+    if d_imb >= min_imbalance_gain:
+        return replace(changed, reason=f"re-planned for balance: {res.reason} [{why_k}]")
+    if d_imb > -IMBALANCE_TIE and d_col >= colocation_per_move * moves:
+        return replace(changed, reason=f"re-planned for colocation: {res.reason} [{why_k}]")
+    why = (
+        f"kept the current plan: forecast imbalance gain {d_imb:+.3f} (< {min_imbalance_gain:g}) and colocation "
+        f"gain {d_col:+.4f} (< {colocation_per_move:g} x {moves} moves) do not pay for the migration [{why_k}]"
+    )
     empty = MoveList(current.model_name, current.num_gpus, expert_bytes, (), current.layers)
     kept = {**b, "moves": 0, "bytes": 0, "time_s": a.get("time_s"), "target_anneal_moves": a.get("target_anneal_moves")}
     info = {**res.info, "rejected": a, "forecast_raw": raw(current, b)}
