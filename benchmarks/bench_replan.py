@@ -13,8 +13,8 @@ Streams (../shared/traces is read in place, never copied):
   (docs/benchmarks.md); ds-v2-lite-seed6 to 10: five more, first run after the work budgets made runs repeat
   (session 8), at the final defaults; ds-v2-lite-seed11 to 15: five more, first run in the sweep of decide's
   robustness kappa (session 8, in process); ds-v2-lite-seed16 to 20: five more, first run with the kappa set from
-  the balance slack (session 9); ds-v2-lite-seed21 to 25: five more, first run after the balance re-plan rule was
-  chosen on the others (session 9).
+  the balance slack (session 9); ds-v2-lite-seed21 to 25: five more, first run at the final defaults once the
+  session-9 rules had been chosen on the others.
 - mixtral: Mixtral-8x7B, the prefill tokens then the decode tokens of one HumanEval problem, 4 windows of about
   55 tokens (pseudo-prompts of 8 consecutive tokens for the forecast's folds), G = 4.
 - synthetic-shift: synthetic DeepSeek-V2-Lite shape (26 x 64, top-6), 8 windows of 125 prompts whose topic mix

@@ -19,7 +19,8 @@ decision before: what periodic EPLB recompute would have served). While the mean
 ``SLACK_DECISIONS`` intervals is above ``SLACK_THRESHOLD`` the plan holds more balance than it needs, and decisions
 plan at ``LOW_KAPPA``, spending the surplus on colocation; otherwise at ``policy.KAPPA``. A fixed lower kappa met
 the issue-13 bar on more prompt orders of DeepSeek-V2-Lite but lost balance on the file order; set from the slack
-it met it on 10 of 17 orders against 7 of 17, none lost (docs/benchmarks.md).
+(in process) it met it on 8 of the same 17 orders against 7 with kappa 4, 11 of 22 with five new ones, and through
+the service on 12 of 27 (docs/benchmarks.md).
 
 Dimension key: M memories, N scored decisions, L layers, E experts, P slots.
 """
