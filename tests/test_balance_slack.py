@@ -56,8 +56,9 @@ def test_the_slack_is_the_long_probes_imbalance_minus_the_deployed_plans() -> No
 @pytest.mark.parametrize("slack", [SLACK_THRESHOLD + 0.01, SLACK_THRESHOLD - 0.001, -0.05])
 def test_the_kappa_drops_only_while_the_recent_slack_is_above_the_threshold(slack: float) -> None:
     n = SLACK_DECISIONS
-    scores_MN = np.tile(1.2 + np.array([0.0, 0.3, 0.0, 0.0])[-n:], (2, 1))  # an older interval would count
-    choice = MemoryChoice(np.column_stack([np.full(2, 9.0), scores_MN]), None, np.append(0.0, scores_MN[1] - slack))
+    scores_MN = np.tile(1.2 + 0.1 * np.arange(n), (2, 1))  # the probes' imbalance on the last n intervals
+    older_MN = np.full((2, 1), 9.0)  # an older interval whose slack (9.0) must not count
+    choice = MemoryChoice(np.column_stack([older_MN, scores_MN]), None, np.append(0.0, scores_MN[1] - slack))
     assert choice.slack() == pytest.approx(slack)  # the last SLACK_DECISIONS intervals only
     assert choice.kappa() == (LOW_KAPPA if slack > SLACK_THRESHOLD else KAPPA)
 

@@ -92,9 +92,8 @@ class MemoryChoice:
         if pending is None or not (fresh_LE.sum(axis=1) > 0).all():
             return MemoryChoice(self.scores_MN, None, self.deployed_N)
         new_M = np.array([imbalance_of_loads(replace(deployed, phy2log=p_LP), fresh_LE)[1] for p_LP in pending])
-        old_MN = self.scores_MN if self.scores_MN.shape[0] == new_M.size else np.zeros((new_M.size, 0))
-        old_N = self.deployed_N[-old_MN.shape[1] :] if old_MN.shape[1] else np.zeros(0)
-        if old_N.size != old_MN.shape[1]:  # a record written before the deployed plan was scored
+        old_MN, old_N = self.scores_MN, self.deployed_N  # trimmed together, so of one length
+        if old_MN.shape[0] != new_M.size or old_N.size != old_MN.shape[1]:  # other memories, or an older record
             old_MN, old_N = np.zeros((new_M.size, 0)), np.zeros(0)
         mine = imbalance_of_loads(deployed, fresh_LE)[1]
         scores_MN = np.column_stack([old_MN, new_M])[:, -MEMORY_DECISIONS:]
