@@ -13,6 +13,7 @@ from placement.replan import MemoryChoice, decide_on_memories
 from placement.replan.memory import LOW_KAPPA, SLACK_DECISIONS, SLACK_THRESHOLD
 from placement.replan.policy import KAPPA
 from placement.replan.solve import eplb_plan
+from placement.replan.step import STEP_KAPPA
 from placement.trace.synthetic import synthetic_trace
 
 
@@ -63,7 +64,7 @@ def test_the_kappa_drops_only_while_the_recent_slack_is_above_the_threshold(slac
     assert choice.kappa() == (LOW_KAPPA if slack > SLACK_THRESHOLD else KAPPA)
 
 
-def test_decide_plans_at_the_kappa_the_slack_sets_unless_given_one() -> None:
+def test_the_target_method_plans_at_the_kappa_the_slack_sets_unless_given_one() -> None:
     short, long = window(0), window(1)
     cur = eplb_plan(lopsided(long), long)
     memories = [short, long]
@@ -71,9 +72,13 @@ def test_decide_plans_at_the_kappa_the_slack_sets_unless_given_one() -> None:
     roomy = MemoryChoice(np.full((2, n), 1.3), None, np.full(n, 1.2))  # 0.1 better balanced than EPLB's
     tight = MemoryChoice(np.full((2, n), 1.2), None, np.full(n, 1.2))
     for choice, want in ((roomy, LOW_KAPPA), (tight, KAPPA), (MemoryChoice(), KAPPA)):
-        res, after = decide_on_memories(cur, memories, choice, np.zeros((6, 16)), time_limit=1.0, exact="off")
+        res, after = decide_on_memories(cur, memories, choice, np.zeros((6, 16)), time_limit=1.0, exact="off",
+                                        method="target")  # fmt: skip
         assert res.info["kappa"] == want and f"[kappa {want:g}: " in res.reason  # what decide itself planned at
         assert after.pending_MLP is not None and after.deployed_N.size == choice.deployed_N.size
+        step, _ = decide_on_memories(cur, memories, choice, np.zeros((6, 16)), time_limit=1.0)  # the local step's
+        assert step.info["kappa"] == STEP_KAPPA == choice.planned_kappa(cur)
+        assert f"[kappa {STEP_KAPPA:g}: " in step.reason
     res, _ = decide_on_memories(cur, memories, roomy, np.zeros((6, 16)), time_limit=1.0, exact="off", kappa=5.0)
     assert res.info["kappa"] == 5.0
     one, after = decide_on_memories(cur, [long], MemoryChoice(), long.load_LE, time_limit=1.0, exact="off")

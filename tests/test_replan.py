@@ -289,7 +289,7 @@ def test_decide_keeps_its_time_limit_where_the_exact_model_is_too_big_to_build(t
     cur_LE = np.argsort(np.argsort(-d.load_LE, axis=1), axis=1) % 4  # G = 4: about 90,000 variables
     cur = Plan(4, 1, 8, g.meta.layers, gpu_of_expert_to_phy2log(cur_LE, 4), g.meta.model_name)
     t0 = time.perf_counter()
-    res = decide(cur, g, budget=16, time_limit=4.0)
+    res = decide(cur, g, budget=16, time_limit=4.0, method="target")
     assert time.perf_counter() - t0 <= 4.0 and "exact" not in res.info  # building it takes seconds: skipped
     assert count_moves(cur, res.plan) <= 16
 
@@ -297,10 +297,10 @@ def test_decide_keeps_its_time_limit_where_the_exact_model_is_too_big_to_build(t
 def test_decide_keeps_the_plan_when_the_gain_does_not_pay(small_graph: RoutingGraph) -> None:
     cur = Plan(4, 1, 16, small_graph.meta.layers, random_plan(np.random.default_rng(9), 6, 16, 4, 0).phy2log)
     kept = decide(cur, small_graph, budget=10, min_imbalance_gain=10.0, colocation_per_move=1.0, time_limit=3.0,
-                  exact="off")  # fmt: skip
+                  exact="off", method="target")  # fmt: skip
     assert not kept.changed and kept.plan is cur and not kept.moves.moves and "kept" in kept.reason
     taken = decide(cur, small_graph, budget=10, min_imbalance_gain=0.0, colocation_per_move=0.0, time_limit=3.0,
-                   exact="off")  # fmt: skip
+                   exact="off", method="target")  # fmt: skip
     assert taken.changed and 0 < count_moves(cur, taken.plan) <= 10
 
 
@@ -319,7 +319,7 @@ def test_the_budget_grows_when_eplb_forecasts_better_balance(small_graph: Routin
     k, why = forecast_budget(skewed, small_graph, fc)
     assert full > 40 and k == int(HIGH_SHARE * full) and "behind EPLB" in why
     assert forecast_budget(skewed, small_graph, Forecaster(None)) == (default_budget(skewed), "no forecast")
-    res = decide(skewed, small_graph, time_limit=2.0, exact="off")
+    res = decide(skewed, small_graph, time_limit=2.0, exact="off", method="target")
     assert res.changed and res.info["budget"] == k and count_moves(skewed, res.plan) <= k
     assert res.after["forecast_imbalance"] < res.before["forecast_imbalance"]
 
@@ -418,7 +418,7 @@ def test_decide_with_a_large_margin_takes_eplbs_layout_when_it_fits(small_graph:
     from placement.replan.solve import eplb_plan, same_gpu_LEF
 
     cur = Plan(4, 1, 16, small_graph.meta.layers, random_plan(np.random.default_rng(9), 6, 16, 4, 0).phy2log)
-    res = decide(cur, small_graph, budget=10_000, margin=1.0, time_limit=2.0, exact="off")
+    res = decide(cur, small_graph, budget=10_000, margin=1.0, time_limit=2.0, exact="off", method="target")
     assert res.changed and res.info["margin"] == 1.0 and "margin 1.000" in res.reason
     assert np.array_equal(same_gpu_LEF(res.plan), same_gpu_LEF(eplb_plan(cur, small_graph)))
 

@@ -14,6 +14,7 @@ from placement.graph import PROMPT_FOLDS, fold_of_seq, graph_from_routes
 from placement.plan import Plan
 from placement.replan.memory import LOW_KAPPA, SLACK_THRESHOLD
 from placement.replan.policy import KAPPA
+from placement.replan.step import STEP_KAPPA
 from placement.serve.ingest import observation_counts, shard_counts
 from placement.serve.service import ReplanService, ServiceConfig
 from placement.serve.state import Ledger, PlanVersion, StateError, StateStore, ensure_token
@@ -283,7 +284,7 @@ def test_two_memories_survive_a_restart_and_the_choice_is_scored_on_the_traffic_
     np.testing.assert_allclose(s.window.load_LE, 0.5 * load_a + load_b)
     long_LE, pending, deployed = s.long_window.load_LE.copy(), s.memory.pending_MLP, s.current_plan
     assert pending is not None and pending.shape[0] == 2 and s.status()["memory_scores"] is None
-    assert s.status()["balance_slack"] is None and s.status()["kappa"] == KAPPA  # nothing scored yet
+    assert s.status()["balance_slack"] is None and s.status()["kappa"] == STEP_KAPPA  # one replica: the local step
     s.stop()
     s = ReplanService(plan, cfg)
     s.start(watch=False)  # restart: both memories and the pending probes are what they were
@@ -300,8 +301,8 @@ def test_two_memories_survive_a_restart_and_the_choice_is_scored_on_the_traffic_
     assert f"memory {int(np.argmin(expect))} of 2" in out["reason"]
     slack = expect[1] - imbalance_of_loads(deployed, load_b.astype(float))[1]  # all traffic's probe vs the plan
     assert status["balance_slack"] == pytest.approx(slack)
-    assert status["kappa"] == (LOW_KAPPA if slack > SLACK_THRESHOLD else KAPPA)
-    assert f"[kappa {status['kappa']:g}: balance slack" in out["reason"]
+    assert status["kappa"] == STEP_KAPPA and s.memory.kappa() == (LOW_KAPPA if slack > SLACK_THRESHOLD else KAPPA)
+    assert f"[kappa {STEP_KAPPA:g}: balance slack" in out["reason"]
     s.stop()
     s = ReplanService(plan, cfg)
     s.start(watch=False)  # the slack survives a restart

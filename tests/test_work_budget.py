@@ -77,7 +77,7 @@ def test_decide_repeats_on_the_same_traffic(graph: RoutingGraph) -> None:
     L, E = graph.load_LE.shape
     rng = np.random.default_rng(1)
     current = Plan(4, 1, E, graph.meta.layers, np.stack([rng.permutation(E) for _ in range(L)]))
-    a, b = (decide(current, graph, time_limit=20.0, budget=40) for _ in range(2))
+    a, b = (decide(current, graph, time_limit=20.0, budget=40, method="target") for _ in range(2))
     assert a.info["target_anneal_moves"] == TARGET_ANNEAL_MOVES  # the target's work: its budget, not the time
     assert a.after["target_anneal_moves"] == TARGET_ANNEAL_MOVES  # reported with the decision
     assert a.changed and a.reason == b.reason
@@ -105,6 +105,7 @@ def test_a_decision_that_keeps_the_plan_still_reports_its_targets_work(graph: Ro
     L, E = graph.load_LE.shape
     rng = np.random.default_rng(2)
     current = Plan(4, 1, E, graph.meta.layers, np.stack([rng.permutation(E) for _ in range(L)]))
-    res = decide(current, graph, time_limit=20.0, budget=40, min_imbalance_gain=9.0, colocation_per_move=9.0)
+    res = decide(current, graph, time_limit=20.0, budget=40, min_imbalance_gain=9.0, colocation_per_move=9.0,
+                 method="target")  # fmt: skip
     assert not res.changed and res.reason.startswith("kept the current plan")
     assert res.after["target_anneal_moves"] == TARGET_ANNEAL_MOVES

@@ -68,6 +68,14 @@ def serve_cmd(
     max_moves: Annotated[
         int | None, typer.Option("--max-moves", min=0, help="Expert copies allowed per decision (default: policy's).")
     ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help="How a decision re-plans: 'step' (a local step from the deployed plan; plans with redundant slots "
+            "re-plan with the target) or 'target' (the affinity target mixed in under the forecast budget).",
+        ),
+    ] = "step",
     expert_bytes: Annotated[
         int, typer.Option("--expert-bytes", min=0, help="Bytes of one expert's weights (for bytes moved).")
     ] = 0,
@@ -142,7 +150,7 @@ def serve_cmd(
             expert_bytes = expert_bytes_from_hf_config(hf_config)
         initial = Plan.load(plan)
         cfg = ServiceConfig(state, watch, half_life, max_moves, expert_bytes, interval, poll, time_limit,
-                            long_half_life=long_half_life, one_memory=one_memory)  # fmt: skip
+                            long_half_life=long_half_life, one_memory=one_memory, method=method)  # fmt: skip
         cfg = replace(cfg, ray=ray, ray_address=ray_address, ray_cpus=ray_cpus, ray_workers=ray_workers, warm_up=True)
         check_output(state, kind="dataset", flag="--state")  # a state directory: created (parent must exist) or resumed
         secret = _token(token, token_file, state)

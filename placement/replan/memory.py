@@ -12,7 +12,9 @@ whose probes scored lower over the last ``MEMORY_DECISIONS`` scored decisions (t
 the first score). On a longer memory the unseen-prompt forecast is made for as much traffic as the shortest one
 holds (``horizon_tokens``): the long memory gives the mean loads, not a smaller spread of the next interval's.
 
-The same scores set how much balance a decision insures (``decide``'s robustness ``kappa``): the record also keeps
+With the target method (``decide``'s ``method`` "target", and plans with redundant slots; the local step plans at
+its own ``STEP_KAPPA``), the same scores set how much balance a decision insures (the robustness ``kappa``): the
+record also keeps
 the deployed plan's imbalance_max on each interval, and the *balance slack* of an interval is how much better
 balanced the deployed plan was than the longest memory's probe (EPLB's plan fitted on all traffic so far at the
 decision before: what periodic EPLB recompute would have served). While the mean slack of the last
@@ -36,8 +38,9 @@ import numpy as np
 from placement.graph import RoutingGraph
 from placement.metrics import imbalance_of_loads
 from placement.plan import Plan
-from placement.replan.policy import KAPPA, decide
+from placement.replan.policy import KAPPA, decide, steps
 from placement.replan.solve import ReplanResult, eplb_plan
+from placement.replan.step import STEP_KAPPA
 
 # the long memory's half-life in tokens (0: no decay, all traffic so far); the scored decisions the choice averages
 LONG_HALF_LIFE = 0.0
@@ -83,6 +86,11 @@ class MemoryChoice:
         ``policy.KAPPA``."""
         slack = self.slack()
         return LOW_KAPPA if slack is not None and slack > SLACK_THRESHOLD else KAPPA
+
+    def planned_kappa(self, current: Plan, method: str = "step") -> float:
+        """The kappa the next decision from ``current`` plans at: ``kappa`` where it re-plans with the target
+        (``method`` "target", or redundant slots), the local step's own ``STEP_KAPPA`` otherwise."""
+        return STEP_KAPPA if steps(current, method) else self.kappa()
 
     def scored(self, deployed: Plan, fresh_load_LE: np.ndarray) -> MemoryChoice:
         """With every pending probe scored on ``fresh_load_LE`` (float [L, E]: the traffic since the last decision;
@@ -130,13 +138,13 @@ def decide_on_memories(
     if m > 0 and kw.get("horizon_tokens") is None:  # the forecast's noise: unseen traffic of the window's size
         kw = {**kw, "horizon_tokens": max(graphs[0].num_tokens, 1)}
     slack = choice.slack()
-    kw = {"kappa": choice.kappa(), **kw}
+    kw = {"kappa": choice.planned_kappa(current, kw.get("method", "step")), **kw}
     res = decide(current, graphs[m], **kw)
     probes = [replace(current, phy2log=res.info["eplb_phy2log"]) if i == m else eplb_plan(current, g)
               for i, g in enumerate(graphs)]  # fmt: skip
     why_kappa = "no slack measured yet" if slack is None else f"balance slack {slack:+.4f}"
     info = {**res.info, "balance_slack": slack}
-    res = replace(res, reason=f"{res.reason} [kappa {kw['kappa']:g}: {why_kappa}]", info=info)
+    res = replace(res, reason=f"{res.reason} [kappa {res.info['kappa']:g}: {why_kappa}]", info=info)
     if len(graphs) > 1:
         scores = choice.recent()
         why = f"recent probe scores {scores}" if scores else "no probe scored yet"

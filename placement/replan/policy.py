@@ -1,4 +1,10 @@
-"""The service's decision policy: re-plan only when the forecast gain outweighs the migration cost.
+"""The service's decision policy.
+
+With one replica per expert a decision is a local step from the deployed plan (``method`` "step", the default:
+placement/replan/step.py): balance repairs, then the swaps that co-locate the most traffic per moved expert,
+within a share of a full rebalance's moves. It met issue 13's bar on many more prompt orders of DeepSeek-V2-Lite
+than the target-based policy below (docs/benchmarks.md), which stays for plans with redundant slots and as
+``method`` "target":
 
 The per-decision move budget is a share of what a full rebalance would move now (EPLB's plan for the recent
 traffic, GPUs relabelled per layer to the deployed plan: what periodic EPLB recompute copies), and follows the
@@ -37,9 +43,10 @@ import numpy as np
 
 from placement.graph import RoutingGraph
 from placement.metrics import imbalance_of_loads
-from placement.plan import Plan
+from placement.plan import Plan, PlanError
 from placement.replan.moves import MoveList, count_moves, relabel_gpus
 from placement.replan.solve import IMBALANCE_TIE, Forecaster, ReplanResult, eplb_plan, replan
+from placement.replan.step import STEP_KAPPA, local_step
 
 # Per-decision budget as a share of a full rebalance's moves (module docstring; without a forecast BUDGET_SHARE
 # of all (layer, slot) placements), the robustness of the balance (standard deviations of unseen-prompt load kept
@@ -51,6 +58,9 @@ FLOOR_SHARE = 0.05
 KAPPA = 4.0
 MIN_IMBALANCE_GAIN = 0.01
 COLOCATION_PER_MOVE = 2e-5
+# how a decision re-plans: a local step from the deployed plan (placement/replan/step.py; plans with redundant
+# slots always take the target's way), or the affinity target mixed in under the forecast budget (``replan``)
+DECIDE_METHODS = ("step", "target")
 # the calibration keeps the gaps of this many most recent scored decisions (their mean: the margin)
 MARGIN_DECISIONS = 8
 
@@ -137,6 +147,11 @@ def forecast_budget(
     return k, f"forecast {mine:.3f} {how} EPLB's {theirs:.3f}: budget {k} (a full rebalance moves {full})"
 
 
+def steps(current: Plan, method: str = "step") -> bool:
+    """Whether ``decide`` with ``method`` takes a local step from ``current`` (one replica per expert)."""
+    return method == "step" and current.num_slots == current.num_experts
+
+
 def decide(
     current: Plan,
     graph: RoutingGraph,
@@ -146,12 +161,13 @@ def decide(
     min_imbalance_gain: float = MIN_IMBALANCE_GAIN,
     colocation_per_move: float = COLOCATION_PER_MOVE,
     balance_eps: float | None = None,
-    kappa: float = KAPPA,
+    kappa: float | None = None,
     time_limit: float = 10.0,
     seed: int = 0,
     exact: str = "auto",
     margin: float = 0.0,
     horizon_tokens: float | None = None,
+    method: str = "step",
 ) -> ReplanResult:
     """Re-plan ``current`` for ``graph`` within ``budget`` moves (None: ``forecast_budget``) when it pays; the
     result has ``changed=False`` and the current plan otherwise, with the reason either way. ``margin``: the
@@ -159,10 +175,20 @@ def decide(
     before the next decision (None: as much as the window holds). ``info`` holds what ``Calibration.after``
     keeps: the deployed plan's and EPLB's raw forecasts (``forecast_raw``, ``eplb_forecast_raw``), EPLB's plan."""
     t0 = time.perf_counter()
+    if method not in DECIDE_METHODS:
+        raise PlanError(f"method={method!r}: choose one of {', '.join(DECIDE_METHODS)}")
     eplb = eplb_plan(current, graph)
     ratio = 1.0 if not horizon_tokens else horizon_tokens / max(graph.num_tokens, 1)
     forecast = Forecaster.of(graph, seed, holdout_ratio=ratio).with_margin(margin, eplb)
     eplb_fc = forecast(eplb)  # its own layout: no margin
+    if steps(current, method):
+        kappa = STEP_KAPPA if kappa is None else kappa
+        res = local_step(current, graph, budget=budget, kappa=kappa, expert_bytes=expert_bytes,
+                         time_limit=time_limit, seed=seed, forecast=forecast, eplb=eplb)  # fmt: skip
+        calib = {"eplb_phy2log": eplb.phy2log, "eplb_forecast_raw": eplb_fc, "margin": margin, "kappa": kappa}
+        step_raw = forecast(res.plan, raw=True)
+        return replace(res, info={**res.info, **calib, "forecast_raw": step_raw, "budget_reason": "step"})
+    kappa = KAPPA if kappa is None else kappa
     if budget is None:
         k, why_k = forecast_budget(current, graph, forecast, eplb, eplb_fc)
     else:

@@ -8,8 +8,9 @@ from its current GPU (../shared/METRICS.md moves, one replica each).
   the layer chain with the budget as a dimension picks the best mix exactly (pairs of adjacent layers score
   their co-located traffic; a layer over the limit pays a large penalty). Works with replicas too.
 - ``swap_search``: best-improvement swaps of two experts of one layer on different GPUs, vectorised over all
-  layers of one parity (their gains do not interact), ranked by gain per move; balance repairs first, a swap
-  never raises a layer's excess over the limit, and the move count never passes the budget.
+  layers of one parity (their gains do not interact), ranked by gain per move; balance repairs first (a repair
+  lowers the worse of its two GPUs' ratios over the limit), a swap never raises the worse of its two GPUs over
+  the limit (so never a layer's worst), and the move count never passes the budget.
 
 Dimension key: L layers, X layer pairs, E experts, G GPUs, S layers of one parity, Q expert pairs, K budget + 1.
 """
@@ -146,8 +147,10 @@ def swap_search(
 
         old_a, old_b = ratio(mean_SG[s_, ga], var_SG[s_, ga]), ratio(mean_SG[s_, gb], var_SG[s_, gb])
         new_a, new_b = ratio(mean_SG[s_, ga] - pa + pb, var_a), ratio(mean_SG[s_, gb] - pb + pa, var_b)
-        over = lambda r: np.maximum(r - limit, 0.0)  # noqa: E731
-        dexcess = over(new_a) + over(new_b) - over(old_a) - over(old_b)
+        # the pair's worse GPU: a swap never raises it over the limit, and a repair lowers it (lowering the pair's
+        # summed excess instead can raise the layer's worst GPU: the heaviest expert handed to the other one)
+        old_max, new_max = np.maximum(old_a, old_b), np.maximum(new_a, new_b)
+        dexcess = np.maximum(new_max - limit, 0.0) - np.maximum(old_max - limit, 0.0)
         dmoves = (
             (gb != c_SE[:, a_Q]).astype(np.int64) + (ga != c_SE[:, b_Q]) - (ga != c_SE[:, a_Q]) - (gb != c_SE[:, b_Q])
         )  # fmt: skip

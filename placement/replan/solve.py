@@ -205,7 +205,8 @@ def _target_in_time(
     return relabel_gpus(current, target)
 
 
-def _gpu_of(plan: Plan) -> np.ndarray:
+def gpu_of(plan: Plan) -> np.ndarray:
+    """int64 [L, E]: the GPU of every expert of a plan with one replica per expert."""
     from placement.solvers.greedy import phy2log_to_gpu_of
 
     return phy2log_to_gpu_of(plan.phy2log, plan.num_gpus)
@@ -265,9 +266,9 @@ def replan(
                 candidates.append((how, replace(current, phy2log=mixed, provenance={"solver": f"replan-{how}"})))
     if one_replica:
         G = current.num_gpus
-        cur_LE = _gpu_of(current)
-        seed_LE = cur_LE if target is None else _gpu_of(target)  # no target: local search from the current plan
-        ref_LE = seed_LE if target is not None else _gpu_of(balancer)
+        cur_LE = gpu_of(current)
+        seed_LE = cur_LE if target is None else gpu_of(target)  # no target: local search from the current plan
+        ref_LE = seed_LE if target is not None else gpu_of(balancer)
         limit = 1.0 + eps
         if balance_eps is None:  # what the target (or EPLB) reaches, less the measured optimism (module docstring)
             limit = max(float(robust_ratio_LG(ref_LE, lm, G).max()), 1.0)
@@ -277,7 +278,7 @@ def replan(
             mixed_LE = np.where(take_L[:, None] == 1, seed_LE, cur_LE)
         search_end = t0 + (0.75 if exact != "off" else 0.9) * time_limit
         best_LE = swap_search(mixed_LE, cur_LE, trans, lm, limit, K, search_end)
-        candidates.append(("search", _plan_of(current, best_LE, "replan-search")))
+        candidates.append(("search", plan_of_gpus(current, best_LE, "replan-search")))
         if exact != "off":
             # leave time for scoring and the move list
             res = _exact(current, graph, cur_LE, best_LE, K, limit, exact, deadline - 0.05 * time_limit - 0.2, seed)
@@ -331,7 +332,8 @@ def warm_up() -> None:
     replan(current, graph, max_moves=4, time_limit=1.0)
 
 
-def _plan_of(current: Plan, gpu_LE: np.ndarray, solver: str) -> Plan:
+def plan_of_gpus(current: Plan, gpu_LE: np.ndarray, solver: str) -> Plan:
+    """``current`` with every expert on the GPU ``gpu_LE`` (int64 [L, E]) gives it, slots aligned to ``current``'s."""
     phy2log = align_slots(current, gpu_of_expert_to_phy2log(gpu_LE, current.num_gpus))
     return replace(current, phy2log=phy2log, provenance={"solver": solver})
 
@@ -376,7 +378,7 @@ def _exact(
         "seconds": round(res.seconds, 3),
         **res.info,
     }
-    plan = None if res.gpu_LE is None else _plan_of(current, res.gpu_LE, "replan-exact")
+    plan = None if res.gpu_LE is None else plan_of_gpus(current, res.gpu_LE, "replan-exact")
     return plan, info
 
 

@@ -8,9 +8,10 @@ decision first scores the previous one's forecasts on the traffic that came sinc
 more optimistic the forecast was about the deployed plan than about EPLB's; ``forecast_gap`` in the status),
 checkpointed with the window. With a half-life the service keeps two memories of the traffic, the window and a
 long one (all traffic so far), and each decision plans on the one whose probe (EPLB's plan fitted
-on it at the last decision) served the traffic since better (placement/replan/memory.py; ``memory_scores``), at a
-robustness kappa set by how much better balanced the deployed plan was than EPLB's probe (``balance_slack``,
-``kappa``: the last decision's).
+on it at the last decision) served the traffic since better (placement/replan/memory.py; ``memory_scores``). A
+decision is a local step from the deployed plan (placement/replan/step.py; ``--method target``: the affinity
+target mixed in, at a robustness kappa set by how much better balanced the deployed plan was than EPLB's probe);
+the status reports the measured ``balance_slack`` and the ``kappa`` the next decision plans at.
 
 Every change of the counts is checkpointed together with the ledger that says what they contain, so a shard or
 an observation with an idempotency key is counted exactly once across restarts. Decisions and rollbacks are
@@ -33,7 +34,7 @@ from placement.metrics import colocation, imbalance
 from placement.plan import Plan
 from placement.replan.memory import LONG_HALF_LIFE, MemoryChoice, decide_on_memories
 from placement.replan.moves import MoveList, move_list
-from placement.replan.policy import Calibration
+from placement.replan.policy import DECIDE_METHODS, Calibration
 from placement.replan.solve import warm_up
 from placement.serve.ingest import Watcher, observation_counts, pending_shards, shard_counts
 from placement.serve.state import Ledger, PlanVersion, StateError, StateStore
@@ -68,9 +69,12 @@ class ServiceConfig:
     ray_cpus: int = 2
     ray_workers: int = 2
     warm_up: bool = False  # one tiny decision at start (placement.replan.warm_up); `moeplace serve` sets it
+    method: str = "step"  # how decisions re-plan (placement.replan.policy.DECIDE_METHODS)
 
     def __post_init__(self) -> None:
         """The memories' options (``moeplace serve`` builds the config before it touches ``--state``)."""
+        if self.method not in DECIDE_METHODS:
+            raise ObservationError(f"--method {self.method}: choose one of {', '.join(DECIDE_METHODS)}")
         if self.one_memory and self.long_half_life:
             raise ObservationError("--one-memory plans on the --half-life window alone; drop --long-half-life")
         if self.half_life > 0 and 0 < self.long_half_life <= self.half_life:
@@ -286,7 +290,8 @@ class ReplanService:
             cfg = self.config
             calib = self.calib.scored(current, fresh_LE)  # the last decision's forecasts on the traffic since
             res, memory = decide_on_memories(current, graphs, self.memory, fresh_LE, budget=cfg.max_moves,
-                                             expert_bytes=cfg.expert_bytes, time_limit=cfg.time_limit)  # fmt: skip
+                                             expert_bytes=cfg.expert_bytes, time_limit=cfg.time_limit,
+                                             method=cfg.method)  # fmt: skip
             wall = time.perf_counter() - t0
             reason = f"{trigger}: {res.reason}"
             after = {**res.after, "decision_seconds": round(wall, 3)}
@@ -378,7 +383,7 @@ class ReplanService:
             "memory_half_lives": [w.half_life for w in (self.window, self.long_window) if w is not None],
             "memory_scores": self.memory.recent(),
             "balance_slack": self.memory.slack(),
-            "kappa": self.memory.kappa(),
+            "kappa": self.memory.planned_kappa(self.current_plan, self.config.method),
         }
 
     def counters(self) -> Ledger:
