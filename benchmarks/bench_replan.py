@@ -80,7 +80,7 @@ EXPERT_BYTES = {
     "synthetic-drift": 3 * 2048 * 1408 * 2,
 }
 # the DeepSeek-V2-Lite streams: prompt order of each ("file", "reverse" or "seedN": a seeded random order)
-ORDERS = {"ds-v2-lite": "file", "ds-v2-lite-rev": "reverse"} | {f"ds-v2-lite-seed{i}": f"seed{i}" for i in range(1, 36)}
+ORDERS = {"ds-v2-lite": "file", "ds-v2-lite-rev": "reverse"} | {f"ds-v2-lite-seed{i}": f"seed{i}" for i in range(1, 56)}
 EXPERT_BYTES |= {name: EXPERT_BYTES["ds-v2-lite"] for name in ORDERS}
 STREAMS = tuple(EXPERT_BYTES)
 # the INIT's work budget (annealing moves per solve, placement/solvers/affinity.py) and the time limit it fits

@@ -3,6 +3,8 @@ repeats, and is what ``decide`` does for plans with one replica per expert."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -95,3 +97,32 @@ def test_decide_steps_with_one_replica_and_re_plans_with_the_target_otherwise(gr
         decide(cur, graph, method="both")
     with pytest.raises(PlanError, match="--max-moves -1"):
         local_step(cur, graph, budget=-1)
+
+
+def test_swaps_that_only_co_locate_pay_min_gain_per_added_move(graph: RoutingGraph) -> None:
+    from placement.replan.search import colocated_X, swap_search
+
+    cur = relabel_gpus(lopsided(graph), eplb_plan(lopsided(graph), graph))
+    cur_LE = gpu_of(cur)
+    trans = graph.trans_LEE.astype(np.float64)
+    lm = LoadModel.from_graph(graph, kappa=0.0)
+    limit = float(robust_ratio_LG(cur_LE, lm, 4).max()) + 0.05  # within the limit: no swap is a repair
+    moved, gained = [], []
+    for min_gain in (0.0, 0.002 * trans.sum(), 10.0 * trans.sum()):
+        new_LE = swap_search(cur_LE, cur_LE, trans, lm, limit, 40, time.perf_counter() + 30, min_gain=min_gain)
+        moves = int((new_LE != cur_LE).sum())
+        gain = float(colocated_X(new_LE, trans).sum() - colocated_X(cur_LE, trans).sum())
+        assert moves <= 40 and gain >= min_gain * moves - 1e-9  # every swap paid for the moves it added
+        assert float(robust_ratio_LG(new_LE, lm, 4).max()) <= limit + 1e-9
+        moved.append(moves)
+        gained.append(gain)
+    assert moved[0] > moved[1] > moved[2] == 0 and gained[0] >= gained[1] > 0  # dearer moves: fewer, still paying
+
+
+def test_decide_insures_the_step_for_the_forecasts_horizon(graph: RoutingGraph) -> None:
+    cur = lopsided(graph)
+    horizon = 0.25 * graph.num_tokens  # a quarter of the memory: a wider spread to insure against
+    res = decide(cur, graph, budget=30, horizon_tokens=horizon, time_limit=3.0)
+    same = local_step(cur, graph, budget=30, holdout_ratio=0.25)
+    assert np.array_equal(res.plan.phy2log, same.plan.phy2log)
+    assert not np.array_equal(res.plan.phy2log, local_step(cur, graph, budget=30).plan.phy2log)

@@ -14,10 +14,9 @@ holds (``horizon_tokens``): the long memory gives the mean loads, not a smaller 
 
 With the target method (``decide``'s ``method`` "target", and plans with redundant slots; the local step plans at
 its own ``STEP_KAPPA``), the same scores set how much balance a decision insures (the robustness ``kappa``): the
-record also keeps
-the deployed plan's imbalance_max on each interval, and the *balance slack* of an interval is how much better
-balanced the deployed plan was than the longest memory's probe (EPLB's plan fitted on all traffic so far at the
-decision before: what periodic EPLB recompute would have served). While the mean slack of the last
+record also keeps the deployed plan's imbalance_max on each interval, and the *balance slack* of an interval is
+how much better balanced the deployed plan was than the longest memory's probe (EPLB's plan fitted on all traffic
+so far at the decision before: what periodic EPLB recompute would have served). While the mean slack of the last
 ``SLACK_DECISIONS`` intervals is above ``SLACK_THRESHOLD`` the plan holds more balance than it needs, and decisions
 plan at ``LOW_KAPPA``, spending the surplus on colocation; otherwise at ``policy.KAPPA``. A fixed lower kappa met
 the issue-13 bar on more prompt orders of DeepSeek-V2-Lite but lost balance on the file order; set from the slack

@@ -184,7 +184,8 @@ def decide(
     if steps(current, method):
         kappa = STEP_KAPPA if kappa is None else kappa
         res = local_step(current, graph, budget=budget, kappa=kappa, expert_bytes=expert_bytes,
-                         time_limit=time_limit, seed=seed, forecast=forecast, eplb=eplb)  # fmt: skip
+                         time_limit=time_limit, seed=seed, forecast=forecast, eplb=eplb,
+                         holdout_ratio=ratio)  # fmt: skip
         calib = {"eplb_phy2log": eplb.phy2log, "eplb_forecast_raw": eplb_fc, "margin": margin, "kappa": kappa}
         step_raw = forecast(res.plan, raw=True)
         return replace(res, info={**res.info, **calib, "forecast_raw": step_raw, "budget_reason": "step"})

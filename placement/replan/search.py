@@ -109,8 +109,10 @@ def swap_search(
     budget: int,
     deadline: float,
     max_rounds: int = 400,
+    min_gain: float = 0.0,
 ) -> np.ndarray:
-    """Best-improvement swaps from ``gpu_LE`` (module docstring) keeping moves from ``cur_LE`` <= budget."""
+    """Best-improvement swaps from ``gpu_LE`` (module docstring) keeping moves from ``cur_LE`` <= budget; a swap
+    that repairs no balance and adds moves must co-locate at least ``min_gain`` traffic per added move."""
     gpu_LE = gpu_LE.astype(np.int64).copy()
     L, E = gpu_LE.shape
     G = int(max(gpu_LE.max(), cur_LE.max())) + 1
@@ -156,6 +158,8 @@ def swap_search(
         )  # fmt: skip
         benefit = -big * dexcess + dgain
         ok = (ga != gb) & (benefit > 1e-9) & (dexcess <= 1e-12) & (dmoves <= budget - used)
+        if min_gain > 0:  # a swap that only co-locates must pay for the moves it adds
+            ok &= (dexcess < -1e-12) | (dgain >= min_gain * np.maximum(dmoves, 0))
         key = np.where(ok, benefit / (np.maximum(dmoves, 0) + 1.0), -np.inf)
         best_S = np.argmax(key, axis=1)
         key_S = key[np.arange(S), best_S]

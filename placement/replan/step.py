@@ -5,8 +5,9 @@ balance repairs first (every (layer, GPU) robust load ratio, placement/solvers/r
 within the limit), then the swaps that co-locate the most transition traffic per moved expert
 (placement/replan/search.py ``swap_search``), at most ``STEP_SHARE`` of the moves a full rebalance would make now
 (EPLB's plan for the traffic, GPUs relabelled per layer to the deployed plan: what periodic EPLB recompute
-copies). The limit is 1 + ``STEP_EPS``, or what EPLB's plan reaches on the traffic when that is looser. Only
-improving swaps are taken, so the step keeps the plan when nothing within the budget improves it.
+copies). The limit is 1 + ``STEP_EPS``, or what EPLB's plan reaches on the traffic when that is looser. A swap
+that only co-locates must co-locate ``STEP_MIN_GAIN`` of all transitions per move it adds, so the step keeps the
+plan when nothing within the budget improves it enough.
 
 Why a local step rather than a re-fitted target (placement/replan/solve.py ``replan``): two fits of the affinity
 optimiser on nearly the same traffic land in different optima that share most of their structure but not the
@@ -16,8 +17,10 @@ step keeps the deployed plan's structure and spends its moves where they pay. On
 DeepSeek-V2-Lite (125-prompt windows, in process) it met issue 13's bar on 24 where the target-based policy met
 it on 12 (docs/benchmarks.md).
 
-The robust term is for unseen traffic as large as the memory planned on (``holdout_ratio`` 1), so on the
-all-traffic memory it narrows as traffic accumulates: balance is insured most while the loads are least known.
+The robust term is for unseen traffic ``holdout_ratio`` times the memory's size; ``decide`` passes the forecast's
+horizon (the decayed window's token mass, placement/replan/memory.py), so the insurance is for about as much
+traffic as the plan will serve and does not shrink as the all-traffic memory grows (with 1: 24 of 27 orders at
+kappa 3.25; with the horizon: 25 of 27 at kappa 3, in process; docs/benchmarks.md).
 
 Dimension key: L layers, E experts.
 """
@@ -39,9 +42,11 @@ from placement.solvers.robust import LoadModel
 
 # the robustness of the balance (standard deviations of unseen-prompt load), the share of a full rebalance's
 # moves one step may make, and the tolerance on the robust load ratio (or EPLB's fitted imbalance when looser)
-STEP_KAPPA = 3.25
+STEP_KAPPA = 3.0
 STEP_SHARE = 0.26
 STEP_EPS = 0.1
+# a swap that only co-locates must raise colocation (a share of all transitions) by this much per added move
+STEP_MIN_GAIN = 4e-5
 
 
 def step_budget(current: Plan, eplb: Plan, share: float | None = None) -> tuple[int, int]:
@@ -62,10 +67,12 @@ def local_step(
     seed: int = 0,
     forecast: Forecaster | None = None,
     eplb: Plan | None = None,
+    holdout_ratio: float = 1.0,
 ) -> ReplanResult:
     """One step from ``current`` (one replica per expert) for ``graph`` within ``budget`` moves (None:
     ``step_budget``); module docstring. ``forecast`` and ``eplb`` (EPLB's plan for ``graph``) when the caller has
-    them; the forecast only reports (``forecast_imbalance`` before and after)."""
+    them; the forecast only reports (``forecast_imbalance`` before and after). ``holdout_ratio``: the unseen
+    traffic the balance is insured for, as a multiple of the graph's tokens."""
     t0 = time.perf_counter()
     if current.num_slots != current.num_experts:
         raise PlanError("local_step needs one replica per expert; plans with redundant slots re-plan with replan()")
@@ -77,12 +84,13 @@ def local_step(
         raise PlanError(f"--max-moves {k}: must be >= 0")
     forecast = Forecaster.of(graph, seed) if forecast is None else forecast
     before = {**scores(current, graph, seed, forecast), "moves": 0, "bytes": 0}
-    lm = LoadModel.from_graph(graph, kappa=kappa)
+    lm = LoadModel.from_graph(graph, kappa=kappa, holdout_ratio=holdout_ratio)
     limit = 1.0 + max(STEP_EPS, imbalance(eplb, graph)[1] - 1.0)
     cur_LE = gpu_of(current)
     trans = np.asarray(graph.trans_LEE, dtype=np.float64)
     deadline = t0 + 0.9 * time_limit
-    new_LE = swap_search(cur_LE, cur_LE, trans, lm, limit, k, deadline) if k > 0 else cur_LE
+    min_gain = STEP_MIN_GAIN * float(trans.sum())
+    new_LE = swap_search(cur_LE, cur_LE, trans, lm, limit, k, deadline, min_gain=min_gain) if k > 0 else cur_LE
     changed = bool((new_LE != cur_LE).any())
     plan = plan_of_gpus(current, new_LE, "replan-step") if changed else current
     moves = move_list(current, plan, expert_bytes) if changed else MoveList(
