@@ -12,10 +12,10 @@ plan when nothing within the budget improves it enough.
 Why a local step rather than a re-fitted target (placement/replan/solve.py ``replan``): two fits of the affinity
 optimiser on nearly the same traffic land in different optima that share most of their structure but not the
 experts' GPUs, so reaching a re-fitted plan costs as many moves as an EPLB rebalance (about 1,100 of 1,664 on
-DeepSeek-V2-Lite, G = 8), and a budget of a fifth of that buys a mix of two plans that is worse than either. The
-step keeps the deployed plan's structure and spends its moves where they pay. On 27 prompt orders of
-DeepSeek-V2-Lite (125-prompt windows, in process) it met issue 13's bar on 24 where the target-based policy met
-it on 12 (docs/benchmarks.md).
+DeepSeek-V2-Lite, G = 8), and a budget of a fraction of that buys a mix of the two. The step keeps the deployed
+plan's structure and spends its moves where they pay. Through the service on DeepSeek-V2-Lite prompt orders
+(125-prompt windows) it met issue 13's bar on 23 of the 27 orders where the target-based policy met it on 12, and
+on 9 of 10 orders first run at these defaults (docs/benchmarks.md).
 
 The robust term is for unseen traffic ``holdout_ratio`` times the memory's size; ``decide`` passes the forecast's
 horizon (the decayed window's token mass, placement/replan/memory.py), so the insurance is for about as much
