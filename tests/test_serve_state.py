@@ -173,6 +173,7 @@ def test_serve_cli_errors_are_one_line(cli, tmp_path: Path) -> None:
         ([*base, "--token-file", tmp_path / "nope"], "not both"),
         ([*base, "--half-life", "20000", "--long-half-life", "10000"], "longer than --half-life"),
         ([*base, "--one-memory", "--long-half-life", "90000"], "drop --long-half-life"),
+        ([*base, "--method", "both"], "--method both: choose one of step, target"),
     ]
     for args, msg in cases:
         code, _, err = cli(*args)
@@ -201,6 +202,22 @@ def test_the_second_memory_follows_its_options(tmp_path: Path) -> None:
     assert lives == {"default": [1000.0, 0.0], "decayed": [1000.0, 20000.0], "one": [1000.0]}
     with pytest.raises(ValueError, match="longer than --half-life"):
         ReplanService(plan, ServiceConfig(tmp_path / "bad", tmp_path / "ds", half_life=1000, long_half_life=500))
+
+
+def test_the_method_sets_how_decisions_re_plan(tmp_path: Path) -> None:
+    plan = initial_plan(tmp_path / "plan.json")
+    meta, a = traffic(1500, seed=1)
+    write_shard(tmp_path / "ds", meta, a, "w1")
+    for method, kappa in (("step", STEP_KAPPA), ("target", KAPPA)):
+        cfg = ServiceConfig(tmp_path / method, tmp_path / "ds", half_life=1000, time_limit=1.0, method=method)
+        s = ReplanService(plan, cfg)
+        s.start(watch=False)
+        s.ingest_pending()
+        assert s.status()["kappa"] == kappa  # what the next decision plans at
+        out = s.decide_now()
+        assert out["reason"].startswith("request: local step") == (method == "step"), out["reason"]
+        assert f"[kappa {kappa:g}: " in out["reason"]
+        s.stop()
 
 
 def test_generated_token_is_private_and_kept(tmp_path: Path) -> None:
