@@ -72,7 +72,7 @@ class ServiceConfig:
     method: str = "step"  # how decisions re-plan (placement.replan.policy.DECIDE_METHODS)
 
     def __post_init__(self) -> None:
-        """The memories' options (``moeplace serve`` builds the config before it touches ``--state``)."""
+        """The method and the memories' options (``moeplace serve`` builds the config before it touches ``--state``)."""
         if self.method not in DECIDE_METHODS:
             raise ObservationError(f"--method {self.method}: choose one of {', '.join(DECIDE_METHODS)}")
         if self.one_memory and self.long_half_life:
