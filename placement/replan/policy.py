@@ -181,15 +181,21 @@ def decide(
     ratio = 1.0 if not horizon_tokens else horizon_tokens / max(graph.num_tokens, 1)
     forecast = Forecaster.of(graph, seed, holdout_ratio=ratio).with_margin(margin, eplb)
     eplb_fc = forecast(eplb)  # its own layout: no margin
-    if steps(current, method):
-        kappa = STEP_KAPPA if kappa is None else kappa
+
+    def raw(plan: Plan, scored: dict[str, Any]) -> float | None:  # the decision's score when there is no margin
+        if forecast.sim_LDE is None:
+            return None
+        return float(scored["forecast_imbalance"]) if margin <= 0 else forecast(plan, raw=True)
+
+    stepping = steps(current, method)
+    kappa = (STEP_KAPPA if stepping else KAPPA) if kappa is None else kappa
+    calib = {"eplb_phy2log": eplb.phy2log, "eplb_forecast_raw": eplb_fc, "margin": margin, "kappa": kappa}
+    if stepping:
         res = local_step(current, graph, budget=budget, kappa=kappa, expert_bytes=expert_bytes,
                          time_limit=time_limit, seed=seed, forecast=forecast, eplb=eplb,
                          holdout_ratio=ratio)  # fmt: skip
-        calib = {"eplb_phy2log": eplb.phy2log, "eplb_forecast_raw": eplb_fc, "margin": margin, "kappa": kappa}
-        step_raw = forecast(res.plan, raw=True)
-        return replace(res, info={**res.info, **calib, "forecast_raw": step_raw, "budget_reason": "step"})
-    kappa = KAPPA if kappa is None else kappa
+        step_info = {**calib, "forecast_raw": raw(res.plan, res.after), "budget_reason": "step"}
+        return replace(res, info={**res.info, **step_info})
     if budget is None:
         k, why_k = forecast_budget(current, graph, forecast, eplb, eplb_fc)
     else:
@@ -199,14 +205,7 @@ def decide(
     left = max(time_limit - (time.perf_counter() - t0), 0.1 * time_limit)  # the whole decision keeps the limit
     res = replan(current, graph, max_moves=k, expert_bytes=expert_bytes, balance_eps=balance_eps,
                  kappa=kappa, time_limit=left, seed=seed, exact=exact, forecast=forecast)  # fmt: skip
-    calib = {"eplb_phy2log": eplb.phy2log, "eplb_forecast_raw": eplb_fc, "margin": margin, "kappa": kappa}
     res = replace(res, info={**res.info, **calib, "budget": k, "budget_reason": why_k})
-
-    def raw(plan: Plan, scored: dict[str, Any]) -> float | None:  # the replan's score when there is no margin
-        if forecast.sim_LDE is None:
-            return None
-        return float(scored["forecast_imbalance"]) if margin <= 0 else forecast(plan, raw=True)
-
     if not res.changed:
         res = replace(res, info={**res.info, "forecast_raw": raw(current, res.before)})
         return replace(res, reason=f"{res.reason} [budget {k}: {why_k}]")
