@@ -130,17 +130,19 @@ def replay(
     policies: dict[str, Policy],
     initial: dict[str, Plan],
     expert_bytes: int,
+    first: int = 2,
 ) -> list[dict[str, Any]]:
     """Rows (policy, window, next-window imbalance_max and colocation, moves, bytes, seconds): window w >= 1 is
-    served by the plan decided after windows 0..w-1 (the initial plan, fitted on window 0, serves window 1). A
-    policy returning several plans gets the best balanced on the next window (an oracle, for baselines only)."""
+    served by the plan decided after windows 0..w-1 from ``first`` on (2: the initial plan, fitted on window 0,
+    serves window 1; 1: the policies decide after window 0 too). A policy returning several plans gets the best
+    balanced on the next window (an oracle, for baselines only)."""
     rows = []
     for name, policy in policies.items():
         current = initial[name]
         for w in range(1, len(windows)):
             t0 = time.perf_counter()
             moves = 0
-            if w > 1:
+            if w >= first:
                 out = policy(list(windows[:w]), current)
                 options = out if isinstance(out, tuple) else (out,)
                 new = min(options, key=lambda p: imbalance(p, windows[w])[1])

@@ -8,9 +8,10 @@ shard (as `moeplace import` or a Ray job would), the script waits until GET /v1/
 `observed_tokens`, POSTs /v1/replan (the service's default policy, placement.replan.decide, on the memory it
 chooses: its decayed window or all traffic so far) and GETs /v1/plan, which bench_replan's ``replay`` scores on
 window w (no peeking). The service starts from the plan the other policies start from (``moeplace plan``'s
-default fitted on window 0). Its half-life is given in windows and passed in tokens (mean window size); `--with`
-adds bench_replan's other policies for comparison (default: static, eplb, eplb-all, eplb-last2, decide; affinity
-recompute is slow).
+default fitted on window 0), which serves window 1; with `--decide-after-window-0` every policy decides after
+window 0 too (the bar's protocol read literally: window 0 imported and a replan before window 1). Its half-life is
+given in windows and passed in tokens (mean window size); `--with` adds bench_replan's other policies for
+comparison (default: static, eplb, eplb-all, eplb-last2, decide; affinity recompute is slow).
 The Mixtral stream reaches the service as what it is, one prompt (one seq id: the service samples it by token
 blocks); the in-process policies keep bench_replan's 8-token pseudo-prompts.
 
@@ -165,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="other policies")  # fmt: skip
     ap.add_argument("--time-limit", type=float, default=None, help="seconds per plan (default 10, quick 2)")
     ap.add_argument("--json", type=Path, help="write all rows as JSON")
+    after0 = "every policy decides after window 0 too (default: the initial plan serves window 1)"
+    ap.add_argument("--decide-after-window-0", action="store_true", help=after0)
     ap.add_argument("--ingest", action="store_true", help="measure the service's ingestion speed instead")
     args = ap.parse_args(argv)
     if args.ingest:
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
                 pols[col] = service_policy(svc, meta, windows, root / "ds", logs[col])
                 starts[col] = init["decide"]
             try:
-                rows = replay(graphs, pols, starts, EXPERT_BYTES[name])
+                rows = replay(graphs, pols, starts, EXPERT_BYTES[name], first=1 if args.decide_after_window_0 else 2)
             finally:
                 for svc in services:
                     svc.stop()
