@@ -15,7 +15,7 @@ experts' GPUs, so reaching a re-fitted plan costs as many moves as an EPLB rebal
 DeepSeek-V2-Lite, G = 8), and a budget of a fraction of that buys a mix of the two. The step keeps the deployed
 plan's structure and spends its moves where they pay. Through the service on DeepSeek-V2-Lite prompt orders
 (125-prompt windows) it met issue 13's bar on 23 of the 27 orders where the target-based policy met it on 12, and
-on 9 of 10 orders first run at these defaults (docs/benchmarks.md).
+on 9 of 10 and then 28 of 30 orders first run at these defaults (docs/benchmarks.md).
 
 The robust term is for unseen traffic ``holdout_ratio`` times the memory's size; ``decide`` passes the forecast's
 horizon (the decayed window's token mass, placement/replan/memory.py), so the insurance is for about as much
