@@ -15,7 +15,8 @@ Streams (../shared/traces is read in place, never copied):
   robustness kappa (session 8, in process); ds-v2-lite-seed16 to 20: five more, first run with the kappa set from
   the balance slack (session 9); ds-v2-lite-seed21 to 25: five more, first run at the final defaults once the
   session-9 rules had been chosen on the others; seed26 to 45 first run in the local step's sweep and seed46 to 55
-  at its final defaults (session 10); seed56 to 85 first run at session 11's final defaults.
+  at its final defaults (session 10); seed56 to 85 first run at session 11's final defaults, seed86 to 115 at the
+  same defaults in session 12.
 - mixtral: Mixtral-8x7B, the prefill tokens then the decode tokens of one HumanEval problem, 4 windows of about
   55 tokens (pseudo-prompts of 8 consecutive tokens for the forecast's folds), G = 4.
 - synthetic-shift: synthetic DeepSeek-V2-Lite shape (26 x 64, top-6), 8 windows of 125 prompts whose topic mix
@@ -81,7 +82,8 @@ EXPERT_BYTES = {
     "synthetic-drift": 3 * 2048 * 1408 * 2,
 }
 # the DeepSeek-V2-Lite streams: prompt order of each ("file", "reverse" or "seedN": a seeded random order)
-ORDERS = {"ds-v2-lite": "file", "ds-v2-lite-rev": "reverse"} | {f"ds-v2-lite-seed{i}": f"seed{i}" for i in range(1, 86)}
+ORDERS = {"ds-v2-lite": "file", "ds-v2-lite-rev": "reverse"}
+ORDERS |= {f"ds-v2-lite-seed{i}": f"seed{i}" for i in range(1, 116)}
 EXPERT_BYTES |= {name: EXPERT_BYTES["ds-v2-lite"] for name in ORDERS}
 STREAMS = tuple(EXPERT_BYTES)
 # the INIT's work budget (annealing moves per solve, placement/solvers/affinity.py) and the time limit it fits
